@@ -1,0 +1,15 @@
+from setuptools import setup
+
+setup(
+    name="guided-diffusion-pag",
+    version="0.1.0",
+    description="ADM (guided-diffusion) with Perturbed-Attention Guidance",
+    packages=["guided_diffusion", "evaluations"],
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy", "scipy", "blobfile", "mpi4py", "tqdm"],
+    extras_require={
+        # mpich is the MPI that pip can install, so `mpiexec` works without a system MPI.
+        "mpi": ["mpich"],
+        "test": ["pytest"],
+    },
+)
