@@ -1,0 +1,118 @@
+"""
+Generate a large batch of image samples from a model and save them as a large numpy array, which can be used to
+compute FID and other metrics. ADM's flags and output, plus Perturbed-Attention Guidance (--pag_scale,
+--pag_layers, --pag_interval), reproducible per-sample seeding (--seed), resumable runs, and a PNG grid (--grid).
+
+Runs on one process or under `mpiexec -n N`; the samples do not depend on N or on --batch_size (see
+guided_diffusion/sample_util.py). Rerunning an interrupted command with the same output folder (--out_dir or
+$OPENAI_LOGDIR) finishes it without sampling anything twice.
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.sample_util import (
+    UsageError,
+    check_diffusion_args,
+    check_pag_args,
+    check_pag_scale,
+    check_sampling_args,
+    configure_logger,
+    draw_labels,
+    load_for_sampling,
+    mpi_comm,
+    pag_defaults,
+    pag_model,
+    parse_pag_interval,
+    resolve_checkpoint,
+    run_record,
+    run_sampling,
+    sample_images,
+    sampling_defaults,
+)
+from guided_diffusion.script_util import (
+    NUM_CLASSES,
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+
+def main(argv=None):
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    try:
+        return sample(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+
+
+def sample(args):
+    # Check everything cheap before loading anything.
+    check_sampling_args(args)
+    check_pag_scale(args.pag_scale)
+    parse_pag_interval(args.pag_interval, args.diffusion_steps)
+    check_diffusion_args(args)
+    model_path = resolve_checkpoint(args.model_path, "--model_path", "diffusion model", "diffusion")
+
+    # No torch.distributed group is needed: ranks share work through files and MPI alone.
+    comm = mpi_comm()
+    out_dir = configure_logger(args.out_dir, comm)
+    device = dist_util.dev()
+
+    logger.log("creating model and diffusion...")
+    try:
+        model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    t_range = check_pag_args(args, model)
+    load_for_sampling(model, model_path, "--model_path", "diffusion model", args.use_fp16, device)
+    guided = pag_model(model, args, t_range)
+    if args.pag_scale > 0:
+        logger.log(f"PAG: scale {args.pag_scale}, layers {args.pag_layers!r}, interval {args.pag_interval or 'all'}")
+
+    def sample_batch(start, end, generators):
+        model_kwargs = {}
+        if args.class_cond:
+            classes = draw_labels(generators, NUM_CLASSES).to(device)
+            model_kwargs["y"] = classes
+        images = sample_images(
+            diffusion, guided, args, generators, args.image_size, model_kwargs, device=device
+        )
+        if args.class_cond:
+            return [images, classes.cpu().numpy()]
+        return [images]
+
+    logger.log("sampling...")
+    path = run_sampling(
+        script="image_sample",
+        args=args,
+        out_dir=out_dir,
+        image_shape=(args.image_size, args.image_size, 3),
+        sample_batch=sample_batch,
+        record=run_record("image_sample", args, checkpoint_flags=("model_path",)),
+        comm=comm,
+    )
+    logger.log("sampling complete")
+    return path
+
+
+def create_argparser():
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        model_path="",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(pag_defaults())
+    defaults.update(sampling_defaults())
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    main()
