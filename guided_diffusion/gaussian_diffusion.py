@@ -17,6 +17,7 @@ import numpy as np
 import torch as th
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .nn import mean_flat
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
@@ -815,13 +816,6 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)
-
-
-def mean_flat(tensor):
-    """
-    Mean over all dimensions except the batch dimension.
-    """
-    return tensor.mean(dim=list(range(1, len(tensor.shape))))
 
 
 def _nonzero_mask(t, x):
