@@ -370,12 +370,14 @@ class GaussianDiffusion:
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
+        noise_fn=None,
     ):
         """
         Sample x_{t-1} from the model at timestep t.
 
         Arguments as in p_mean_variance(); cond_fn, if given, is a gradient
-        function used for classifier guidance through condition_mean().
+        function used for classifier guidance through condition_mean();
+        noise_fn, if given, replaces th.randn_like(x) (see p_sample_loop()).
         :return: a dict with keys "sample" and "pred_xstart".
         """
         out = self.p_mean_variance(
@@ -388,7 +390,7 @@ class GaussianDiffusion:
         )
         # Drawn before cond_fn runs, so guidance does not change which noise
         # a seed produces.
-        noise = th.randn_like(x)
+        noise = th.randn_like(x) if noise_fn is None else noise_fn(x)
         nonzero_mask = _nonzero_mask(t, x)  # the last step adds no noise
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -406,6 +408,7 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
+        noise_fn=None,
     ):
         """
         Generate samples with ancestral sampling.
@@ -420,6 +423,10 @@ class GaussianDiffusion:
         :param device: where to create the samples; by default the device of
                        the model's parameters (or of `noise`, or the CPU).
         :param progress: if True, show a tqdm progress bar.
+        :param noise_fn: if not None, noise_fn(x) returns the per-step noise
+                         (a tensor like x) in place of th.randn_like(x), e.g.
+                         to give every sample its own random stream. Called
+                         once per step, at the point the default draws.
         :return: the final batch of samples (not differentiable).
         """
         final = None
@@ -433,6 +440,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
             device=device,
             progress=progress,
+            noise_fn=noise_fn,
         ):
             final = sample
         return final["sample"]
@@ -448,6 +456,7 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
+        noise_fn=None,
     ):
         """
         Like p_sample_loop(), but yield the output of p_sample() at every
@@ -473,6 +482,7 @@ class GaussianDiffusion:
                     denoised_fn=denoised_fn,
                     cond_fn=cond_fn,
                     model_kwargs=model_kwargs,
+                    noise_fn=noise_fn,
                 )
                 yield out
                 img = out["sample"]
@@ -487,6 +497,7 @@ class GaussianDiffusion:
         cond_fn=None,
         model_kwargs=None,
         eta=0.0,
+        noise_fn=None,
     ):
         """
         Sample x_{t-1} from the model with DDIM (Song et al., eq. 12).
@@ -518,7 +529,7 @@ class GaussianDiffusion:
         )
         # Drawn even when eta == 0, to keep the random stream the same for
         # every eta.
-        noise = th.randn_like(x)
+        noise = th.randn_like(x) if noise_fn is None else noise_fn(x)
         mean_pred = (
             out["pred_xstart"] * th.sqrt(alpha_bar_prev)
             + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -570,6 +581,7 @@ class GaussianDiffusion:
         device=None,
         progress=False,
         eta=0.0,
+        noise_fn=None,
     ):
         """
         Generate samples with DDIM. Arguments as in p_sample_loop(), plus eta.
@@ -586,6 +598,7 @@ class GaussianDiffusion:
             device=device,
             progress=progress,
             eta=eta,
+            noise_fn=noise_fn,
         ):
             final = sample
         return final["sample"]
@@ -602,6 +615,7 @@ class GaussianDiffusion:
         device=None,
         progress=False,
         eta=0.0,
+        noise_fn=None,
     ):
         """
         Like ddim_sample_loop(), but yield the output of ddim_sample() at
@@ -628,6 +642,7 @@ class GaussianDiffusion:
                     cond_fn=cond_fn,
                     model_kwargs=model_kwargs,
                     eta=eta,
+                    noise_fn=noise_fn,
                 )
                 yield out
                 img = out["sample"]
