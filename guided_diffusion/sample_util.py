@@ -58,6 +58,16 @@ class UsageError(ValueError):
     """
 
 
+def exit_with_usage_error(parser, exc):
+    """
+    Print a UsageError as argparse prints its own errors, without the long usage text (ADM's scripts have dozens
+    of flags) and once per run rather than once per MPI rank; exit with status 2.
+    """
+    if mpi_comm().rank == 0:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    raise SystemExit(2)
+
+
 def pag_defaults():
     """
     Defaults of the Perturbed-Attention Guidance flags: PAG is off unless --pag_scale > 0.

@@ -19,6 +19,7 @@ from guided_diffusion.sample_util import (
     check_sampling_args,
     configure_logger,
     draw_labels,
+    exit_with_usage_error,
     load_for_sampling,
     mpi_comm,
     pag_defaults,
@@ -47,7 +48,7 @@ def main(argv=None):
     try:
         return sample(args)
     except UsageError as exc:
-        parser.error(str(exc))
+        exit_with_usage_error(parser, exc)
 
 
 def check_classifier_args(args):
