@@ -1,0 +1,522 @@
+"""
+scripts/image_sample.py and scripts/classifier_sample.py end to end, on tiny random-weight models, and the pieces
+of guided_diffusion/sample_util.py they rest on: per-sample random streams, resumable parts, the PNG grid.
+
+The scripts run in this process through main(argv) where possible (importing torch again per run would dominate
+the time) and as subprocesses for the MPI test.
+"""
+
+import importlib.util
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch as th
+
+from guided_diffusion import sample_util
+from guided_diffusion.respace import space_timesteps
+from guided_diffusion.sample_util import (
+    PerSampleNoise,
+    UsageError,
+    image_grid,
+    missing_batches,
+    png_bytes,
+    sample_generator,
+    sample_images,
+    to_uint8_images,
+)
+from guided_diffusion.script_util import (
+    NUM_CLASSES,
+    classifier_defaults,
+    create_classifier,
+    create_gaussian_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(
+    image_size=32,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2,2",
+    attention_resolutions="16,8",
+    diffusion_steps=100,
+    timestep_respacing="5",
+)
+TINY_CLASSIFIER = dict(classifier_width=64, classifier_depth=1, classifier_attention_resolutions="8")
+
+
+def flags(values):
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", str(value)]
+    return out
+
+
+def tiny_flags(**extra):
+    return flags({**TINY, **extra})
+
+
+def _randomize_zero_params(module, seed):
+    # ADM zero-initialises the output layers, which would make every random model predict eps = 0 and PAG a no-op.
+    gen = th.Generator().manual_seed(seed)
+    with th.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(th.randn(p.shape, generator=gen) * 0.05)
+
+
+def _save_model(path, seed, **overrides):
+    th.manual_seed(seed)
+    args = model_and_diffusion_defaults()
+    args.update(TINY)
+    args.update(overrides)
+    model, _ = create_model_and_diffusion(**args)
+    _randomize_zero_params(model, seed)
+    th.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The machine's cores are shared; one thread per process is much faster than contending for two.
+    before = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    out = SimpleNamespace()
+    out.uncond = _save_model(folder / "uncond.pt", 1)
+    out.cond = _save_model(folder / "cond.pt", 2, class_cond=True)
+    out.uncond64 = _save_model(folder / "uncond64.pt", 3, image_size=64)
+    th.manual_seed(4)
+    classifier_args = classifier_defaults()
+    classifier_args.update(image_size=64, **TINY_CLASSIFIER)
+    classifier = create_classifier(**classifier_args)
+    _randomize_zero_params(classifier, 4)
+    out.classifier = str(folder / "classifier.pt")
+    th.save(classifier.state_dict(), out.classifier)
+    return out
+
+
+def _needs_script_deps():
+    for name in ("guided_diffusion.pag", "guided_diffusion.dist_util", "guided_diffusion.logger"):
+        pytest.importorskip(name)
+
+
+def _load_script(name):
+    _needs_script_deps()
+    path = os.path.join(REPO_ROOT, "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_sampling_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image_sample():
+    return _load_script("image_sample")
+
+
+@pytest.fixture(scope="module")
+def classifier_sample():
+    return _load_script("classifier_sample")
+
+
+def run_main(script, argv):
+    """
+    Run a script's main(argv); return the loaded final npz as a dict of arrays.
+    """
+    path = script.main(argv)
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def expected_labels(seed, count):
+    return np.array(
+        [int(th.randint(NUM_CLASSES, (), generator=sample_generator(seed, i))) for i in range(count)], dtype=np.int64
+    )
+
+
+def assert_nearly_equal_images(a, b):
+    """
+    Equal up to kernel rounding: a different batch shape may make the model's kernels round differently, which
+    can move a few pixels across a uint8 boundary, never further.
+    """
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 0.002
+
+
+# --- the diffusion's noise_fn hook ----------------------------------------------------------------------------
+
+
+class _ToyModel:
+    """
+    A batch-invariant stand-in for the U-Net (elementwise, so every row's output depends on that row alone).
+    """
+
+    def __call__(self, x, t, **kwargs):
+        return 0.3 * x + 0.001 * t.float().view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_noise_fn_default_keeps_adm_draw_order(use_ddim):
+    diffusion = create_gaussian_diffusion(steps=100, timestep_respacing="5")
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    shape = (2, 3, 4, 4)
+    th.manual_seed(7)
+    default = loop(_ToyModel(), shape)
+    calls = []
+
+    def noise_fn(x):
+        calls.append(tuple(x.shape))
+        return th.randn_like(x)
+
+    th.manual_seed(7)
+    hooked = loop(_ToyModel(), shape, noise_fn=noise_fn)
+    # The hook replaces exactly the draws the default makes, one per step, so it sees the same random stream.
+    assert th.equal(default, hooked)
+    assert calls == [shape] * diffusion.num_timesteps
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_sample_depends_only_on_seed_and_index(use_ddim):
+    diffusion = create_gaussian_diffusion(steps=100, timestep_respacing="5")
+    args = SimpleNamespace(use_ddim=use_ddim, clip_denoised=True)
+    seed, count = 11, 5
+
+    def run(splits):
+        parts = []
+        for start, end in splits:
+            gens = [sample_generator(seed, i) for i in range(start, end)]
+            parts.append(sample_images(diffusion, _ToyModel(), args, gens, 4, {}, device=th.device("cpu")))
+        return np.concatenate(parts)
+
+    by_two = run([(0, 2), (2, 4), (4, 5)])
+    by_three = run([(0, 3), (3, 5)])
+    np.testing.assert_array_equal(by_two, by_three)
+
+    # The documented scheme, one sample at a time: x_T first, then one draw per step, all from sample i's generator.
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    for i in range(count):
+        gen = sample_generator(seed, i)
+        x_T = th.randn((3, 4, 4), generator=gen)[None]
+        single = loop(
+            _ToyModel(), (1, 3, 4, 4), noise=x_T, noise_fn=lambda x: th.randn((3, 4, 4), generator=gen)[None]
+        )
+        np.testing.assert_array_equal(to_uint8_images(single)[0], by_two[i])
+
+
+def test_per_sample_generators_are_distinct_and_reproducible():
+    a = th.randn(8, generator=sample_generator(0, 3))
+    assert th.equal(a, th.randn(8, generator=sample_generator(0, 3)))
+    assert not th.equal(a, th.randn(8, generator=sample_generator(0, 4)))
+    assert not th.equal(a, th.randn(8, generator=sample_generator(1, 3)))
+    noise = PerSampleNoise([sample_generator(0, 3), sample_generator(0, 4)])
+    with pytest.raises(ValueError, match="batch of 3 asked from 2 generators"):
+        noise(th.zeros(3, 8))
+
+
+def test_to_uint8_images_rounds_like_adm():
+    sample = th.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    images = to_uint8_images(sample)
+    assert images.shape == (1, 1, 6, 3) and images.dtype == np.uint8
+    # (x + 1) * 127.5, clamped to [0, 255], truncated.
+    np.testing.assert_array_equal(images[0, 0, :, 0], [0, 0, 127, 254, 255, 255])
+
+
+def test_missing_batches_cuts_each_gap_separately():
+    assert missing_batches(7, [], 3) == [(0, 3), (3, 6), (6, 7)]
+    assert missing_batches(10, [(0, 2), (4, 6)], 3) == [(2, 4), (6, 9), (9, 10)]
+    assert missing_batches(4, [(0, 4)], 2) == []
+
+
+def _read_png(data):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, color) == (8, 2)
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * 3)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(height, width, 3)
+
+
+def test_png_grid_layout():
+    images = np.arange(5 * 4 * 6 * 3, dtype=np.int64).reshape(5, 4, 6, 3).astype(np.uint8)
+    grid = image_grid(images, padding=2)
+    # Five images: three columns, two rows, 2 pixels around each.
+    assert grid.shape == (2 * (4 + 2) + 2, 3 * (6 + 2) + 2, 3)
+    np.testing.assert_array_equal(grid[2:6, 2:8], images[0])
+    np.testing.assert_array_equal(grid[8:12, 10:16], images[4])
+    assert not grid[8:12, 18:24].any()
+    np.testing.assert_array_equal(_read_png(png_bytes(grid)), grid)
+
+
+def test_parse_pag_interval():
+    assert sample_util.parse_pag_interval("", 100) is None
+    assert sample_util.parse_pag_interval(" 10 , 20 ", 100) == (10, 20)
+    assert sample_util.parse_pag_interval("0,99", 100) == (0, 99)
+    for bad in ("5", "1,2,3", "a,b", "1.5,3"):
+        with pytest.raises(UsageError, match="is malformed"):
+            sample_util.parse_pag_interval(bad, 100)
+    for bad in ("20,10", "-1,5", "0,100"):
+        with pytest.raises(UsageError, match=r"out of range: expected 'lo,hi' with integers 0 <= lo <= hi <= 99"):
+            sample_util.parse_pag_interval(bad, 100)
+
+
+def test_pag_interval_follows_rescaled_timesteps():
+    pytest.importorskip("guided_diffusion.pag")
+    args = model_and_diffusion_defaults()
+    args.update(TINY)
+    model, _ = create_model_and_diffusion(**args)
+    ns = SimpleNamespace(pag_scale=1.0, pag_layers="middle", pag_interval="10,20", diffusion_steps=100)
+    assert sample_util.check_pag_args(SimpleNamespace(**vars(ns), rescale_timesteps=False), model) == (10, 20)
+    # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
+    assert sample_util.check_pag_args(SimpleNamespace(**vars(ns), rescale_timesteps=True), model) == (100.0, 200.0)
+
+
+# --- image_sample.py ------------------------------------------------------------------------------------------
+
+
+def test_image_sample_outputs_and_grid(image_sample, ckpt, tmp_path):
+    grid_path = tmp_path / "grid.png"
+    out = run_main(
+        image_sample,
+        tiny_flags(
+            model_path=ckpt.cond,
+            class_cond=True,
+            num_samples=5,
+            batch_size=2,
+            seed=3,
+            out_dir=tmp_path,
+            grid=grid_path,
+        ),
+    )
+    assert sorted(out) == ["arr_0", "arr_1"]
+    assert out["arr_0"].shape == (5, 32, 32, 3) and out["arr_0"].dtype == np.uint8
+    assert out["arr_1"].dtype == np.int64
+    # Sample i's label is the first draw of its own generator.
+    np.testing.assert_array_equal(out["arr_1"], expected_labels(3, 5))
+    assert os.path.exists(tmp_path / "samples_5x32x32x3.npz")
+    assert not os.path.exists(tmp_path / "samples_5x32x32x3_parts")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+    data = grid_path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    assert data[12:16] == b"IHDR" and (width, height) == (3 * 34 + 2, 2 * 34 + 2)
+    grid = _read_png(data)
+    np.testing.assert_array_equal(grid[2:34, 2:34], out["arr_0"][0])
+    np.testing.assert_array_equal(grid[36:68, 36:68], out["arr_0"][4])
+
+
+def test_image_sample_unconditional_has_no_labels(image_sample, ckpt, tmp_path):
+    out = run_main(image_sample, tiny_flags(model_path=ckpt.uncond, num_samples=3, batch_size=3, out_dir=tmp_path))
+    assert sorted(out) == ["arr_0"] and out["arr_0"].shape == (3, 32, 32, 3)
+
+
+def test_batch_size_does_not_change_samples(image_sample, ckpt, tmp_path):
+    common = dict(model_path=ckpt.cond, class_cond=True, num_samples=5, seed=5)
+    by_two = run_main(image_sample, tiny_flags(batch_size=2, out_dir=tmp_path / "b2", **common))
+    by_three = run_main(image_sample, tiny_flags(batch_size=3, out_dir=tmp_path / "b3", **common))
+    np.testing.assert_array_equal(by_two["arr_1"], by_three["arr_1"])
+    assert_nearly_equal_images(by_two["arr_0"], by_three["arr_0"])
+    other_seed = run_main(image_sample, tiny_flags(batch_size=3, out_dir=tmp_path / "s6", **{**common, "seed": 6}))
+    assert not np.array_equal(other_seed["arr_1"], by_three["arr_1"])
+
+
+def test_pag_scale_zero_and_out_of_range_interval_equal_plain_run(image_sample, ckpt, tmp_path):
+    common = dict(model_path=ckpt.uncond, num_samples=3, batch_size=3, seed=1)
+    plain = run_main(image_sample, tiny_flags(out_dir=tmp_path / "plain", **common))
+    zero = run_main(
+        image_sample, tiny_flags(out_dir=tmp_path / "zero", pag_scale=0.0, pag_layers="all", **common)
+    )
+    np.testing.assert_array_equal(plain["arr_0"], zero["arr_0"])
+
+    assert sorted(space_timesteps(100, "5")) == [0, 25, 50, 74, 99]
+    # No sampled timestep lies in 1..24, so PAG never acts.
+    idle = run_main(
+        image_sample, tiny_flags(out_dir=tmp_path / "idle", pag_scale=3.0, pag_interval="1,24", **common)
+    )
+    np.testing.assert_array_equal(plain["arr_0"], idle["arr_0"])
+
+    guided = run_main(image_sample, tiny_flags(out_dir=tmp_path / "pag", pag_scale=3.0, **common))
+    late = run_main(
+        image_sample, tiny_flags(out_dir=tmp_path / "late", pag_scale=3.0, pag_interval="50,99", **common)
+    )
+    assert np.abs(guided["arr_0"].astype(int) - plain["arr_0"]).mean() > 1
+    assert np.abs(late["arr_0"].astype(int) - plain["arr_0"]).mean() > 1
+    assert not np.array_equal(late["arr_0"], guided["arr_0"])
+
+
+def test_interrupted_run_resumes_without_duplicates(image_sample, ckpt, tmp_path, monkeypatch):
+    common = dict(model_path=ckpt.cond, class_cond=True, num_samples=5, batch_size=2, seed=9)
+    reference = run_main(image_sample, tiny_flags(out_dir=tmp_path / "ref", **common))
+
+    out_dir = tmp_path / "resumed"
+    parts = out_dir / "samples_5x32x32x3_parts"
+    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    with pytest.raises(SystemExit) as stopped:
+        image_sample.main(tiny_flags(out_dir=out_dir, **common))
+    assert stopped.value.code == sample_util.STOP_EXIT_CODE
+    assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "run.json"]
+    assert not (out_dir / "samples_5x32x32x3.npz").exists()
+    # A temporary file a killed run left behind is not a part.
+    (parts / ".tmp-12345-000000002-000000004.npz").write_bytes(b"truncated")
+
+    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    resumed = run_main(image_sample, tiny_flags(out_dir=out_dir, **common))
+    np.testing.assert_array_equal(resumed["arr_0"], reference["arr_0"])
+    np.testing.assert_array_equal(resumed["arr_1"], reference["arr_1"])
+    assert not parts.exists()
+
+
+def test_resume_with_another_batch_size_fills_only_the_gaps(image_sample, ckpt, tmp_path, monkeypatch):
+    common = dict(model_path=ckpt.cond, class_cond=True, num_samples=5, seed=9)
+    out_dir = tmp_path / "run"
+    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    with pytest.raises(SystemExit):
+        image_sample.main(tiny_flags(out_dir=out_dir, batch_size=2, **common))
+    first_part = out_dir / "samples_5x32x32x3_parts" / "000000000-000000002.npz"
+    with np.load(first_part) as data:
+        kept = data["arr_0"].copy()
+    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    resumed = run_main(image_sample, tiny_flags(out_dir=out_dir, batch_size=3, **common))
+    assert resumed["arr_0"].shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(resumed["arr_1"], expected_labels(9, 5))
+    np.testing.assert_array_equal(resumed["arr_0"][:2], kept)
+
+
+def test_resume_refuses_other_flags(image_sample, ckpt, tmp_path, monkeypatch, capsys):
+    common = dict(model_path=ckpt.uncond, num_samples=4, batch_size=2, out_dir=tmp_path)
+    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    with pytest.raises(SystemExit):
+        image_sample.main(tiny_flags(**common))
+    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        image_sample.main(tiny_flags(pag_scale=1.5, **common))
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    parts = os.path.join(str(tmp_path), "samples_4x32x32x3_parts")
+    assert f"cannot resume: the unfinished run in {parts} was started with different settings" in err
+    assert "--pag_scale 0.0 (now 1.5)" in err
+    assert f"delete {parts} to start over" in err
+
+
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec is not installed")
+def test_two_mpi_ranks_match_one_process(image_sample, ckpt, tmp_path):
+    common = dict(model_path=ckpt.cond, class_cond=True, num_samples=5, batch_size=2, seed=4)
+    single = run_main(image_sample, tiny_flags(out_dir=tmp_path / "one", **common))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop(sample_util.STOP_AFTER_ENV, None)
+    command = [
+        "mpiexec",
+        "-n",
+        "2",
+        sys.executable,
+        os.path.join(REPO_ROOT, "scripts", "image_sample.py"),
+        *tiny_flags(out_dir=tmp_path / "two", **common),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "two" / "samples_5x32x32x3.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], single["arr_0"])
+        np.testing.assert_array_equal(data["arr_1"], single["arr_1"])
+
+
+BAD_IMAGE_SAMPLE_FLAGS = [
+    (dict(pag_layers="middle_block.7"), "--pag_layers 'middle_block.7': unknown attention block 'middle_block.7'"),
+    (dict(pag_layers="middle_block.7"), "middle_block.1"),
+    (dict(pag_interval="5"), "--pag_interval '5' is malformed: expected 'lo,hi'"),
+    (dict(pag_interval="10,100"), "--pag_interval '10,100' is out of range"),
+    (dict(pag_scale=-1), "--pag_scale must be a finite number >= 0 (0 turns PAG off), got -1.0"),
+    (dict(pag_scale="nan"), "--pag_scale must be a finite number >= 0 (0 turns PAG off), got nan"),
+    (dict(model_path=""), "--model_path is required: pass the diffusion model checkpoint"),
+    (dict(model_path="no/such/model.pt"), "--model_path 'no/such/model.pt': no such file"),
+    (dict(timestep_respacing="ddim60", use_ddim=True), "--timestep_respacing 'ddim60' does not fit --diffusion_steps 100"),
+    (dict(timestep_respacing="fast"), "--timestep_respacing 'fast' is malformed"),
+    (dict(timestep_respacing="200"), "cannot divide section of 100 steps into 200"),
+    (dict(num_samples=0), "--num_samples must be positive, got 0"),
+    (dict(batch_size=-2), "--batch_size must be positive, got -2"),
+    (dict(class_cond=True), "--class_cond False"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_IMAGE_SAMPLE_FLAGS)
+def test_image_sample_rejects_bad_flags(image_sample, ckpt, tmp_path, capsys, bad, message):
+    values = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path)
+    values.update(bad)
+    with pytest.raises(SystemExit) as rejected:
+        image_sample.main(tiny_flags(**values))
+    assert rejected.value.code == 2
+    err = capsys.readouterr().err
+    assert ": error: " in err
+    assert message in err
+    assert not (tmp_path / "samples_2x32x32x3.npz").exists()
+
+
+# --- classifier_sample.py -------------------------------------------------------------------------------------
+
+
+def _classifier_flags(ckpt, **extra):
+    values = dict(TINY, image_size=64, model_path=ckpt.uncond64, classifier_path=ckpt.classifier, **TINY_CLASSIFIER)
+    values.update(extra)
+    return flags(values)
+
+
+def test_classifier_sample_with_pag_and_classifier_guidance(classifier_sample, ckpt, tmp_path):
+    common = dict(num_samples=2, batch_size=2, seed=2, pag_scale=2.0)
+    guided = run_main(
+        classifier_sample, _classifier_flags(ckpt, classifier_scale=10.0, out_dir=tmp_path / "cg", **common)
+    )
+    assert sorted(guided) == ["arr_0", "arr_1"]
+    assert guided["arr_0"].shape == (2, 64, 64, 3) and guided["arr_0"].dtype == np.uint8
+    # Labels are drawn for the classifier even though the model is unconditional.
+    np.testing.assert_array_equal(guided["arr_1"], expected_labels(2, 2))
+    unguided = run_main(
+        classifier_sample, _classifier_flags(ckpt, classifier_scale=0.0, out_dir=tmp_path / "nocg", **common)
+    )
+    np.testing.assert_array_equal(unguided["arr_1"], guided["arr_1"])
+    assert not np.array_equal(unguided["arr_0"], guided["arr_0"])
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(classifier_path=""), "--classifier_scale 1.0 needs a classifier: pass its checkpoint with --classifier_path"),
+        (dict(classifier_scale="inf"), "--classifier_scale must be a finite number, got inf"),
+        (dict(classifier_path="nothing.pt"), "--classifier_path 'nothing.pt': no such file"),
+    ],
+)
+def test_classifier_sample_rejects_bad_flags(classifier_sample, ckpt, tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as rejected:
+        classifier_sample.main(_classifier_flags(ckpt, num_samples=2, out_dir=tmp_path, **bad))
+    assert rejected.value.code == 2
+    err = capsys.readouterr().err
+    assert ": error: " in err and message in err
