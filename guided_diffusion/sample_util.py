@@ -8,8 +8,8 @@ Sample i of a run with --seed S owns one CPU torch.Generator, seeded from numpy'
 SeedSequence(S, spawn_key=(i,)) (the i-th child of SeedSequence(S)). From it, and from nothing else, the sample
 takes in this order:
 
-  1. its class label, one randint(NUM_CLASSES) draw, when the run needs labels (class-conditional model or
-     classifier guidance);
+  1. its class label, one randint(NUM_CLASSES) draw, when the script draws labels (image_sample.py with a
+     class-conditional model, classifier_sample.py always; super_res_sample.py takes them from its base samples);
   2. its starting noise x_T, one standard normal draw shaped (C, H, W);
   3. one standard normal draw shaped (C, H, W) each time the sampler asks for noise, i.e. once per step in the
      diffusion's own draw order (p_sample and ddim_sample both draw at every step, the last one included).
