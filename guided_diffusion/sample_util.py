@@ -525,8 +525,12 @@ def _join_parts(parts_dir, num_samples):
 
 
 def _stop_after():
-    value = os.environ.get(STOP_AFTER_ENV, "")
-    return int(value) if value.strip() else None
+    value = os.environ.get(STOP_AFTER_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) == 0:
+        raise UsageError(f"${STOP_AFTER_ENV} must be a positive number of batches, got {value!r}")
+    return int(value)
 
 
 def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, comm=None):
@@ -543,6 +547,7 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
     from . import logger
 
     comm = comm if comm is not None else mpi_comm()
+    stop_after = _stop_after()
     final_path, parts_dir = output_paths(out_dir, args.num_samples, image_shape)
 
     error = _prepare_work_folder(parts_dir, record) if comm.rank == 0 else None
@@ -557,7 +562,6 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
             logger.log(f"resuming: {done_count} of {args.num_samples} samples already in {parts_dir}")
         logger.log(f"sampling {args.num_samples - done_count} images in {len(todo)} batches on {comm.size} rank(s)")
 
-    stop_after = _stop_after()
     progress = tqdm(
         total=args.num_samples,
         initial=done_count,
