@@ -217,12 +217,9 @@ class NpzWriter:
         self._zip = zipfile.ZipFile(self._tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True)
 
     def write_array(self, name, array):
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)  # (np.ascontiguousarray would turn 0-d arrays into 1-d)
         with self.stream_array(name, array.shape, array.dtype) as stream:
-            if array.ndim:
-                stream.write(array)
-            else:
-                stream.write_bytes(array.tobytes())
+            stream.write_bytes(array.tobytes(order="C"))
 
     def stream_array(self, name, shape, dtype):
         return _ArrayStream(self._zip, name, tuple(shape), np.dtype(dtype))
