@@ -18,7 +18,10 @@ load_feature_net() resolves the --feature_net spec of the command-line tools:
   inception              the FID Inception-v3 (weights from --inception_path and friends)
   package.module:factory a callable in an importable module
   path/to/file.py:factory a callable in a Python file
-  path/to/net.pt         a TorchScript module saved with torch.jit.save
+  path/to/net.pt         a TorchScript module saved with torch.jit.save (with a `logits`
+                         method exported by @torch.jit.export for IS)
+  path/to/net.pt2        a torch.export program saved with torch.export.save (forward only;
+                         export it with a dynamic batch dimension)
 A factory is called without arguments, or with device=... when it takes a `device` argument, and
 returns the network.
 """
@@ -95,17 +98,23 @@ def _flat_numpy(tensor, net, what, n):
 
 
 class ScriptedFeatureNet(nn.Module):
-    """Adapts a TorchScript module to the FeatureNet conventions."""
+    """Adapts a TorchScript module or torch.export program to the FeatureNet conventions."""
 
     def __init__(self, module, name):
         super().__init__()
         self.module = module
         self.name = name
-        self.input_channels = getattr(module, "input_channels", None)
+        self.input_channels = None
         self._has_logits = hasattr(module, "logits")
 
     def forward(self, images):
         return self.module(images)
+
+    def train(self, mode=True):
+        # Exported programs refuse train()/eval(); the wrapped module keeps the mode it was
+        # saved in (save networks in eval mode).
+        self.training = mode
+        return self
 
     def logits(self, pool):
         if not self._has_logits:
@@ -157,6 +166,10 @@ def load_feature_net(spec="inception", device="cpu", inception_path=None):
             raise TypeError(f"feature network spec {spec!r} did not give a callable network")
         if getattr(net, "name", None) is None and isinstance(net, nn.Module):
             net.name = spec
+    elif os.path.isfile(spec) and spec.endswith(".pt2"):
+        # torch.export programs carry only forward(), so no logits (and no IS) from these.
+        module = torch.export.load(spec).module()
+        net = ScriptedFeatureNet(module, "exported:" + _file_identity(spec))
     elif os.path.isfile(spec):
         try:
             module = torch.jit.load(spec, map_location=device)
@@ -169,7 +182,8 @@ def load_feature_net(spec="inception", device="cpu", inception_path=None):
     else:
         raise ValueError(
             f"unknown feature network {spec!r}: expected 'inception', 'package.module:factory', "
-            "'path/to/file.py:factory' or the path of a TorchScript file"
+            "'path/to/file.py:factory', or the path of a TorchScript (.pt) or torch.export "
+            "(.pt2) file"
         )
     if isinstance(net, nn.Module):
         net = net.to(device).eval()
