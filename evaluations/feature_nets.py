@@ -111,9 +111,11 @@ class ScriptedFeatureNet(nn.Module):
         return self.module(images)
 
     def train(self, mode=True):
-        # Exported programs refuse train()/eval(); the wrapped module keeps the mode it was
-        # saved in (save networks in eval mode).
         self.training = mode
+        try:
+            self.module.train(mode)
+        except NotImplementedError:
+            pass  # exported programs refuse train()/eval() and keep the mode they were saved in
         return self
 
     def logits(self, pool):
