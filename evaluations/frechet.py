@@ -56,7 +56,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         )
 
     diff = mu1 - mu2
-    covmean = _sqrtm(sigma1.dot(sigma2))
+    # product might be almost singular; like ADM's disp=False, this first attempt is quiet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         warnings.warn(
             f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates"
