@@ -70,7 +70,12 @@ def embed_batch(net, batch, device):
     Run one batch of NHWC images (numpy, any numeric dtype, values in [0, 255]) through the
     network. Returns (pool, spatial) as float32 numpy arrays [N x D], spatial possibly None.
     """
-    images = torch.from_numpy(np.asarray(batch, dtype=np.float32)).to(device)
+    batch = np.asarray(batch)
+    if batch.dtype == np.uint8:
+        # Move uint8 (4x less to copy) and convert on the device; the values are the same.
+        images = torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(device).float()
+    else:
+        images = torch.from_numpy(np.require(batch, np.float32, ["C", "W"])).to(device)
     out = net(images)
     if isinstance(out, (tuple, list)):
         if len(out) != 2:

@@ -100,6 +100,16 @@ def test_values_out_of_range_are_rejected(tmp_path):
         reader.read_batch(6)
 
 
+def test_bad_values_stop_the_evaluator_while_streaming(tmp_path):
+    arr = _images(9).astype(np.float64)
+    arr[7] = 300
+    np.savez(tmp_path / "b.npz", arr)
+    evaluator = Evaluator(feature_net=lambda x: x.mean(dim=(1, 2)), batch_size=2, progress=False)
+    with pytest.raises(BatchFormatError, match=r"max 300.0\) in images 6..7"):
+        evaluator.read_activations(tmp_path / "b.npz")
+    assert evaluator.embedded_batches == 3
+
+
 def test_too_few_images_for_the_metrics_are_rejected(tmp_path):
     np.savez(tmp_path / "b.npz", _images(3))
     evaluator = Evaluator(feature_net=lambda x: x, progress=False)
