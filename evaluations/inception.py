@@ -289,17 +289,15 @@ def find_inception_weights(path=None):
     """
     hub_path = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
     if path:
-        candidates = [("--inception_path", path)]
+        how, candidate = "--inception_path", path
     elif os.environ.get(WEIGHTS_ENV):
-        candidates = [(f"${WEIGHTS_ENV}", os.environ[WEIGHTS_ENV])]
+        how, candidate = f"${WEIGHTS_ENV}", os.environ[WEIGHTS_ENV]
     else:
-        candidates = [("torch hub checkpoints", hub_path)]
-    for _, candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    tried = "; ".join(f"{how}: {where}" for how, where in candidates)
+        how, candidate = "torch hub checkpoints", hub_path
+    if os.path.isfile(candidate):
+        return candidate
     raise FileNotFoundError(
-        f"Inception weights {WEIGHTS_FILENAME} not found (looked at {tried}). "
+        f"Inception weights {WEIGHTS_FILENAME} not found (looked at {how}: {candidate}). "
         f"This is the PyTorch conversion of TensorFlow's inception-2015-12-05 graph that "
         f"pytorch-fid publishes at {WEIGHTS_URL}. Download it yourself and either pass "
         f"--inception_path PATH, set {WEIGHTS_ENV}=PATH, or put it at {hub_path}."
