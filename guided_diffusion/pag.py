@@ -213,6 +213,12 @@ class PAGGuidedModel:
             f"batched={self.batched}, share_prefix={self.share_prefix})"
         )
 
+    def parameters(self, recurse=True):
+        """
+        The wrapped model's parameters, so code that finds the device from them (as ADM's samplers do) works.
+        """
+        return self.model.parameters(recurse)
+
     def guided_rows(self, t, batch_size):
         """
         The rows to guide: None (no row), True (every row) or a LongTensor of row indices.

@@ -519,3 +519,130 @@ def test_wrong_output_channels_are_reported():
         with torch.no_grad():
             PAGGuidedModel(model, 1.0, "all")(x, t, **kwargs)
 
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+
+
+def _respaced_diffusion(steps="4"):
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    return create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=steps)
+
+
+def _tiny_classifier():
+    from guided_diffusion.unet import EncoderUNetModel
+
+    classifier = EncoderUNetModel(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=10,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_heads=4,
+        use_scale_shift_norm=True,
+        pool="adaptive",
+    )
+    return randomize(classifier, seed=7)
+
+
+def _classifier_cond_fn(classifier, scale, seen_timesteps):
+    def cond_fn(x, t, y=None):
+        seen_timesteps.append(t.tolist())
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = torch.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[range(len(y)), y]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
+def hand_sample(diffusion, model, names, scale, t_range, noise, y, ddim=False, cond_fn=None, seed=0):
+    """
+    PAG sampling written out: eps_guided -> clipped pred_xstart -> posterior mean (DDPM, learned-range variance
+    from the unperturbed output) or the DDIM update with eps re-derived from pred_xstart.
+    """
+    torch.manual_seed(seed)
+    x = noise
+    n = x.shape[0]
+    for i in reversed(range(diffusion.num_timesteps)):
+        t_model = torch.full((n,), diffusion.timestep_map[i], dtype=torch.long)
+        with torch.no_grad():
+            plain = model(x, t_model, y=y)
+        eps, var_values = plain[:, :3], plain[:, 3:]
+        if t_range[0] <= diffusion.timestep_map[i] <= t_range[1]:
+            perturbed = hand_perturbed(model, names, x, t_model, {"y": y})
+            eps = eps + scale * (eps - perturbed[:, :3])
+        ac = float(diffusion.alphas_cumprod[i])
+        ac_prev = float(diffusion.alphas_cumprod_prev[i])
+        pred_xstart = (math.sqrt(1 / ac) * x - math.sqrt(1 / ac - 1) * eps).clamp(-1, 1)
+        noise_i = torch.randn_like(x)
+        if ddim:
+            eps = (math.sqrt(1 / ac) * x - pred_xstart) / math.sqrt(1 / ac - 1)
+            x = pred_xstart * math.sqrt(ac_prev) + math.sqrt(1 - ac_prev) * eps
+            continue
+        mean = float(diffusion.posterior_mean_coef1[i]) * pred_xstart + float(diffusion.posterior_mean_coef2[i]) * x
+        frac = (var_values + 1) / 2
+        min_log = float(diffusion.posterior_log_variance_clipped[i])
+        max_log = math.log(float(diffusion.betas[i]))
+        log_variance = frac * max_log + (1 - frac) * min_log
+        if cond_fn is not None:
+            mean = mean + torch.exp(log_variance) * cond_fn(x, t_model, y=y)
+        x = mean + (i != 0) * torch.exp(0.5 * log_variance) * noise_i
+    return x
+
+
+def _sampling_setup():
+    model = tiny_unet()
+    diffusion = _respaced_diffusion()
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([4, 9])
+    return model, diffusion, noise, y
+
+
+@pytest.mark.parametrize("ddim", [False, True])
+def test_guided_sampling_matches_the_hand_written_loop(ddim):
+    model, diffusion, noise, y = _sampling_setup()
+    assert diffusion.timestep_map == [0, 333, 666, 999]
+    layers = "middle,output_blocks.1.1"
+    # Original-scale timesteps decide: 333 and 666 are guided, 0 and 999 are not.
+    guided = PAGGuidedModel(model, 2.0, layers, t_range=(300, 700))
+    loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
+    torch.manual_seed(0)
+    sample = loop(guided, noise.shape, noise=noise, model_kwargs={"y": y})
+    expected = hand_sample(diffusion, model, resolve_layers(model, layers), 2.0, (300, 700), noise, y, ddim=ddim)
+    torch.testing.assert_close(sample, expected, rtol=0, atol=1e-4)
+    torch.manual_seed(0)
+    plain = loop(model, noise.shape, noise=noise, model_kwargs={"y": y})
+    assert (sample - plain).abs().max() > 1e-3
+
+
+def test_guided_sampling_with_classifier_guidance():
+    model, diffusion, noise, y = _sampling_setup()
+    classifier = _tiny_classifier()
+    seen = []
+    cond_fn = _classifier_cond_fn(classifier, 3.0, seen)
+    guided = PAGGuidedModel(model, 1.5, "all")
+    torch.manual_seed(0)
+    sample = diffusion.p_sample_loop(guided, noise.shape, noise=noise, cond_fn=cond_fn, model_kwargs={"y": y})
+    # The classifier sees original-scale timesteps, like the model.
+    assert seen == [[999, 999], [666, 666], [333, 333], [0, 0]]
+    expected = hand_sample(diffusion, model, TINY_BLOCKS, 1.5, (0, 999), noise, y, cond_fn=cond_fn)
+    torch.testing.assert_close(sample, expected, rtol=0, atol=1e-4)
+    torch.manual_seed(0)
+    without_classifier = diffusion.p_sample_loop(guided, noise.shape, noise=noise, model_kwargs={"y": y})
+    assert (sample - without_classifier).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("ddim", [False, True])
+def test_scale_zero_sampling_is_plain_sampling_bit_for_bit(ddim):
+    model, diffusion, noise, y = _sampling_setup()
+    loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
+    torch.manual_seed(0)
+    plain = loop(model, noise.shape, model_kwargs={"y": y})
+    torch.manual_seed(0)
+    guided = loop(PAGGuidedModel(model, 0.0, "all"), noise.shape, model_kwargs={"y": y})
+    assert torch.equal(guided, plain)
