@@ -1,0 +1,211 @@
+"""
+evaluations/evaluator.py and evaluations/make_reference_batch.py end to end, with a tiny
+feature network loaded from a Python file (the --feature_net plug-in path).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluations import evaluator as evaluator_cli
+from evaluations import make_reference_batch as make_ref_cli
+from evaluations.evaluator import Evaluator
+from evaluations.feature_nets import load_feature_net
+from evaluations.frechet import frechet_distance
+from evaluations.inception_score import inception_score
+from evaluations.precision_recall import compute_prec_recall
+
+TINY_NET = '''
+import torch
+import torch.nn.functional as F
+from evaluations.feature_nets import FeatureNet
+
+
+class TinyNet(FeatureNet):
+    name = "tiny-test-net"
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(3 * 4 * 4, 12, generator=g))
+        self.register_buffer("head", torch.randn(12, 6, generator=g))
+
+    def forward(self, images):
+        x = F.adaptive_avg_pool2d(images.permute(0, 3, 1, 2), 4).flatten(1) / 255
+        return torch.tanh(x @ self.proj * 3), x[:, :5]
+
+    def logits(self, pool):
+        return pool @ self.head * 4
+
+
+def build():
+    return TinyNet()
+'''
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    path = tmp_path / "tiny_net.py"
+    path.write_text(TINY_NET)
+    return f"{path}:build"
+
+
+def _images(n, size, seed):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(1, size, size, 3))
+    noise = rng.integers(-60, 60, size=(n, size, size, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _direct_results(net, ref, sample):
+    """The metrics from features of whole arrays, bypassing the evaluator's batching."""
+    with torch.no_grad():
+        ref_pool, ref_sp = (t.numpy() for t in net(torch.from_numpy(ref).float()))
+        pool, sp = (t.numpy() for t in net(torch.from_numpy(sample).float()))
+        logits = net.logits(torch.from_numpy(pool)).numpy()
+    fd = lambda a, b: frechet_distance(
+        np.mean(a, 0), np.cov(a, rowvar=False), np.mean(b, 0), np.cov(b, rowvar=False)
+    )
+    precision, recall = compute_prec_recall(ref_pool, pool, progress=False)
+    return {
+        "inception_score": inception_score(logits),
+        "fid": fd(pool, ref_pool),
+        "sfid": fd(sp, ref_sp),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def test_evaluator_cli_prints_adm_lines_and_writes_json(tmp_path, tiny_spec, capsys):
+    ref, sample = _images(40, 12, seed=1), _images(27, 16, seed=2)
+    np.savez(tmp_path / "ref.npz", ref)
+    np.savez_compressed(tmp_path / "sample.npz", sample)
+    argv = [
+        str(tmp_path / "ref.npz"),
+        str(tmp_path / "sample.npz"),
+        "--feature_net", tiny_spec,
+        "--batch_size", "7",
+        "--device", "cpu",
+        "--cache_dir", str(tmp_path / "cache"),
+        "--json", str(tmp_path / "out" / "results.json"),
+    ]
+    evaluator_cli.main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    labels = [line.split(": ")[0] for line in lines]
+    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    expected = _direct_results(load_feature_net(tiny_spec), ref, sample)
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert lines[1] == f"FID: {results['fid']}"
+    assert (results["num_ref"], results["num_samples"]) == (40, 27)
+    assert results["feature_net"] == "tiny-test-net"
+    assert results["fid"] > 0.01 and 0 < results["precision"] <= 1
+
+
+def test_reference_statistics_in_the_npz_are_used(tmp_path, tiny_spec):
+    ref, sample = _images(20, 8, seed=3), _images(20, 8, seed=4)
+    mu, sigma = np.full(12, 0.5), np.eye(12) * 0.1
+    np.savez(tmp_path / "ref.npz", ref, mu=mu, sigma=sigma)
+    np.savez(tmp_path / "sample.npz", sample)
+    net = load_feature_net(tiny_spec)
+    results = Evaluator(net, progress=False).evaluate(
+        tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
+    )
+    pool = net(torch.from_numpy(sample).float())[0].numpy()
+    expected = frechet_distance(np.mean(pool, 0), np.cov(pool, rowvar=False), mu, sigma)
+    assert results["fid"] == pytest.approx(expected, rel=1e-6)
+
+    np.savez(tmp_path / "ref.npz", ref, mu=np.zeros(5), sigma=np.eye(5))
+    with pytest.raises(ValueError, match="stored statistics 'mu' have shape \\(5,\\) but the feature network gives 12-d"):
+        Evaluator(net, progress=False).evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz")
+
+
+def test_reference_activations_are_cached(tmp_path, tiny_spec):
+    np.savez(tmp_path / "ref.npz", _images(10, 8, seed=5))
+    net = load_feature_net(tiny_spec)
+    first = Evaluator(net, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    acts = first.read_activations(tmp_path / "ref.npz", use_cache=True)
+    assert first.embedded_batches == 3
+
+    second = Evaluator(net, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    cached = second.read_activations(tmp_path / "ref.npz", use_cache=True)
+    assert second.embedded_batches == 0
+    np.testing.assert_array_equal(cached.pool, acts.pool)
+    np.testing.assert_array_equal(cached.spatial, acts.spatial)
+
+    # A rewritten batch file is embedded again.
+    np.savez(tmp_path / "ref.npz", _images(12, 8, seed=6))
+    third = Evaluator(net, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    assert len(third.read_activations(tmp_path / "ref.npz", use_cache=True)) == 12
+    assert third.embedded_batches == 3
+
+
+def test_evaluator_cli_reports_bad_batches(tmp_path, tiny_spec):
+    np.savez(tmp_path / "ref.npz", _images(10, 8, seed=7))
+    np.savez(tmp_path / "sample.npz", images=_images(10, 8, seed=8))
+    argv = [str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--feature_net", tiny_spec]
+    with pytest.raises(SystemExit, match="error: .*sample.npz: no 'arr_0' array in the npz"):
+        evaluator_cli.main(argv + ["--no_cache"])
+
+
+def test_make_reference_batch_from_a_folder(tmp_path, tiny_spec):
+    Image = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    rng = np.random.default_rng(9)
+    sizes = [(40, 64), (16, 16), (50, 20), (33, 35)]  # (h, w)
+    for i, (h, w) in enumerate(sizes):
+        target = folder / ("nested" if i == 2 else "") / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(target)
+    (folder / "notes.txt").write_text("not an image")
+    Image.fromarray(rng.integers(0, 256, size=(20, 20), dtype=np.uint8)).save(folder / "gray.jpg")
+
+    out = tmp_path / "ref.npz"
+    make_ref_cli.main([str(folder), str(out), "--image_size", "16", "--feature_net", tiny_spec,
+                       "--batch_size", "2", "--device", "cpu"])
+    with np.load(out) as obj:
+        arr = obj["arr_0"]
+        assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
+        # Sorted, recursive: gray.jpg, img0, img1, img3, nested/img2.
+        # img0 is 64x40 (w x h): box-halved once to 32x20, bicubic to 26x16, crop x 5..20.
+        with Image.open(folder / "img0.png") as img:
+            halved = img.convert("RGB").resize((32, 20), resample=Image.BOX)
+            expected = np.array(halved.resize((26, 16), resample=Image.BICUBIC))[:, 5:21]
+        np.testing.assert_array_equal(arr[1], expected)
+        with Image.open(folder / "img1.png") as img:  # already 16x16
+            np.testing.assert_array_equal(arr[2], np.array(img.convert("RGB")))
+        assert (arr[0] == arr[0][..., :1]).all()  # the grayscale image, as RGB
+
+        net = load_feature_net(tiny_spec)
+        pool, spatial = (t.numpy() for t in net(torch.from_numpy(arr).float()))
+        np.testing.assert_allclose(obj["mu"], pool.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(obj["sigma"], np.cov(pool, rowvar=False), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(obj["sigma_s"], np.cov(spatial, rowvar=False), rtol=1e-4, atol=1e-7)
+        assert str(obj["stats_feature_net"]) == "tiny-test-net"
+
+    with pytest.raises(SystemExit):
+        make_ref_cli.main([str(folder), str(tmp_path / "x.npz"), "--no_stats"])  # no --image_size
+
+
+def test_make_reference_batch_from_an_npz_subset(tmp_path, tiny_spec):
+    source = _images(30, 10, seed=10)
+    np.savez(tmp_path / "source.npz", source)
+    out = tmp_path / "ref.npz"
+    make_ref_cli.main([str(tmp_path / "source.npz"), str(out), "--num", "12", "--seed", "3",
+                       "--no_stats"])
+    picked = np.sort(np.random.default_rng(3).choice(30, size=12, replace=False))
+    with np.load(out) as obj:
+        assert obj.files == ["arr_0"]
+        np.testing.assert_array_equal(obj["arr_0"], source[picked])
+
+    # Evaluating a batch against itself: FID 0, precision and recall 1.
+    make_ref_cli.main([str(tmp_path / "source.npz"), str(out), "--feature_net", tiny_spec])
+    net = load_feature_net(tiny_spec)
+    results = Evaluator(net, progress=False).evaluate(out, tmp_path / "source.npz", use_cache=False)
+    assert results["fid"] == pytest.approx(0, abs=1e-6)
+    assert results["sfid"] == pytest.approx(0, abs=1e-6)
+    assert (results["precision"], results["recall"]) == (1.0, 1.0)
