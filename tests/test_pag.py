@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from guided_diffusion import pag
 from guided_diffusion.pag import (
     OFFICIAL_IMAGENET256_LAYERS,
     PAGGuidedModel,
@@ -169,9 +168,12 @@ def test_official_layers_exist_in_the_adm256_architecture():
     with open(reference_file("state_dict_specs.json")) as f:
         spec = json.load(f)["256x256_diffusion"]
     # Build the real architecture without allocating its weights.
+    import inspect
+
     from guided_diffusion.script_util import create_model, model_and_diffusion_defaults
 
-    flags = {k: v for k, v in {**model_and_diffusion_defaults(), **spec["flags"]}.items() if k in _create_model_args()}
+    architecture = set(inspect.signature(create_model).parameters)
+    flags = {k: v for k, v in {**model_and_diffusion_defaults(), **spec["flags"]}.items() if k in architecture}
     with torch.device("meta"):
         model = create_model(**flags)
     assert attention_block_names(model) == spec["attention_blocks"]
@@ -181,14 +183,6 @@ def test_official_layers_exist_in_the_adm256_architecture():
         "input_blocks.17.1",
         "middle_block.1",
     ]
-
-
-def _create_model_args():
-    import inspect
-
-    from guided_diffusion.script_util import create_model
-
-    return set(inspect.signature(create_model).parameters)
 
 
 def test_layer_aliases():
