@@ -1,0 +1,172 @@
+"""
+Readable errors when a checkpoint does not fit the model built from the flags.
+
+torch's own message lists hundreds of keys; researchers need to know which flag to change. The checks below read
+the architecture off the key names and shapes, which is how ADM's flags show up in a state dict.
+"""
+
+import re
+
+import torch.nn as nn
+
+_LIST_LIMIT = 8
+
+
+def _shape(value):
+    return tuple(value.shape) if hasattr(value, "shape") else None
+
+
+def _block_indices(keys, prefix):
+    found = set()
+    for key in keys:
+        m = re.match(rf"{prefix}\.(\d+)\.", key)
+        if m:
+            found.add(int(m.group(1)))
+    return found
+
+
+def _attention_blocks(keys):
+    return sorted({k.rsplit(".qkv.", 1)[0] for k in keys if ".qkv." in k and not k.startswith("out.")})
+
+
+def suggest_flags(model_sd, ckpt_sd):
+    """
+    Return a list of human-readable hints, most likely first, naming the flags that explain the mismatch.
+    """
+    model_keys, ckpt_keys = set(model_sd), set(ckpt_sd)
+    hints = []
+
+    def mismatch(key):
+        return key in model_sd and key in ckpt_sd and _shape(model_sd[key]) != _shape(ckpt_sd[key])
+
+    model_is_classifier = not any(k.startswith("output_blocks.") for k in model_keys)
+    ckpt_is_classifier = bool(ckpt_keys) and not any(k.startswith("output_blocks.") for k in ckpt_keys)
+    if ckpt_is_classifier and not model_is_classifier:
+        hints.append(
+            "this is a classifier checkpoint (it has no output_blocks): load it with create_classifier "
+            "(--classifier_path), not as the diffusion model"
+        )
+        return hints
+    if model_is_classifier and not ckpt_is_classifier:
+        hints.append(
+            "this is a diffusion-model checkpoint (it has output_blocks): load it with "
+            "create_model_and_diffusion (--model_path), not as the classifier"
+        )
+        return hints
+
+    if "label_emb.weight" in ckpt_keys and "label_emb.weight" not in model_keys:
+        hints.append("--class_cond True (the checkpoint has a class embedding, label_emb.weight)")
+    elif "label_emb.weight" in model_keys and "label_emb.weight" not in ckpt_keys:
+        hints.append("--class_cond False (the checkpoint has no class embedding, label_emb.weight)")
+
+    if mismatch("input_blocks.0.0.weight"):
+        got, want = _shape(ckpt_sd["input_blocks.0.0.weight"]), _shape(model_sd["input_blocks.0.0.weight"])
+        if got[1] == 2 * want[1]:
+            hints.append(
+                "the checkpoint is an upsampler (its input has the low-resolution image concatenated): "
+                "use sr_create_model_and_diffusion / the super-resolution flags"
+            )
+        elif want[1] == 2 * got[1]:
+            hints.append("the checkpoint is a base model, not an upsampler: use create_model_and_diffusion")
+
+    if mismatch("out.2.weight") and not model_is_classifier:
+        got = _shape(ckpt_sd["out.2.weight"])[0]
+        want = _shape(model_sd["out.2.weight"])[0]
+        if got == 2 * want:
+            hints.append(f"--learn_sigma True (the checkpoint outputs {got} channels: eps and variance)")
+        elif want == 2 * got:
+            hints.append(f"--learn_sigma False (the checkpoint outputs {got} channels: eps only)")
+
+    if mismatch("time_embed.0.weight"):
+        width = _shape(ckpt_sd["time_embed.0.weight"])[1]
+        flag = "--classifier_width" if model_is_classifier else "--num_channels"
+        hints.append(f"{flag} {width} (the checkpoint's base channel count)")
+
+    model_inputs = _block_indices(model_keys, "input_blocks")
+    ckpt_inputs = _block_indices(ckpt_keys, "input_blocks")
+    if model_inputs != ckpt_inputs:
+        if model_is_classifier:
+            hints.append(
+                f"--classifier_depth or --image_size (the checkpoint has {len(ckpt_inputs)} input blocks, "
+                f"the flags give {len(model_inputs)})"
+            )
+        else:
+            hints.append(
+                f"--num_res_blocks, --image_size or --channel_mult (the checkpoint has {len(ckpt_inputs)} "
+                f"input blocks, the flags give {len(model_inputs)})"
+            )
+
+    if any(".emb_layers.1.weight" in k and mismatch(k) for k in model_keys):
+        key = next(k for k in model_keys if ".emb_layers.1.weight" in k and mismatch(k))
+        got, want = _shape(ckpt_sd[key])[0], _shape(model_sd[key])[0]
+        flag = "--classifier_use_scale_shift_norm" if model_is_classifier else "--use_scale_shift_norm"
+        if got == 2 * want:
+            hints.append(f"{flag} True (the embedding projections are twice as wide in the checkpoint)")
+        elif want == 2 * got:
+            hints.append(f"{flag} False (the embedding projections are half as wide in the checkpoint)")
+
+    updown_ckpt = any(re.search(r"\.\d+\.0\.in_layers", k) for k in ckpt_keys if ".op." not in k)
+    op_ckpt = any(k.endswith(".op.weight") for k in ckpt_keys)
+    op_model = any(k.endswith(".op.weight") for k in model_keys)
+    if op_ckpt != op_model and model_inputs == ckpt_inputs and updown_ckpt:
+        flag = "--classifier_resblock_updown" if model_is_classifier else "--resblock_updown"
+        hints.append(f"{flag} {not op_ckpt} (the checkpoint {'has no' if not op_ckpt else 'has'} strided convs)")
+
+    attn_ckpt, attn_model = _attention_blocks(ckpt_keys), _attention_blocks(model_keys)
+    if attn_ckpt != attn_model and model_inputs == ckpt_inputs:
+        flag = "--classifier_attention_resolutions" if model_is_classifier else "--attention_resolutions"
+        hints.append(
+            f"{flag} (the checkpoint has attention in {len(attn_ckpt)} blocks, the flags give {len(attn_model)})"
+        )
+
+    if not hints:
+        hints.append(
+            "check --image_size, --num_channels, --num_res_blocks, --channel_mult and --attention_resolutions "
+            "against the flags the checkpoint was trained with"
+        )
+    return hints
+
+
+def describe_mismatch(model_sd, ckpt_sd):
+    """
+    A multi-line explanation of why ckpt_sd does not load into a model with state dict model_sd, or None.
+    """
+    missing = [k for k in model_sd if k not in ckpt_sd]
+    unexpected = [k for k in ckpt_sd if k not in model_sd]
+    wrong_shape = [
+        k for k in model_sd if k in ckpt_sd and _shape(model_sd[k]) != _shape(ckpt_sd[k])
+    ]
+    if not (missing or unexpected or wrong_shape):
+        return None
+
+    def listing(keys, fmt=str):
+        shown = ", ".join(fmt(k) for k in keys[:_LIST_LIMIT])
+        more = f", ... ({len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else ""
+        return shown + more
+
+    lines = ["The checkpoint does not match the model built from these flags."]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {listing(unexpected)}")
+    if wrong_shape:
+        fmt = lambda k: f"{k} checkpoint {list(_shape(ckpt_sd[k]))} vs model {list(_shape(model_sd[k]))}"
+        lines.append(f"  shape mismatches ({len(wrong_shape)}): {listing(wrong_shape, fmt)}")
+    hints = suggest_flags(model_sd, ckpt_sd)
+    lines.append("Most likely wrong flag: " + hints[0])
+    for hint in hints[1:]:
+        lines.append("Also check: " + hint)
+    return "\n".join(lines)
+
+
+class StateDictCheckMixin:
+    """
+    Give load_state_dict(strict=True) failures an explanation in terms of the model flags.
+    """
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        if strict:
+            message = describe_mismatch(self.state_dict(), state_dict)
+            if message is not None:
+                raise RuntimeError(message)
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)

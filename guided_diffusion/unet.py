@@ -1,0 +1,855 @@
+"""
+ADM's U-Net (UNetModel, SuperResModel) and noisy-image classifier (EncoderUNetModel).
+
+Module names and registration order match the released checkpoints exactly; attention blocks additionally carry
+the perturbation switch used by Perturbed-Attention Guidance (see AttentionBlock.perturb).
+"""
+
+from abc import abstractmethod
+import math
+
+import torch as th
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fp16_util import convert_module_to_f16, convert_module_to_f32
+from .nn import (
+    checkpoint,
+    conv_nd,
+    linear,
+    avg_pool_nd,
+    zero_module,
+    normalization,
+    timestep_embedding,
+    SiLU,
+)
+from .state_dict_check import StateDictCheckMixin
+
+
+class AttentionPool2d(nn.Module):
+    """
+    Attention pooling (as in CLIP): the mean token attends over all spatial tokens, with a learned positional
+    embedding; the classifier's "attention" head.
+    """
+
+    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(
+            th.randn(embed_dim, spacial_dim ** 2 + 1) / embed_dim ** 0.5
+        )
+        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
+        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = embed_dim // num_heads_channels
+        self.attention = QKVAttention(self.num_heads)
+
+    def forward(self, x):
+        b, c, *_spatial = x.shape
+        x = x.reshape(b, c, -1)
+        x = th.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
+        x = x + self.positional_embedding[None, :, :].to(x.dtype)
+        x = self.qkv_proj(x)
+        x = self.attention(x)
+        x = self.c_proj(x)
+        return x[:, :, 0]
+
+
+class TimestepBlock(nn.Module):
+    """
+    A module whose forward takes the timestep embedding as a second argument.
+    """
+
+    @abstractmethod
+    def forward(self, x, emb):
+        """
+        Apply the module to `x` given `emb` timestep embeddings.
+        """
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """
+    A sequential module that hands the timestep embedding to the children that take one.
+    """
+
+    def forward(self, x, emb):
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """
+    Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution. For 3D signals only the inner two
+    dimensions are upsampled.
+    """
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.use_conv:
+            x = self.conv(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """
+    2x downsampling by a strided 3x3 convolution, or by average pooling. For 3D signals only the inner two
+    dimensions are downsampled.
+    """
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
+        else:
+            assert self.channels == self.out_channels
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """
+    A residual block conditioned on the timestep embedding, optionally changing the channel count and up- or
+    downsampling (resblock_updown).
+
+    :param use_conv: with a channel change, use a 3x3 rather than a 1x1 convolution on the skip path.
+    :param use_scale_shift_norm: condition by GroupNorm(h) * (1 + scale) + shift instead of adding the embedding.
+    """
+
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+        up=False,
+        down=False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.emb_channels = emb_channels
+        self.dropout = dropout
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
+
+        self.updown = up or down
+        if up:
+            self.h_upd = Upsample(channels, False, dims)
+            self.x_upd = Upsample(channels, False, dims)
+        elif down:
+            self.h_upd = Downsample(channels, False, dims)
+            self.x_upd = Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+
+        self.emb_layers = nn.Sequential(
+            SiLU(),
+            linear(
+                emb_channels,
+                2 * self.out_channels if use_scale_shift_norm else self.out_channels,
+            ),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        if self.updown:
+            # Resample between the norm/activation and the convolution, so the conv runs at the new resolution.
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_rest(x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = in_conv(h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        while len(emb_out.shape) < len(h.shape):
+            emb_out = emb_out[..., None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = th.chunk(emb_out, 2, dim=1)
+            h = out_norm(h) * (1 + scale) + shift
+            h = out_rest(h)
+        else:
+            h = h + emb_out
+            h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+def _perturb_mask(perturb, batch_size, device):
+    """
+    Turn an AttentionBlock.perturb value into None (no row perturbed), True (all rows) or a bool mask [N].
+    """
+    if perturb is None or perturb is False:
+        return None
+    if perturb is True:
+        return True
+    if isinstance(perturb, slice):
+        mask = th.zeros(batch_size, dtype=th.bool, device=device)
+        mask[perturb] = True
+    else:
+        mask = th.as_tensor(perturb, device=device)
+        if mask.dtype != th.bool:
+            index = mask
+            mask = th.zeros(batch_size, dtype=th.bool, device=device)
+            mask[index] = True
+    if mask.shape != (batch_size,):
+        raise ValueError(
+            f"perturbation mask has shape {tuple(mask.shape)}, expected ({batch_size},) for this batch"
+        )
+    if bool(mask.all()):
+        return True
+    if not bool(mask.any()):
+        return None
+    return mask
+
+
+class AttentionBlock(nn.Module):
+    """
+    Multi-head self-attention over all spatial positions.
+
+    `perturb` implements the perturbation of Perturbed-Attention Guidance: when set, the attention map of the
+    selected batch rows is replaced by the identity, so each token attends only to itself and the attention
+    output is V (per head); proj_out and the residual apply as usual. Values: None (off), True (every row), or the
+    rows to perturb as a slice, an index tensor or a bool mask over the batch.
+    """
+
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        num_head_channels=-1,
+        use_checkpoint=False,
+        use_new_attention_order=False,
+    ):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            assert (
+                channels % num_head_channels == 0
+            ), f"q,k,v channels {channels} is not divisible by num_head_channels {num_head_channels}"
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        if use_new_attention_order:
+            # Split qkv before splitting heads.
+            self.attention = QKVAttention(self.num_heads)
+        else:
+            # Split heads before splitting qkv.
+            self.attention = QKVAttentionLegacy(self.num_heads)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+        self.perturb = None
+
+    def forward(self, x):
+        # ADM checkpoints attention blocks whenever gradients are needed, whatever use_checkpoint says: the
+        # attention maps are the largest activations of the network.
+        return checkpoint(self._forward, (x,), self.parameters(), True)
+
+    def _forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        h = self._attend(qkv)
+        h = self.proj_out(h)
+        return (x + h).reshape(b, c, *spatial)
+
+    def _attend(self, qkv):
+        mask = _perturb_mask(self.perturb, qkv.shape[0], qkv.device)
+        if mask is None:
+            return self.attention(qkv)
+        identity = self.attention.values(qkv)
+        if mask is True:
+            return identity
+        # Only the unperturbed rows pay for the attention map.
+        out = identity.clone()
+        out[~mask] = self.attention(qkv[~mask])
+        return out
+
+
+def count_flops_attn(model, _x, y):
+    """
+    A thop counter for the attention matmuls, which thop does not see.
+    """
+    b, c, *spatial = y[0].shape
+    num_spatial = int(math.prod(spatial))
+    # Two matmuls of the same size: the weights, then the weighted values.
+    matmul_ops = 2 * b * (num_spatial ** 2) * c
+    model.total_ops += th.DoubleTensor([matmul_ops])
+
+
+class QKVAttentionLegacy(nn.Module):
+    """
+    QKV attention with the heads split before q, k and v (the layout of most released checkpoints).
+    """
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def _split(self, qkv):
+        bs, width, length = qkv.shape
+        assert width % (3 * self.n_heads) == 0
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        return q, k, v, ch
+
+    def forward(self, qkv):
+        """
+        :param qkv: an [N x (H * 3 * C) x T] tensor of Qs, Ks and Vs.
+        :return: an [N x (H * C) x T] tensor after attention.
+        """
+        bs, _, length = qkv.shape
+        q, k, v, ch = self._split(qkv)
+        # Scaling q and k separately by ch**-1/4 keeps float16 products in range.
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
+        weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = th.einsum("bts,bcs->bct", weight, v)
+        return a.reshape(bs, -1, length)
+
+    def values(self, qkv):
+        """
+        The output attention would give with an identity attention map: V, in the output layout.
+        """
+        bs, _, length = qkv.shape
+        v = self._split(qkv)[2]
+        return v.reshape(bs, -1, length)
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
+
+
+class QKVAttention(nn.Module):
+    """
+    QKV attention with q, k and v split before the heads (use_new_attention_order, and the classifier's pool).
+    """
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        """
+        :param qkv: an [N x (3 * H * C) x T] tensor of Qs, Ks and Vs.
+        :return: an [N x (H * C) x T] tensor after attention.
+        """
+        bs, width, length = qkv.shape
+        assert width % (3 * self.n_heads) == 0
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.chunk(3, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        weight = th.einsum(
+            "bct,bcs->bts",
+            (q * scale).view(bs * self.n_heads, ch, length),
+            (k * scale).view(bs * self.n_heads, ch, length),
+        )
+        weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
+        a = th.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
+        return a.reshape(bs, -1, length)
+
+    def values(self, qkv):
+        """
+        The output attention would give with an identity attention map: V, in the output layout.
+        """
+        assert qkv.shape[1] % (3 * self.n_heads) == 0
+        return qkv.chunk(3, dim=1)[2]
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
+
+
+def _build_encoder(
+    model,
+    in_channels,
+    model_channels,
+    time_embed_dim,
+    num_res_blocks,
+    attention_resolutions,
+    dropout,
+    channel_mult,
+    conv_resample,
+    dims,
+    use_checkpoint,
+    num_heads,
+    num_head_channels,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_new_attention_order,
+):
+    """
+    Register the input blocks and the middle block on `model` (shared by the U-Net and the classifier, in
+    ADM's registration order). Returns (channels at the bottom, channels of every input block, final ds).
+    """
+
+    def res_block(ch, out_ch, **kwargs):
+        return ResBlock(
+            ch,
+            time_embed_dim,
+            dropout,
+            out_channels=out_ch,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+            **kwargs,
+        )
+
+    def attention_block(ch):
+        return AttentionBlock(
+            ch,
+            use_checkpoint=use_checkpoint,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            use_new_attention_order=use_new_attention_order,
+        )
+
+    ch = int(channel_mult[0] * model_channels)
+    model.input_blocks = nn.ModuleList(
+        [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+    )
+    input_block_chans = [ch]
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [res_block(ch, int(mult * model_channels))]
+            ch = int(mult * model_channels)
+            if ds in attention_resolutions:
+                layers.append(attention_block(ch))
+            model.input_blocks.append(TimestepEmbedSequential(*layers))
+            input_block_chans.append(ch)
+        if level != len(channel_mult) - 1:
+            out_ch = ch
+            if resblock_updown:
+                down = res_block(ch, out_ch, down=True)
+            else:
+                down = Downsample(ch, conv_resample, dims=dims, out_channels=out_ch)
+            model.input_blocks.append(TimestepEmbedSequential(down))
+            ch = out_ch
+            input_block_chans.append(ch)
+            ds *= 2
+
+    model.middle_block = TimestepEmbedSequential(
+        res_block(ch, None),
+        attention_block(ch),
+        res_block(ch, None),
+    )
+    return ch, input_block_chans, ds
+
+
+class UNetModel(StateDictCheckMixin, nn.Module):
+    """
+    The full U-Net with attention and timestep embedding.
+
+    :param in_channels: channels in the input Tensor.
+    :param model_channels: base channel count for the model.
+    :param out_channels: channels in the output Tensor.
+    :param num_res_blocks: number of residual blocks per downsample.
+    :param attention_resolutions: downsample rates (1, 2, 4, ...) at which to use attention.
+    :param dropout: the dropout probability.
+    :param channel_mult: channel multiplier for each level of the UNet.
+    :param conv_resample: if True, use learned convolutions for upsampling and downsampling.
+    :param dims: determines if the signal is 1D, 2D, or 3D.
+    :param num_classes: if specified (as an int), this model will be class-conditional with that many classes.
+    :param use_checkpoint: use gradient checkpointing to reduce memory usage.
+    :param num_heads: the number of attention heads in each attention layer.
+    :param num_head_channels: if specified, ignore num_heads and use a fixed channel width per attention head.
+    :param num_heads_upsample: with num_heads, a different number of heads for upsampling. Deprecated.
+    :param use_scale_shift_norm: use a FiLM-like conditioning mechanism.
+    :param resblock_updown: use residual blocks for up/downsampling.
+    :param use_new_attention_order: use a different attention pattern for potentially increased efficiency.
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+    ):
+        super().__init__()
+
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.dtype = th.float16 if use_fp16 else th.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+
+        if self.num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+
+        ch, input_block_chans, ds = _build_encoder(
+            self,
+            in_channels,
+            model_channels,
+            time_embed_dim,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            conv_resample,
+            dims,
+            use_checkpoint,
+            num_heads,
+            num_head_channels,
+            use_scale_shift_norm,
+            resblock_updown,
+            use_new_attention_order,
+        )
+        input_ch = int(channel_mult[0] * model_channels)
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                ich = input_block_chans.pop()
+                layers = [
+                    ResBlock(
+                        ch + ich,
+                        time_embed_dim,
+                        dropout,
+                        out_channels=int(model_channels * mult),
+                        dims=dims,
+                        use_checkpoint=use_checkpoint,
+                        use_scale_shift_norm=use_scale_shift_norm,
+                    )
+                ]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(
+                        AttentionBlock(
+                            ch,
+                            use_checkpoint=use_checkpoint,
+                            num_heads=num_heads_upsample,
+                            num_head_channels=num_head_channels,
+                            use_new_attention_order=use_new_attention_order,
+                        )
+                    )
+                if level and i == num_res_blocks:
+                    out_ch = ch
+                    layers.append(
+                        ResBlock(
+                            ch,
+                            time_embed_dim,
+                            dropout,
+                            out_channels=out_ch,
+                            dims=dims,
+                            use_checkpoint=use_checkpoint,
+                            use_scale_shift_norm=use_scale_shift_norm,
+                            up=True,
+                        )
+                        if resblock_updown
+                        else Upsample(ch, conv_resample, dims=dims, out_channels=out_ch)
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            SiLU(),
+            zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
+        )
+
+    def convert_to_fp16(self):
+        """
+        Convert the torso of the model to float16.
+        """
+        self.input_blocks.apply(convert_module_to_f16)
+        self.middle_block.apply(convert_module_to_f16)
+        self.output_blocks.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self):
+        """
+        Convert the torso of the model to float32.
+        """
+        self.input_blocks.apply(convert_module_to_f32)
+        self.middle_block.apply(convert_module_to_f32)
+        self.output_blocks.apply(convert_module_to_f32)
+
+    def embed(self, timesteps, y=None):
+        """
+        The conditioning vector the residual blocks receive: timestep embedding plus class embedding.
+        """
+        assert (y is not None) == (
+            self.num_classes is not None
+        ), "must specify y if and only if the model is class-conditional"
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if self.num_classes is not None:
+            assert y.shape == (timesteps.shape[0],)
+            emb = emb + self.label_emb(y)
+        return emb
+
+    def forward(self, x, timesteps, y=None):
+        """
+        Apply the model to an input batch.
+
+        :param x: an [N x C x ...] Tensor of inputs.
+        :param timesteps: a 1-D batch of timesteps.
+        :param y: an [N] Tensor of labels, if class-conditional.
+        :return: an [N x C x ...] Tensor of outputs.
+        """
+        emb = self.embed(timesteps, y)
+        hs = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = th.cat([h, hs.pop()], dim=1)
+            h = module(h, emb)
+        h = h.type(x.dtype)
+        return self.out(h)
+
+
+class SuperResModel(UNetModel):
+    """
+    A U-Net conditioned on a low-resolution image, which is upsampled bilinearly and concatenated to the input.
+    """
+
+    def __init__(self, image_size, in_channels, *args, **kwargs):
+        super().__init__(image_size, in_channels * 2, *args, **kwargs)
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        x = self.concat_low_res(x, low_res)
+        return super().forward(x, timesteps, **kwargs)
+
+    def concat_low_res(self, x, low_res):
+        _, _, new_height, new_width = x.shape
+        upsampled = F.interpolate(low_res, (new_height, new_width), mode="bilinear")
+        return th.cat([x, upsampled], dim=1)
+
+
+class EncoderUNetModel(StateDictCheckMixin, nn.Module):
+    """
+    The half U-Net (encoder and middle block) with a pooling head: ADM's noisy-image classifier.
+
+    :param pool: "adaptive", "attention", "spatial" or "spatial_v2".
+    For the other arguments, see UNetModel.
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        pool="adaptive",
+    ):
+        super().__init__()
+
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.use_checkpoint = use_checkpoint
+        self.dtype = th.float16 if use_fp16 else th.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+
+        ch, input_block_chans, ds = _build_encoder(
+            self,
+            in_channels,
+            model_channels,
+            time_embed_dim,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            channel_mult,
+            conv_resample,
+            dims,
+            use_checkpoint,
+            num_heads,
+            num_head_channels,
+            use_scale_shift_norm,
+            resblock_updown,
+            use_new_attention_order,
+        )
+        # The spatial heads read the mean of every input block's output and of the middle block's.
+        self._feature_size = sum(input_block_chans) + ch
+
+        self.pool = pool
+        if pool == "adaptive":
+            self.out = nn.Sequential(
+                normalization(ch),
+                SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                zero_module(conv_nd(dims, ch, out_channels, 1)),
+                nn.Flatten(),
+            )
+        elif pool == "attention":
+            assert num_head_channels != -1, "the attention pool needs num_head_channels"
+            self.out = nn.Sequential(
+                normalization(ch),
+                SiLU(),
+                AttentionPool2d((image_size // ds), ch, num_head_channels, out_channels),
+            )
+        elif pool == "spatial":
+            self.out = nn.Sequential(
+                nn.Linear(self._feature_size, 2048),
+                nn.ReLU(),
+                nn.Linear(2048, self.out_channels),
+            )
+        elif pool == "spatial_v2":
+            self.out = nn.Sequential(
+                nn.Linear(self._feature_size, 2048),
+                normalization(2048),
+                SiLU(),
+                nn.Linear(2048, self.out_channels),
+            )
+        else:
+            raise NotImplementedError(
+                f"Unexpected {pool} pooling; use adaptive, attention, spatial or spatial_v2"
+            )
+
+    def convert_to_fp16(self):
+        """
+        Convert the torso of the model to float16.
+        """
+        self.input_blocks.apply(convert_module_to_f16)
+        self.middle_block.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self):
+        """
+        Convert the torso of the model to float32.
+        """
+        self.input_blocks.apply(convert_module_to_f32)
+        self.middle_block.apply(convert_module_to_f32)
+
+    def forward(self, x, timesteps):
+        """
+        Apply the model to an input batch.
+
+        :param x: an [N x C x ...] Tensor of inputs.
+        :param timesteps: a 1-D batch of timesteps.
+        :return: an [N x K] Tensor of outputs.
+        """
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+
+        results = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            if self.pool.startswith("spatial"):
+                results.append(h.type(x.dtype).mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if self.pool.startswith("spatial"):
+            results.append(h.type(x.dtype).mean(dim=(2, 3)))
+            h = th.cat(results, dim=-1)
+            return self.out(h)
+        h = h.type(x.dtype)
+        return self.out(h)
