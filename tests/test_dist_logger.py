@@ -78,6 +78,25 @@ def test_sync_params_without_process_group_leaves_values():
     assert th.equal(p[0], th.full((2,), 3.0))
 
 
+def test_master_address(monkeypatch):
+    import socket
+
+    # All ranks on one machine: loopback, without asking the resolver.
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: pytest.fail("resolver called"))
+    assert dist_util._master_address(single_host=True) == "127.0.0.1"
+
+    monkeypatch.setattr(socket, "getfqdn", lambda: "node0.cluster")
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: {"node0.cluster": "10.0.0.5"}[name])
+    assert dist_util._master_address(single_host=False) == "10.0.0.5"
+
+    def unresolvable(name):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "gethostbyname", unresolvable)
+    with pytest.raises(RuntimeError, match="cannot resolve the address of rank 0's host 'node0.cluster'"):
+        dist_util._master_address(single_host=False)
+
+
 def test_find_free_port_is_bindable():
     import socket
 

@@ -84,7 +84,7 @@ def seeded_steps(loop, n, first_seed):
 
 
 @pytest.fixture
-def logdir(tmp_path, monkeypatch):
+def logdir(tmp_path):
     previous = logger.Logger.CURRENT
     d = str(tmp_path / "logs")
     logger.configure(dir=d, format_strs=["csv"])
