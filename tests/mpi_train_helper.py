@@ -25,7 +25,7 @@ def main():
 
     th.manual_seed(rank)
     flags = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                 attention_resolutions="4", diffusion_steps=20)
+                 attention_resolutions="4", diffusion_steps=50)
     model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **flags})
     model.to(dist_util.dev())
 

@@ -35,7 +35,7 @@ TINY_FLAGS = dict(
     channel_mult="1,2",
     attention_resolutions="4",
     class_cond=True,
-    diffusion_steps=20,
+    diffusion_steps=50,
 )
 
 
@@ -78,8 +78,7 @@ def seeded_steps(loop, n, first_seed):
         batch, cond = next(loop.data)
         loop.run_step(batch, cond)
         loop.step += 1
-        losses.append(logger.getkvs()["loss"])
-        logger.getkvs().clear()
+        losses.append(logger.dumpkvs()["loss"])
     return losses
 
 
@@ -121,9 +120,9 @@ def test_ema_rate_parsing_and_bad_input():
 
 def test_losses_finite_and_decreasing(logdir):
     model, diffusion = tiny_model_and_diffusion(seed=0)
-    loop = make_loop(model, diffusion, microbatch=2)
+    loop = make_loop(model, diffusion, microbatch=2, lr=3e-3)
     x, cond = next(fixed_data())
-    t = th.arange(0, 20, 5)  # 0, 5, 10, 15: across the whole chain
+    t = th.arange(0, 50, 16)  # 0, 16, 32, 48: across the whole chain
     noise = th.randn(x.shape, generator=th.Generator().manual_seed(1))
 
     def eval_loss():
@@ -135,7 +134,7 @@ def test_losses_finite_and_decreasing(logdir):
     after = eval_loss()
     assert all(math.isfinite(v) for v in losses)
     # The output layer starts at zero, so the first loss is E[noise^2] ~ 1; training must cut it clearly.
-    assert after < 0.8 * before, (before, after, losses)
+    assert after < 0.75 * before, (before, after, losses)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
 
@@ -309,7 +308,7 @@ def test_classifier_train_script_end_to_end(tmp_path):
     logdir = str(tmp_path / "run")
     common = ["--data_dir", data_dir, "--val_data_dir", data_dir, "--image_size", "64", "--batch_size", "2",
               "--classifier_width", "32", "--classifier_depth", "1", "--classifier_attention_resolutions", "8",
-              "--diffusion_steps", "20", "--save_interval", "2", "--log_interval", "1", "--eval_interval", "1"]
+              "--diffusion_steps", "50", "--save_interval", "2", "--log_interval", "1", "--eval_interval", "1"]
     _run_script("classifier_train.py", common + ["--iterations", "3"], logdir)
     assert sorted(os.listdir(logdir)) == [
         "log.txt", "model000002.pt", "model000003.pt", "opt000002.pt", "opt000003.pt", "progress.csv",
