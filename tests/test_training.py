@@ -149,6 +149,19 @@ def test_ema_follows_update_rule(logdir):
         th.testing.assert_close(ema, 0.5 * b + 0.5 * a, rtol=0, atol=1e-6)
 
 
+def test_loss_aware_sampler_receives_losses(logdir):
+    from guided_diffusion.resample import create_named_schedule_sampler
+
+    model, diffusion = tiny_model_and_diffusion(seed=0)
+    sampler = create_named_schedule_sampler("loss-second-moment", diffusion)
+    loop = make_loop(model, diffusion, microbatch=2, schedule_sampler=sampler)
+    seeded_steps(loop, 2, first_seed=7)
+    # Two steps of batch 4: eight (t, loss) pairs recorded, all finite and positive.
+    assert sampler._loss_counts.sum() == 8
+    recorded = sampler._loss_history[sampler._loss_counts > 0, 0]
+    assert np.all(np.isfinite(recorded)) and np.all(recorded > 0)
+
+
 def test_run_loop_saves_and_resume_restores_everything(logdir):
     model, diffusion = tiny_model_and_diffusion(seed=0)
     loop = make_loop(model, diffusion, save_interval=3, lr_anneal_steps=3, log_interval=1)
