@@ -6,6 +6,7 @@ the perturbation switch used by Perturbed-Attention Guidance (see AttentionBlock
 """
 
 from abc import abstractmethod
+import functools
 import math
 
 import torch as th
@@ -224,6 +225,10 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+# AttentionBlock._forward's default: use the block's `perturb` as it is at call time.
+_CURRENT = object()
+
+
 def _perturb_mask(perturb, batch_size, device):
     """
     Turn an AttentionBlock.perturb value into None (no row perturbed), True (all rows) or a bool mask [N].
@@ -293,19 +298,24 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         # ADM checkpoints attention blocks whenever gradients are needed, whatever use_checkpoint says: the
-        # attention maps are the largest activations of the network.
-        return checkpoint(self._forward, (x,), self.parameters(), True)
+        # attention maps are the largest activations of the network. The perturbation is bound now: the backward
+        # pass recomputes _forward, possibly after the caller has switched `perturb` back.
+        return checkpoint(
+            functools.partial(self._forward, perturb=self.perturb), (x,), self.parameters(), True
+        )
 
-    def _forward(self, x):
+    def _forward(self, x, perturb=_CURRENT):
+        if perturb is _CURRENT:
+            perturb = self.perturb
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
-        h = self._attend(qkv)
+        h = self._attend(qkv, perturb)
         h = self.proj_out(h)
         return (x + h).reshape(b, c, *spatial)
 
-    def _attend(self, qkv):
-        mask = _perturb_mask(self.perturb, qkv.shape[0], qkv.device)
+    def _attend(self, qkv, perturb):
+        mask = _perturb_mask(perturb, qkv.shape[0], qkv.device)
         if mask is None:
             return self.attention(qkv)
         identity = self.attention.values(qkv)
@@ -674,17 +684,41 @@ class UNetModel(StateDictCheckMixin, nn.Module):
         :return: an [N x C x ...] Tensor of outputs.
         """
         emb = self.embed(timesteps, y)
-        hs = []
-        h = x.type(self.dtype)
-        for module in self.input_blocks:
-            h = module(h, emb)
-            hs.append(h)
-        h = self.middle_block(h, emb)
-        for module in self.output_blocks:
-            h = th.cat([h, hs.pop()], dim=1)
-            h = module(h, emb)
+        h, _ = self.run_stages(x.type(self.dtype), emb, [])
         h = h.type(x.dtype)
         return self.out(h)
+
+    @property
+    def num_stages(self):
+        """
+        The number of torso stages: every input block, the middle block, every output block.
+        """
+        return len(self.input_blocks) + 1 + len(self.output_blocks)
+
+    def run_stages(self, h, emb, hs, start=0, stop=None):
+        """
+        Run the torso stages start, ..., stop - 1 (input blocks, then the middle block, then output blocks).
+
+        Split out of forward so a caller can stop after some stages and resume from the state (h, hs), e.g. to
+        share the stages before the first perturbed attention block between PAG's two branches.
+
+        :param h: the activations entering stage `start` (for stage 0, the input in the torso's dtype).
+        :param emb: the conditioning vector from embed().
+        :param hs: the skip connections of the input blocks run so far; extended and consumed in place.
+        :return: (h, hs) after stage stop - 1.
+        """
+        num_inputs = len(self.input_blocks)
+        stop = self.num_stages if stop is None else stop
+        for index in range(start, stop):
+            if index < num_inputs:
+                h = self.input_blocks[index](h, emb)
+                hs.append(h)
+            elif index == num_inputs:
+                h = self.middle_block(h, emb)
+            else:
+                h = th.cat([h, hs.pop()], dim=1)
+                h = self.output_blocks[index - num_inputs - 1](h, emb)
+        return h, hs
 
 
 class SuperResModel(UNetModel):
