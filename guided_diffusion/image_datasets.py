@@ -47,28 +47,44 @@ def load_data(
     class_cond is set. The class of a file is the part of its name before the first "_",
     and classes are numbered in sorted order of those names. Each MPI rank reads its own
     shard of the files.
+
+    data_dir may also be an .npz file in ADM's sample/reference layout: `arr_0` NHWC uint8
+    images of the right size and, for class_cond, `arr_1` integer labels.
     """
     if not data_dir:
         raise ValueError("unspecified data directory")
-    if not bf.isdir(data_dir):
-        raise FileNotFoundError(f"data directory does not exist: {data_dir}")
-    all_files = _list_image_files_recursively(data_dir)
-    if not all_files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_dir}")
-    classes = None
-    if class_cond:
-        class_names = [bf.basename(path).split("_")[0] for path in all_files]
-        sorted_classes = {x: i for i, x in enumerate(sorted(set(class_names)))}
-        classes = [sorted_classes[x] for x in class_names]
-    dataset = ImageDataset(
-        image_size,
-        all_files,
-        classes=classes,
-        shard=MPI.COMM_WORLD.Get_rank(),
-        num_shards=MPI.COMM_WORLD.Get_size(),
-        random_crop=random_crop,
-        random_flip=random_flip,
-    )
+    shard, num_shards = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    if data_dir.endswith(".npz"):
+        if not bf.exists(data_dir):
+            raise FileNotFoundError(f"dataset file does not exist: {data_dir}")
+        dataset = NpzImageDataset(
+            image_size,
+            data_dir,
+            class_cond=class_cond,
+            shard=shard,
+            num_shards=num_shards,
+            random_flip=random_flip,
+        )
+    else:
+        if not bf.isdir(data_dir):
+            raise FileNotFoundError(f"data directory does not exist: {data_dir}")
+        all_files = _list_image_files_recursively(data_dir)
+        if not all_files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_dir}")
+        classes = None
+        if class_cond:
+            class_names = [bf.basename(path).split("_")[0] for path in all_files]
+            sorted_classes = {x: i for i, x in enumerate(sorted(set(class_names)))}
+            classes = [sorted_classes[x] for x in class_names]
+        dataset = ImageDataset(
+            image_size,
+            all_files,
+            classes=classes,
+            shard=shard,
+            num_shards=num_shards,
+            random_crop=random_crop,
+            random_flip=random_flip,
+        )
     if len(dataset) < batch_size:
         # With drop_last, a shard smaller than a batch would make the loop below spin forever.
         raise ValueError(
@@ -144,6 +160,52 @@ class ImageDataset(Dataset):
 
         arr = arr.astype(np.float32) / 127.5 - 1
 
+        out_dict = {}
+        if self.local_classes is not None:
+            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
+        return np.transpose(arr, [2, 0, 1]), out_dict
+
+
+class NpzImageDataset(Dataset):
+    """
+    Every num_shards-th image of an npz holding `arr_0` (NHWC uint8), as CHW float32 in [-1, 1].
+
+    The images must already have the training resolution: an npz has no original to crop from.
+    """
+
+    def __init__(self, resolution, path, class_cond=False, shard=0, num_shards=1, random_flip=True):
+        super().__init__()
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
+        with bf.BlobFile(path, "rb") as f, np.load(f) as data:
+            if "arr_0" not in data:
+                raise ValueError(f"{path} has no arr_0 (expected NHWC uint8 images)")
+            images = data["arr_0"]
+            labels = data["arr_1"] if "arr_1" in data else None
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+            raise ValueError(
+                f"{path}: arr_0 must be NHWC uint8 with 1 or 3 channels, got {images.dtype} {images.shape}"
+            )
+        if images.shape[1:3] != (resolution, resolution):
+            raise ValueError(
+                f"{path} holds {images.shape[1]}x{images.shape[2]} images, but image_size is {resolution}"
+            )
+        if class_cond and labels is None:
+            raise ValueError(f"class_cond needs labels in arr_1, and {path} has none")
+        if images.shape[3] == 1:
+            images = np.repeat(images, 3, axis=3)
+        self.local_images = images[shard::num_shards]
+        self.local_classes = None if not class_cond else labels[shard::num_shards].astype(np.int64)
+        self.random_flip = random_flip
+
+    def __len__(self):
+        return len(self.local_images)
+
+    def __getitem__(self, idx):
+        arr = self.local_images[idx]
+        if self.random_flip and random.random() < 0.5:
+            arr = arr[:, ::-1]
+        arr = arr.astype(np.float32) / 127.5 - 1
         out_dict = {}
         if self.local_classes is not None:
             out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)

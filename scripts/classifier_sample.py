@@ -4,13 +4,13 @@ Like image_sample.py, but steer the model with a noisy-image classifier (classif
 class label from its own random stream; the labels are saved as arr_1 next to the images (arr_0).
 """
 
-import argparse
 import math
 
 import torch as th
 import torch.nn.functional as F
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.sample_util import (
     UsageError,
     check_diffusion_args,
@@ -146,7 +146,7 @@ def create_argparser():
     defaults.update(classifier_defaults())
     defaults.update(pag_defaults())
     defaults.update(sampling_defaults())
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
+    parser = FlagFileArgumentParser(description=" ".join(__doc__.split()))
     add_dict_to_argparser(parser, defaults)
     return parser
 

@@ -2,7 +2,6 @@
 Train a noised image classifier on ImageNet-style folders (class = file name prefix before "_").
 """
 
-import argparse
 import contextlib
 import os
 
@@ -14,6 +13,7 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -209,7 +209,7 @@ def create_argparser():
         save_interval=10000,
     )
     defaults.update(classifier_and_diffusion_defaults())
-    parser = argparse.ArgumentParser()
+    parser = FlagFileArgumentParser()
     add_dict_to_argparser(parser, defaults)
     return parser
 

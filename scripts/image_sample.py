@@ -8,9 +8,8 @@ guided_diffusion/sample_util.py). Rerunning an interrupted command with the same
 $OPENAI_LOGDIR) finishes it without sampling anything twice.
 """
 
-import argparse
-
 from guided_diffusion import dist_util, logger
+from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.sample_util import (
     UsageError,
     check_diffusion_args,
@@ -110,7 +109,7 @@ def create_argparser():
     defaults.update(model_and_diffusion_defaults())
     defaults.update(pag_defaults())
     defaults.update(sampling_defaults())
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
+    parser = FlagFileArgumentParser(description=" ".join(__doc__.split()))
     add_dict_to_argparser(parser, defaults)
     return parser
 

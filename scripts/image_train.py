@@ -2,9 +2,13 @@
 Train a diffusion model on images.
 """
 
-import argparse
+import random
+
+import numpy as np
+import torch as th
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -21,6 +25,8 @@ def main():
 
     dist_util.setup_dist()
     logger.configure()
+    if args.seed >= 0:
+        seed_everything(args.seed)
 
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(
@@ -35,6 +41,7 @@ def main():
         batch_size=args.batch_size,
         image_size=args.image_size,
         class_cond=args.class_cond,
+        random_flip=args.random_flip,
     )
 
     logger.log("training...")
@@ -57,6 +64,16 @@ def main():
     ).run_loop()
 
 
+def seed_everything(seed):
+    # Each rank gets its own stream; the schedule sampler draws from numpy, flips from `random`.
+    from mpi4py import MPI
+
+    seed = seed + MPI.COMM_WORLD.Get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    th.manual_seed(seed)
+
+
 def create_argparser():
     defaults = dict(
         data_dir="",
@@ -72,9 +89,11 @@ def create_argparser():
         resume_checkpoint="",
         use_fp16=False,
         fp16_scale_growth=1e-3,
+        random_flip=True,  # turn off for data where mirror images are wrong (digits, text)
+        seed=-1,  # -1: unseeded, as in ADM
     )
     defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser()
+    parser = FlagFileArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)
     return parser
 

@@ -7,13 +7,13 @@ Output sample i upsamples base image i modulo the number of base images (the ord
 process), conditioned on its label when the model is class-conditional.
 """
 
-import argparse
 import os
 
 import numpy as np
 import torch as th
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.sample_util import (
     UsageError,
     check_diffusion_args,
@@ -148,7 +148,7 @@ def create_argparser():
     defaults.update(sr_model_and_diffusion_defaults())
     defaults.update(pag_defaults())
     defaults.update(sampling_defaults())
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
+    parser = FlagFileArgumentParser(description=" ".join(__doc__.split()))
     add_dict_to_argparser(parser, defaults)
     return parser
 

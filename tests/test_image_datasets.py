@@ -190,3 +190,63 @@ def test_missing_pillow_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ImportError, match="needs Pillow to read images; install it with `pip install pillow`"):
         image_datasets._pil_image()
+
+
+# --- npz datasets ---------------------------------------------------------------------------------------------
+
+
+def _write_npz(path, n=6, size=8, channels=3, labels=True):
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, size=(n, size, size, channels)).astype(np.uint8)
+    arrays = dict(arr_0=images)
+    if labels:
+        arrays["arr_1"] = np.arange(n) % 3
+    np.savez(path, **arrays)
+    return images
+
+
+def test_npz_dataset_values_labels_and_shards(tmp_path):
+    from guided_diffusion.image_datasets import NpzImageDataset
+
+    path = str(tmp_path / "d.npz")
+    images = _write_npz(path)
+    ds = NpzImageDataset(8, path, class_cond=True, shard=1, num_shards=2, random_flip=False)
+    assert len(ds) == 3
+    arr, kw = ds[1]
+    expected = images[3].astype(np.float32) / 127.5 - 1
+    np.testing.assert_array_equal(arr, expected.transpose(2, 0, 1))
+    assert int(kw["y"]) == 0  # image 3 has label 3 % 3
+
+
+def test_npz_dataset_grey_images_become_rgb(tmp_path):
+    from guided_diffusion.image_datasets import NpzImageDataset
+
+    path = str(tmp_path / "g.npz")
+    _write_npz(path, channels=1, labels=False)
+    arr, kw = NpzImageDataset(8, path, random_flip=False)[0]
+    assert arr.shape == (3, 8, 8) and kw == {}
+    np.testing.assert_array_equal(arr[0], arr[2])
+
+
+def test_npz_dataset_errors(tmp_path):
+    from guided_diffusion.image_datasets import NpzImageDataset
+
+    path = str(tmp_path / "d.npz")
+    _write_npz(path, labels=False)
+    with pytest.raises(ValueError, match="holds 8x8 images, but image_size is 16"):
+        NpzImageDataset(16, path)
+    with pytest.raises(ValueError, match="class_cond needs labels in arr_1"):
+        NpzImageDataset(8, path, class_cond=True)
+    bad = str(tmp_path / "bad.npz")
+    np.savez(bad, arr_0=np.zeros((2, 8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="must be NHWC uint8"):
+        NpzImageDataset(8, bad)
+    with pytest.raises(FileNotFoundError, match="dataset file does not exist"):
+        next(load_data(data_dir=str(tmp_path / "missing.npz"), batch_size=1, image_size=8))
+
+
+def test_load_data_reads_npz_batches(tmp_path):
+    path = str(tmp_path / "d.npz")
+    _write_npz(path)
+    batch, kw = next(load_data(data_dir=path, batch_size=4, image_size=8, class_cond=True))
+    assert tuple(batch.shape) == (4, 3, 8, 8) and tuple(kw["y"].shape) == (4,)

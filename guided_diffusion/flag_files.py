@@ -1,0 +1,114 @@
+"""
+Flag files: `script.py @configs/NAME.cfg --more flags` reads flags from a file, as if typed.
+
+A flag file holds the same flags a user would type, any number per line; `#` starts a comment. Flags given after
+it on the command line override it (argparse keeps the last value). `@NAME` alone also finds `configs/NAME.cfg`.
+Unknown flags are an error that names the file they came from, so a typo never becomes a silent default.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_SUFFIX = ".cfg"
+
+
+def available_configs(config_dir=CONFIG_DIR):
+    if not os.path.isdir(config_dir):
+        return []
+    return sorted(f[: -len(CONFIG_SUFFIX)] for f in os.listdir(config_dir) if f.endswith(CONFIG_SUFFIX))
+
+
+def resolve_config(name, config_dir=CONFIG_DIR):
+    """
+    Path of a flag file given as a path or as a config name; a clear error when neither exists.
+    """
+    candidates = [name, os.path.join(config_dir, name), os.path.join(config_dir, name + CONFIG_SUFFIX)]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    names = ", ".join(available_configs(config_dir)) or "(none)"
+    raise ValueError(f"unknown config {name!r}: no file {name} or {config_dir}/{name}{CONFIG_SUFFIX}. "
+                     f"Available configs: {names}")
+
+
+def read_flag_file(path):
+    with open(path) as f:
+        tokens = []
+        for line in f:
+            tokens.extend(shlex.split(line, comments=True))
+    return tokens
+
+
+def expand_flag_files(argv, _seen=()):
+    """
+    Replace every `@FILE` in argv by the flags in FILE (recursively). Returns (tokens, origins), where
+    origins[i] names where tokens[i] came from ("command line" or the file path).
+    """
+    tokens, origins = [], []
+    for arg in argv:
+        if arg.startswith("@") and len(arg) > 1:
+            path = resolve_config(arg[1:])
+            if os.path.abspath(path) in _seen:
+                raise ValueError(f"flag file {path} includes itself")
+            sub_tokens, sub_origins = expand_flag_files(
+                read_flag_file(path), _seen + (os.path.abspath(path),)
+            )
+            tokens.extend(sub_tokens)
+            origins.extend(o if o != "command line" else path for o in sub_origins)
+        else:
+            tokens.append(arg)
+            origins.append("command line")
+    return tokens, origins
+
+
+def parse_args_with_flag_files(parser, argv=None):
+    """
+    parser.parse_args, with @flag files expanded and unknown flags reported with their origin.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        tokens, origins = expand_flag_files(argv)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args, unknown = parser.parse_known_args(tokens)
+    if unknown:
+        # argparse returns the unknown tokens in order, so a forward scan finds where each came from.
+        where, cursor = {}, 0
+        for tok in unknown:
+            index = tokens.index(tok, cursor) if tok in tokens[cursor:] else None
+            origin = "command line" if index is None else origins[index]
+            cursor = cursor if index is None else index + 1
+            where.setdefault(origin, []).append(tok)
+        details = "; ".join(f"{' '.join(toks)} (from {origin})" for origin, toks in where.items())
+        parser.error(f"unrecognized arguments: {details}")
+    return args
+
+
+def config_flags(path):
+    """
+    The flags in a flag file as a {name: string value} dict (for records and for comparing runs).
+    """
+    tokens, _ = expand_flag_files(["@" + path])
+    flags, key = {}, None
+    for tok in tokens:
+        if tok.startswith("--"):
+            key = tok[2:]
+            flags[key] = ""
+        elif key is not None:
+            flags[key] = tok
+            key = None
+    return flags
+
+
+class FlagFileArgumentParser(argparse.ArgumentParser):
+    """
+    An ArgumentParser whose parse_args understands @flag files.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        if namespace is not None:
+            return super().parse_args(args, namespace)
+        return parse_args_with_flag_files(self, args)

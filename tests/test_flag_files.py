@@ -1,0 +1,97 @@
+"""
+Flag files (@configs/NAME): expansion, overriding, and clear errors for typos and unknown configs.
+"""
+
+import argparse
+import os
+
+import pytest
+
+from guided_diffusion.flag_files import (
+    FlagFileArgumentParser,
+    available_configs,
+    config_flags,
+    expand_flag_files,
+    resolve_config,
+)
+from guided_diffusion.script_util import add_dict_to_argparser
+
+
+def parser():
+    p = FlagFileArgumentParser(prog="prog")
+    add_dict_to_argparser(p, dict(image_size=64, class_cond=False, pag_layers="middle", pag_scale=0.0))
+    return p
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_from_file_and_command_line_override(tmp_path):
+    cfg = write(tmp_path / "a.cfg", "# a comment\n--image_size 16 --class_cond True  # trailing\n\n--pag_scale 2\n")
+    args = parser().parse_args([f"@{cfg}", "--pag_scale", "3.5"])
+    assert args.image_size == 16 and args.class_cond is True
+    assert args.pag_scale == 3.5  # the command line comes later and wins
+    assert args.pag_layers == "middle"
+
+
+def test_quoted_values_and_nested_files(tmp_path):
+    inner = write(tmp_path / "inner.cfg", "--pag_layers 'input_blocks.4.1,middle_block.1'\n")
+    outer = write(tmp_path / "outer.cfg", f"@{inner}\n--image_size 32\n")
+    args = parser().parse_args([f"@{outer}"])
+    assert args.pag_layers == "input_blocks.4.1,middle_block.1"
+    assert args.image_size == 32
+
+
+def test_typo_in_a_config_names_the_file(tmp_path, capsys):
+    cfg = write(tmp_path / "bad.cfg", "--image_size 16 --pag_scael 3\n")
+    with pytest.raises(SystemExit) as err:
+        parser().parse_args([f"@{cfg}"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert f"unrecognized arguments: --pag_scael 3 (from {cfg})" in msg
+
+
+def test_unknown_config_name_lists_the_available_ones(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["@no_such_config"])
+    msg = capsys.readouterr().err
+    assert "unknown config 'no_such_config'" in msg
+    assert "digits16_model" in msg
+
+
+def test_config_names_resolve_to_the_configs_folder():
+    path = resolve_config("digits16_model")
+    assert path.endswith(os.path.join("configs", "digits16_model.cfg"))
+    assert "digits16_model" in available_configs()
+
+
+def test_self_including_file_is_rejected(tmp_path):
+    cfg = tmp_path / "loop.cfg"
+    cfg.write_text(f"@{cfg}\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        expand_flag_files([f"@{cfg}"])
+
+
+def test_every_shipped_config_parses_with_its_script():
+    # Each config names the script it is for in its first line ("# script: NAME"); all flags must exist there.
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in available_configs():
+        path = resolve_config(name)
+        first = open(path).readline()
+        script = first.split("script:", 1)[1].split()[0] if "script:" in first else "image_sample.py"
+        spec = importlib.util.spec_from_file_location("s", os.path.join(root, "scripts", script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        p = module.create_argparser()
+        tokens, _ = expand_flag_files(["@" + path])
+        args, unknown = p.parse_known_args(tokens)
+        assert unknown == [], f"{name}: flags unknown to {script}: {unknown}"
+
+
+def test_config_flags_reads_values():
+    flags = config_flags(resolve_config("digits16_model"))
+    assert flags["image_size"] == "16" and flags["learn_sigma"] == "True"
