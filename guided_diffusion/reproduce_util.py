@@ -1,0 +1,350 @@
+"""
+What scripts/reproduce.py builds on: table-row configs and their header metadata, choosing configs by name or glob,
+the records that decide whether a row is already done, finding checkpoints, running the sampler with its output
+passed through, and the results table.
+
+A table row is a flag file (configs/NAME.cfg) whose leading comment block carries `# key: value` lines:
+
+    # script: image_sample.py          the sampling script the flags are for (required)
+    # title: ADM ImageNet 256, ...     a human-readable description (default: the config name)
+    # model: 256x256_diffusion.pt      the checkpoint file the user supplies
+    # model_source: ...                where that file comes from (quoted in the missing-file message)
+    # ref_batch: datasets/REF.npz      the reference batch, relative to the repository root (marks a row)
+    # ref_batch_source: ...            where that file comes from
+    # feature_net: inception           the evaluator's --feature_net (default: inception)
+    # published: FID=1.0, IS=2.0, ...  figures from the paper, only those it prints
+    # source: Table N of arXiv ...     where the published figures come from
+
+Flag files without a `# ref_batch:` line (shared bases such as adm256_model.cfg) are not rows: a glob skips them.
+"""
+
+import fnmatch
+import json
+import math
+import os
+import subprocess
+import sys
+
+from .flag_files import CONFIG_DIR, available_configs, resolve_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+METADATA_KEYS = (
+    "script",
+    "title",
+    "model",
+    "model_source",
+    "ref_batch",
+    "ref_batch_source",
+    "feature_net",
+    "published",
+    "source",
+)
+
+# (key in metrics.json, label in `# published:` lines and in the table, digits shown)
+METRICS = (
+    ("inception_score", "IS", 2),
+    ("fid", "FID", 2),
+    ("sfid", "sFID", 2),
+    ("precision", "Precision", 3),
+    ("recall", "Recall", 3),
+)
+
+SUPPORTED_SCRIPTS = ("image_sample.py", "classifier_sample.py")
+
+# Flags that do not change the samples (as in sample_util's resumable runs), left out of the records compared.
+FREE_FLAGS = ("batch_size", "grid", "out_dir")
+
+
+class ReproduceError(Exception):
+    """
+    A problem with one row (or with the command line) that the user can fix; the message says how.
+    """
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+
+def read_metadata(path):
+    """
+    The `# key: value` lines of a flag file's leading comment block, as a dict. Other comments are prose.
+    """
+    meta = {}
+    with open(path) as f:
+        for line in f:
+            text = line.strip()
+            if not text:
+                continue
+            if not text.startswith("#"):
+                break
+            key, sep, value = text[1:].partition(":")
+            key = key.strip()
+            if sep and key in METADATA_KEYS:
+                if key in meta:
+                    raise ReproduceError(f"{path}: '# {key}:' is given twice")
+                meta[key] = value.strip()
+    return meta
+
+
+def parse_published(text, where):
+    """
+    'FID=26.2, IS=39.7' -> {"fid": 26.2, "inception_score": 39.7}; labels as in METRICS, case-insensitive.
+    """
+    labels = {label.lower(): key for key, label, _ in METRICS}
+    out = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        label, sep, value = item.partition("=")
+        key = labels.get(label.strip().lower())
+        if not sep or key is None:
+            names = ", ".join(label for _, label, _ in METRICS)
+            raise ReproduceError(f"{where}: '# published:' item {item!r} is not NAME=NUMBER with NAME one of {names}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ReproduceError(f"{where}: '# published:' value {value.strip()!r} of {label.strip()} is not a number")
+        if not math.isfinite(number):
+            raise ReproduceError(f"{where}: '# published:' value of {label.strip()} must be finite")
+        out[key] = number
+    return out
+
+
+class RowConfig:
+    """
+    One table row: its name, file and metadata.
+    """
+
+    def __init__(self, name, path, meta):
+        self.name = name
+        self.path = os.path.abspath(path)
+        self.meta = meta
+        self.script = meta.get("script", "")
+        self.title = meta.get("title") or name
+        self.feature_net = meta.get("feature_net") or "inception"
+        self.published = parse_published(meta.get("published", ""), path)
+        self.source = meta.get("source", "")
+
+
+def config_name(path):
+    base = os.path.basename(path)
+    return base[: -len(".cfg")] if base.endswith(".cfg") else base
+
+
+def is_row(path):
+    return "ref_batch" in read_metadata(path)
+
+
+def load_row(path):
+    meta = read_metadata(path)
+    name = config_name(path)
+    if "ref_batch" not in meta:
+        raise ReproduceError(
+            f"config {name} ({path}) is not a table row: it has no '# ref_batch:' line (shared bases such as "
+            "adm256_model are included by rows, not run)"
+        )
+    if meta.get("script") not in SUPPORTED_SCRIPTS:
+        raise ReproduceError(
+            f"config {name} ({path}): '# script: {meta.get('script', '')}' must name one of "
+            f"{', '.join(SUPPORTED_SCRIPTS)}"
+        )
+    return RowConfig(name, path, meta)
+
+
+def select_configs(patterns, config_dir=CONFIG_DIR):
+    """
+    Expand config names, paths and globs over config names (e.g. 'digits16_*') into row configs, in the order
+    given (each glob's matches sorted), without duplicates. A glob skips flag files that are not rows; a name
+    or path must be a row.
+    """
+    rows, seen = [], set()
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?[") and not os.path.isfile(pattern):
+            names = fnmatch.filter(available_configs(config_dir), pattern)
+            paths = [os.path.join(config_dir, n + ".cfg") for n in names]
+            found = [load_row(p) for p in paths if is_row(p)]
+            if not found:
+                raise ReproduceError(
+                    f"no table row matches {pattern!r}; rows in {config_dir}: {', '.join(row_names(config_dir))}"
+                )
+        else:
+            try:
+                path = resolve_config(pattern, config_dir)
+            except ValueError:
+                raise ReproduceError(
+                    f"unknown config {pattern!r}: no file {pattern} or {config_dir}/{pattern}.cfg. "
+                    f"Table rows: {', '.join(row_names(config_dir)) or '(none)'}"
+                ) from None
+            found = [load_row(path)]
+        for row in found:
+            if row.path not in seen:
+                seen.add(row.path)
+                rows.append(row)
+    return rows
+
+
+def row_names(config_dir=CONFIG_DIR):
+    return [n for n in available_configs(config_dir) if is_row(os.path.join(config_dir, n + ".cfg"))]
+
+
+# --- flags and records ----------------------------------------------------------------------------------------
+
+
+def steps_label(args):
+    """
+    'DDPM-250', 'DDIM-25', ... from a sampler's parsed flags.
+    """
+    respacing = (args.timestep_respacing or "").strip()
+    if not respacing:
+        count = args.diffusion_steps
+    elif respacing.startswith("ddim"):
+        count = int(respacing[len("ddim") :])
+    else:
+        count = sum(int(part) for part in respacing.split(","))
+    return f"{'DDIM' if args.use_ddim else 'DDPM'}-{count}"
+
+
+def file_identity(path):
+    """
+    A file named by absolute path, size and modification time: a rewritten file is a different one.
+    """
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def read_json(path):
+    """
+    The JSON in `path`, or None when it is absent or unreadable (an unreadable record is simply redone).
+    """
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path, text):
+    """
+    Write to a temporary file beside `path`, then rename it over `path`: readers never see half a file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --- running a row ----------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(row, flag, value, opts, from_command_line, missing):
+    """
+    The absolute path of a checkpoint flag: --model_dir/FILE when given, else the config's path taken from the
+    repository root (the command line's from the current folder). A missing file is noted in `missing`.
+    """
+    name = (row.meta.get("model") if flag == "model_path" else "") or os.path.basename(value)
+    if opts.model_dir and not from_command_line:
+        path = os.path.join(os.path.abspath(opts.model_dir), name)
+    else:
+        path = os.path.abspath(value) if from_command_line else os.path.join(REPO_ROOT, value)
+    if not os.path.isfile(path):
+        missing.append(
+            f"checkpoint {name} (--{flag}) not found at {path}. {how_to_get(row, 'model_source')}put it there, "
+            f"or pass --model_dir DIR with {name} in DIR."
+        )
+    return path
+
+
+def how_to_get(row, key):
+    source = row.meta.get(key, "").rstrip(".")
+    return f"{source}; " if source else ""
+
+
+def run_streaming(command):
+    """
+    Run a command with its output (stdout and stderr together) passed through; return (status, last lines).
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = b""
+    while True:
+        chunk = proc.stdout.read1(65536)
+        if not chunk:
+            break
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        tail = (tail + chunk)[-8192:]
+    return proc.wait(), tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()
+
+
+# --- the table ------------------------------------------------------------------------------------------------
+
+
+def _number(value, digits):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table_row(row, args, metrics_record, status):
+    """
+    One entry of table.json: what the row is and what it gave (metrics None when it was not evaluated).
+    """
+    return {
+        "config": row.name,
+        "title": row.title,
+        "steps": steps_label(args) if args is not None else None,
+        "pag_scale": args.pag_scale if args is not None else None,
+        "pag_layers": args.pag_layers if args is not None and args.pag_scale > 0 else None,
+        "num_samples": args.num_samples if args is not None else None,
+        "metrics": metrics_record["metrics"] if metrics_record else None,
+        "published": row.published or None,
+        "source": row.source or None,
+        "status": status,
+    }
+
+
+def render_table(entries):
+    """
+    Markdown: one line per evaluated row, ours and (where any row carries them) the published figures side by
+    side; rows without metrics are listed under the table with the reason.
+    """
+    with_paper = any(e["published"] for e in entries)
+    header = ["Config", "Title", "Steps", "PAG s", "Layers", "N"]
+    for _, label, _ in METRICS:
+        header.append(label)
+        if with_paper:
+            header.append(f"{label} (paper)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    missing = []
+    for e in entries:
+        if e["metrics"] is None:
+            missing.append(e)
+            continue
+        cells = [
+            f"`{e['config']}`",
+            e["title"],
+            e["steps"],
+            f"{e['pag_scale']:g}",
+            e["pag_layers"] or "–",
+            str(e["num_samples"]),
+        ]
+        for key, _, digits in METRICS:
+            cells.append(_number(e["metrics"].get(key), digits))
+            if with_paper:
+                cells.append(_number((e["published"] or {}).get(key), digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    out = ["# Results", "", *lines, ""]
+    sources = sorted({e["source"] for e in entries if e["published"] and e["source"]})
+    if sources:
+        out += ["Published figures: " + "; ".join(sources) + ".", ""]
+    if missing:
+        out += ["Not evaluated:", ""]
+        out += [f"- `{e['config']}`: {e['status']}" for e in missing]
+        out.append("")
+    return "\n".join(out)

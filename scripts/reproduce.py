@@ -1,0 +1,263 @@
+"""
+Reproduce table rows: for each config, sample with the config's script, evaluate the samples against the
+reference batch, write results/<name>/metrics.json, then results/table.md and results/table.json.
+
+    python scripts/reproduce.py 'adm256_*' --mpi 8 -- --batch_size 32
+    python scripts/reproduce.py 'digits16_*'
+
+CONFIG is a config name (configs/NAME.cfg), a path, or a glob over config names. Flags after `--` go to the
+sampler. Finished rows (same flags, sample count, reference batch and feature network) are not redone, and an
+interrupted row resumes where it stopped. See docs/reproduce.md.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from guided_diffusion.flag_files import CONFIG_DIR  # noqa: E402
+from guided_diffusion.reproduce_util import (  # noqa: E402
+    FREE_FLAGS,
+    METRICS,
+    ReproduceError,
+    file_identity,
+    how_to_get,
+    resolve_checkpoint,
+    run_streaming,
+    read_json,
+    render_table,
+    select_configs,
+    table_row,
+    write_json_atomic,
+    write_text_atomic,
+)
+from guided_diffusion.sample_util import STOP_AFTER_ENV, STOP_EXIT_CODE, output_paths, run_record  # noqa: E402
+
+CHECKPOINT_FLAGS = ("model_path", "classifier_path")
+
+
+def create_argparser():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="config names, paths or globs ('digits16_*')")
+    parser.add_argument("--ref_batch", help="reference batch for every row (default: the config's ref_batch)")
+    parser.add_argument("--num_samples", type=int, help="samples per row (default: the config's)")
+    parser.add_argument("--mpi", type=int, help="sample with `mpiexec -n MPI`")
+    parser.add_argument("--results", default=os.path.join(REPO, "results"), help="results folder")
+    parser.add_argument("--feature_net", help="evaluator feature network (default: the config's)")
+    parser.add_argument("--batch_size", type=int, default=64, help="evaluator images per forward pass")
+    parser.add_argument("--device", help="evaluator device (default: cuda if available)")
+    parser.add_argument("--inception_path", help="Inception weights (see evaluations/README.md)")
+    parser.add_argument("--model_dir", help="folder holding the checkpoints the configs name")
+    parser.add_argument("--keep_going", action="store_true", help="go on with the other rows after an error")
+    parser.add_argument("--config_dir", default=CONFIG_DIR, help="where names and globs are looked up")
+    return parser
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def load_script(name, _cache={}):
+    if name not in _cache:
+        spec = importlib.util.spec_from_file_location(f"_reproduce_{name[:-3]}", os.path.join(REPO, "scripts", name))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _cache[name] = module
+    return _cache[name]
+
+
+def parse_sampler_flags(row, tokens):
+    parser = load_script(row.script).create_argparser()
+    try:
+        return parser.parse_args(tokens)
+    except SystemExit:
+        raise ReproduceError(f"row {row.name}: its flags do not parse with {row.script} (see the message above)")
+
+
+def sampler_command(row, opts, extra, missing=None):
+    """
+    (command, parsed flags, output folder) for sampling one row; missing checkpoints are noted in `missing`.
+    """
+    missing = [] if missing is None else missing
+    for flag in ("out_dir",):
+        if f"--{flag}" in extra:
+            raise ReproduceError(f"--{flag} cannot be passed to the sampler: reproduce.py sets it (--results)")
+    out_dir = os.path.join(os.path.abspath(opts.results), row.name)
+    first = parse_sampler_flags(row, ["@" + row.path, *extra])
+    tokens = ["@" + row.path, *extra]
+    for flag in CHECKPOINT_FLAGS:
+        value = getattr(first, flag, "")
+        if value:
+            path = resolve_checkpoint(row, flag, value, opts, f"--{flag}" in extra, missing)
+            tokens += [f"--{flag}", path]
+    if opts.num_samples is not None:
+        tokens += ["--num_samples", str(opts.num_samples)]
+    tokens += ["--out_dir", out_dir]
+    args = parse_sampler_flags(row, tokens)
+    command = [sys.executable, os.path.join(REPO, "scripts", row.script), *tokens]
+    if opts.mpi:
+        command = ["mpiexec", "-n", str(opts.mpi), *command]
+    return command, args, out_dir
+
+
+def sample_row(row, command, args, out_dir, key):
+    """
+    Sample unless this folder already holds the finished samples of the same settings. :return: seconds spent.
+    """
+    final, parts = output_paths(out_dir, args.num_samples, (args.image_size, args.image_size, 3))
+    record_path = os.path.join(out_dir, "samples.json")
+    old = read_json(record_path)
+    if old and old.get("key") == key and os.path.isfile(final):
+        log(f"  samples cached: {final}")
+        return None, final
+    if old and old.get("key") != key and os.path.isfile(old.get("sample_batch", "")):
+        os.remove(old["sample_batch"])  # stale: made with other settings
+    write_json_atomic(record_path, {"key": key, "sample_batch": final})
+    log(f"  sampling {args.num_samples} images into {out_dir}" + (" (resuming)" if os.path.isdir(parts) else ""))
+    start = time.time()
+    try:
+        status, tail = run_streaming(command)
+    except FileNotFoundError as exc:
+        raise ReproduceError(f"row {row.name}: cannot run {command[0]}: {exc}") from None
+    if status == STOP_EXIT_CODE:
+        raise ReproduceError(
+            f"row {row.name}: sampling stopped early (exit status {status}; ${STOP_AFTER_ENV} is set); "
+            f"rerun the same command to resume from {parts}"
+        )
+    if status != 0 or not os.path.isfile(final):
+        detail = next((line for line in reversed(tail) if "error" in line.lower()), tail[-1] if tail else "")
+        raise ReproduceError(f"row {row.name}: {row.script} failed (exit status {status}): {detail}")
+    return time.time() - start, final
+
+
+def load_net(spec, opts, _cache={}):
+    if spec not in _cache:
+        from evaluations.device import default_device
+        from evaluations.feature_nets import load_feature_net
+
+        _cache[spec] = load_feature_net(spec, device=opts.device or default_device(), inception_path=opts.inception_path)
+    return _cache[spec]
+
+
+def run_row(row, opts, extra):
+    """
+    Sample, evaluate and record one row. :return: (parsed sampler flags, metrics record, status text).
+    """
+    # Every missing file of the row in one message, before any time goes into sampling.
+    missing = []
+    command, args, out_dir = sampler_command(row, opts, extra, missing)
+    if opts.ref_batch:
+        ref_batch = os.path.abspath(opts.ref_batch)
+    else:
+        ref_batch = os.path.join(REPO, row.meta["ref_batch"])
+    if not os.path.isfile(ref_batch):
+        missing.append(
+            f"reference batch {os.path.basename(ref_batch)} not found at {ref_batch}. "
+            f"{how_to_get(row, 'ref_batch_source')}put it there, or pass --ref_batch PATH."
+        )
+    spec = opts.feature_net or row.feature_net
+    try:
+        net = load_net(spec, opts)
+    except FileNotFoundError as exc:
+        missing.append(str(exc))
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        missing.append(f"feature network {spec!r} cannot be loaded: {exc}")
+    if len(missing) == 1:
+        raise ReproduceError(f"row {row.name}: {missing[0]}")
+    if missing:
+        raise ReproduceError(f"row {row.name}: {len(missing)} problems:" + "".join(f"\n  - {m}" for m in missing))
+
+    checkpoints = [f for f in CHECKPOINT_FLAGS if getattr(args, f, "")]
+    sampling = run_record(row.script[:-3], args, checkpoint_flags=checkpoints)
+    key = {"sampling": sampling, "ref_batch": file_identity(ref_batch), "feature_net": spec}
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    old = read_json(metrics_path)
+    if old and old.get("key") == key:
+        log(f"  cached: {metrics_path}")
+        return args, old, "cached"
+
+    sampling_seconds, sample_batch = sample_row(row, command, args, out_dir, sampling)
+    from evaluations.evaluator import Evaluator, default_cache_dir
+    from evaluations.npz_io import BatchFormatError
+
+    log(f"  evaluating against {ref_batch} with feature network {spec}")
+    start = time.time()
+    evaluator = Evaluator(net, device=opts.device or "cpu", batch_size=opts.batch_size, cache_dir=default_cache_dir())
+    try:
+        results = evaluator.evaluate(ref_batch, sample_batch, log=lambda m: log("  " + m))
+    except (BatchFormatError, FileNotFoundError, ValueError) as exc:
+        raise ReproduceError(f"row {row.name}: evaluation failed: {exc}") from None
+    record = {
+        "config": row.name,
+        "config_path": row.path,
+        "title": row.title,
+        "script": row.script,
+        "command": command,
+        "flags": {k: v for k, v in sorted(vars(args).items()) if k not in FREE_FLAGS},
+        "num_samples": args.num_samples,
+        "sample_batch": sample_batch,
+        "ref_batch": ref_batch,
+        "feature_net": spec,
+        "metrics": {k: results.get(k) for k, _, _ in METRICS},
+        "published": row.published or None,
+        "source": row.source or None,
+        "timing": {
+            "sampling_seconds": sampling_seconds,
+            "evaluation_seconds": time.time() - start,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "key": key,
+    }
+    write_json_atomic(metrics_path, record)
+    log("  " + ", ".join(f"{label} {results.get(k)}" for k, label, _ in METRICS))
+    return args, record, "done"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    parser = create_argparser()
+    opts = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if opts.mpi is not None and opts.mpi < 1:
+        parser.error(f"--mpi must be at least 1, got {opts.mpi}")
+    if opts.num_samples is not None and opts.num_samples < 1:
+        parser.error(f"--num_samples must be positive, got {opts.num_samples}")
+    try:
+        rows = select_configs(opts.configs, opts.config_dir)
+    except ReproduceError as exc:
+        parser.error(str(exc))
+    if opts.device is None:
+        from evaluations.device import default_device
+
+        opts.device = default_device()
+
+    entries, failures = [], []
+    for index, row in enumerate(rows):
+        log(f"[{index + 1}/{len(rows)}] {row.name}: {row.title}")
+        if failures and not opts.keep_going:
+            entries.append(table_row(row, None, None, "not run (stopped at an earlier error)"))
+            continue
+        try:
+            args, record, status = run_row(row, opts, extra)
+            entries.append(table_row(row, args, record, status))
+        except ReproduceError as exc:
+            log(f"error: {exc}")
+            failures.append(row.name)
+            entries.append(table_row(row, None, None, f"failed: {exc}"))
+    table_md = os.path.join(os.path.abspath(opts.results), "table.md")
+    write_text_atomic(table_md, render_table(entries))
+    write_json_atomic(os.path.join(os.path.abspath(opts.results), "table.json"), {"rows": entries})
+    log(f"wrote {table_md}")
+    if failures:
+        log(f"{len(failures)} of {len(rows)} rows failed: {', '.join(failures)} (see the errors above)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
