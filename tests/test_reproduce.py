@@ -1,0 +1,449 @@
+"""
+scripts/reproduce.py end to end on a tiny random-weight U-Net and a tiny feature network given as file.py:factory,
+and the shipped table-row configs (configs/adm256_*, configs/digits16_*).
+
+The sampler runs as a subprocess (as reproduce.py always runs it); reproduce.py itself runs in this process.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch as th
+
+from guided_diffusion import pag, sample_util
+from guided_diffusion.flag_files import available_configs, expand_flag_files, resolve_config
+from guided_diffusion.reproduce_util import (
+    ReproduceError,
+    load_row,
+    parse_published,
+    read_metadata,
+    render_table,
+    select_configs,
+    steps_label,
+)
+from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2,2",
+    attention_resolutions="8,4",
+    learn_sigma=True,
+    diffusion_steps=50,
+    timestep_respacing="5",
+)
+
+TINY_NET = '''
+import torch
+import torch.nn.functional as F
+from evaluations.feature_nets import FeatureNet
+
+
+class TinyNet(FeatureNet):
+    name = "tiny-reproduce-net"
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(3 * 4 * 4, 10, generator=g))
+        self.register_buffer("head", torch.randn(10, 5, generator=g))
+
+    def forward(self, images):
+        x = F.adaptive_avg_pool2d(images.permute(0, 3, 1, 2), 4).flatten(1) / 255
+        return torch.tanh(x @ self.proj * 3), x[:, :6]
+
+    def logits(self, pool):
+        return pool @ self.head * 4
+
+
+def build():
+    return TinyNet()
+'''
+
+ADM_ROWS = [
+    f"adm256_{kind}_{sampler}_{guide}"
+    for kind in ("uncond", "cond")
+    for sampler in ("ddpm250", "ddim25")
+    for guide in ("baseline", "pag")
+]
+
+
+def _load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    return _load_module(os.path.join(REPO_ROOT, "scripts", "reproduce.py"), "reproduce_under_test")
+
+
+@pytest.fixture(scope="module")
+def image_sample_parser():
+    return _load_module(os.path.join(REPO_ROOT, "scripts", "image_sample.py"), "image_sample_for_reproduce").create_argparser
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """
+    A tiny model, a reference batch, a feature network and a config folder: two rows (the second with published
+    figures), a shared base that is not a row, and a row whose reference batch is missing.
+    """
+    root = tmp_path_factory.mktemp("repro")
+    th.manual_seed(0)
+    args = model_and_diffusion_defaults()
+    args.update(TINY)
+    model, _ = create_model_and_diffusion(**args)
+    gen = th.Generator().manual_seed(0)
+    with th.no_grad():
+        for p in model.parameters():
+            if not p.any():  # ADM zero-initialises output layers; random ones make samples (and PAG) nontrivial
+                p.copy_(th.randn(p.shape, generator=gen) * 0.05)
+    th.save(model.state_dict(), root / "tiny.pt")
+    rng = np.random.default_rng(0)
+    np.savez(root / "ref.npz", rng.integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8))
+    (root / "tiny_net.py").write_text(TINY_NET)
+
+    cfg = root / "configs"
+    cfg.mkdir()
+    flags = " ".join(f"--{k} {v}" for k, v in TINY.items())
+    (cfg / "tiny_base.cfg").write_text(
+        "# script: image_sample.py\n# shared flags, not a row\n"
+        f"{flags}\n--model_path {root / 'tiny.pt'} --num_samples 8 --batch_size 4 --seed 3\n"
+    )
+    header = (
+        "# script: image_sample.py\n# title: {title}\n# model: tiny.pt\n"
+        f"# ref_batch: {root / 'ref.npz'}\n# feature_net: {root / 'tiny_net.py'}:build\n"
+    )
+    (cfg / "tiny_plain.cfg").write_text(header.format(title="tiny, no guidance") + f"@{cfg / 'tiny_base.cfg'}\n")
+    (cfg / "tiny_pag.cfg").write_text(
+        header.format(title="tiny, PAG")
+        + "# published: FID=12.5, IS=3.25, Recall=0.5\n# source: Table 9 of a made-up paper\n"
+        + f"@{cfg / 'tiny_base.cfg'}\n--pag_scale 2.0 --pag_layers middle_block.1\n"
+    )
+    (cfg / "tiny_noref.cfg").write_text(
+        (header.format(title="tiny, missing reference")).replace(str(root / "ref.npz"), str(root / "absent_ref.npz"))
+        + f"@{cfg / 'tiny_base.cfg'}\n"
+    )
+    return root
+
+
+def run(reproduce, world, *argv):
+    """
+    reproduce.main(argv) with the test world's config folder, on the CPU. :return: (exit status, stdout, stderr);
+    the sampler's output passes through reproduce.py's stdout.
+    """
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = reproduce.main(["--config_dir", str(world / "configs"), "--device", "cpu", *argv])
+        except SystemExit as exc:
+            status = exc.code
+    return status, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()
+
+
+def _quiet_env(mp, cache_dir):
+    mp.setenv("OMP_NUM_THREADS", "1")  # the sampler subprocess shares two cores with everything else
+    mp.setenv("PAG_ADM_CACHE_DIR", str(cache_dir))
+    mp.delenv(sample_util.STOP_AFTER_ENV, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def quiet_env(monkeypatch, tmp_path):
+    _quiet_env(monkeypatch, tmp_path / "activations")
+
+
+@pytest.fixture(scope="module")
+def first_run(reproduce, world):
+    results = world / "results"
+    with pytest.MonkeyPatch.context() as mp:
+        _quiet_env(mp, world / "activations")
+        status, out, _ = run(reproduce, world, "tiny_plain", "tiny_pag", "--results", str(results))
+    return status, results, out
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_writes_metrics_and_table(first_run, world):
+    status, results, log = first_run
+    assert status == 0, log
+    for name, scale in (("tiny_plain", 0.0), ("tiny_pag", 2.0)):
+        record = json.loads((results / name / "metrics.json").read_text())
+        assert record["config"] == name and record["num_samples"] == 8
+        assert record["flags"]["pag_scale"] == scale and record["flags"]["seed"] == 3
+        assert record["flags"]["model_path"] == str(world / "tiny.pt")
+        assert record["feature_net"] == f"{world / 'tiny_net.py'}:build"
+        assert set(record["metrics"]) == {"inception_score", "fid", "sfid", "precision", "recall"}
+        assert all(isinstance(v, float) and np.isfinite(v) for v in record["metrics"].values())
+        assert record["timing"]["sampling_seconds"] > 0
+        with np.load(record["sample_batch"]) as data:
+            assert data["arr_0"].shape == (8, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+    # PAG changes the samples, so the two rows' metrics differ.
+    plain = json.loads((results / "tiny_plain" / "metrics.json").read_text())["metrics"]
+    guided = json.loads((results / "tiny_pag" / "metrics.json").read_text())["metrics"]
+    assert plain["fid"] != guided["fid"]
+
+    table = (results / "table.md").read_text().splitlines()
+    header = table[2]
+    assert header.startswith("| Config | Title | Steps | PAG s | Layers | N | IS | IS (paper) | FID | FID (paper) |")
+    rows = [line for line in table if line.startswith("| `")]
+    assert len(rows) == 2
+    plain_cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    pag_cells = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert plain_cells[:6] == ["`tiny_plain`", "tiny, no guidance", "DDPM-5", "0", "–", "8"]
+    assert pag_cells[:6] == ["`tiny_pag`", "tiny, PAG", "DDPM-5", "2", "middle_block.1", "8"]
+    # Ours next to the paper's: IS, IS (paper), FID, FID (paper), sFID, sFID (paper), ...
+    assert pag_cells[6:] == [
+        f"{guided['inception_score']:.2f}", "3.25", f"{guided['fid']:.2f}", "12.50",
+        f"{guided['sfid']:.2f}", "–", f"{guided['precision']:.3f}", "–", f"{guided['recall']:.3f}", "0.500",
+    ]
+    assert plain_cells[7] == "–"
+    assert "Published figures: Table 9 of a made-up paper." in table
+
+    entries = json.loads((results / "table.json").read_text())["rows"]
+    assert [e["config"] for e in entries] == ["tiny_plain", "tiny_pag"]
+    assert entries[1]["published"] == {"fid": 12.5, "inception_score": 3.25, "recall": 0.5}
+    assert entries[1]["metrics"] == guided and entries[0]["status"] == "done"
+
+
+def test_second_run_is_cached(reproduce, first_run, world):
+    _, results, _ = first_run
+    files = [results / n / f for n in ("tiny_plain", "tiny_pag") for f in ("metrics.json", "samples_8x16x16x3.npz")]
+    before = [os.stat(f).st_mtime_ns for f in files]
+    status, out, _ = run(reproduce, world, "tiny_plain", "tiny_pag", "--results", str(results))
+    assert status == 0
+    assert out.count("  cached: ") == 2
+    assert "sampling 8 images" not in out
+    assert [os.stat(f).st_mtime_ns for f in files] == before
+    entries = json.loads((results / "table.json").read_text())["rows"]
+    assert [e["status"] for e in entries] == ["cached", "cached"]
+
+
+def test_changed_flags_are_not_cached(reproduce, first_run, world, tmp_path):
+    # Another seed gives other samples: resampled and reevaluated, in a copy so other tests keep their files.
+    _, results, _ = first_run
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    old = json.loads((copy / "tiny_plain" / "metrics.json").read_text())
+    status, out, _ = run(reproduce, world, "tiny_plain", "--results", str(copy), "--", "--seed", "4")
+    assert status == 0, out
+    assert "cached" not in out and "sampling 8 images" in out
+    new = json.loads((copy / "tiny_plain" / "metrics.json").read_text())
+    assert new["flags"]["seed"] == 4 and new["metrics"] != old["metrics"]
+
+
+def test_interrupted_row_resumes(reproduce, first_run, world, tmp_path, monkeypatch):
+    _, results, _ = first_run
+    out_dir = tmp_path / "results"
+    parts = out_dir / "tiny_pag" / "samples_8x16x16x3_parts"
+    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    status, out, _ = run(reproduce, world, "tiny_pag", "--results", str(out_dir))
+    assert status == 1
+    assert f"error: row tiny_pag: sampling stopped early (exit status {sample_util.STOP_EXIT_CODE}" in out
+    assert sorted(os.listdir(parts)) == ["000000000-000000004.npz", "run.json"]
+    assert not (out_dir / "tiny_pag" / "metrics.json").exists()
+
+    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    status, out, _ = run(reproduce, world, "tiny_pag", "--results", str(out_dir))
+    assert status == 0, out
+    assert "(resuming)" in out and "resuming: 4 of 8 samples already in" in out
+    assert not parts.exists()
+    # The same samples as the uninterrupted run, hence the same metrics.
+    with np.load(out_dir / "tiny_pag" / "samples_8x16x16x3.npz") as a, np.load(
+        results / "tiny_pag" / "samples_8x16x16x3.npz"
+    ) as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    resumed = json.loads((out_dir / "tiny_pag" / "metrics.json").read_text())["metrics"]
+    assert resumed == json.loads((results / "tiny_pag" / "metrics.json").read_text())["metrics"]
+
+
+# --- missing files and bad names --------------------------------------------------------------------------------
+
+
+def test_missing_reference_batch_with_keep_going(reproduce, first_run, world, tmp_path):
+    _, results, _ = first_run
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    status, out, _ = run(reproduce, world, "tiny_noref", "tiny_plain", "--results", str(copy), "--keep_going")
+    assert status == 1
+    missing = world / "absent_ref.npz"
+    assert f"error: row tiny_noref: reference batch absent_ref.npz not found at {missing}. " in out
+    assert "or pass --ref_batch PATH." in out
+    assert "  cached: " in out  # the other row still ran
+    table = (copy / "table.md").read_text()
+    assert "| `tiny_plain` |" in table and "- `tiny_noref`: failed: row tiny_noref: reference batch" in table
+
+
+def test_missing_model_stops_at_first_error(reproduce, first_run, world, tmp_path):
+    _, results, _ = first_run
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    status, out, _ = run(
+        reproduce, world, "tiny_pag", "tiny_plain", "--results", str(copy), "--model_dir", str(tmp_path / "m")
+    )
+    assert status == 1
+    expected = tmp_path / "m" / "tiny.pt"
+    assert f"error: row tiny_pag: checkpoint tiny.pt (--model_path) not found at {expected}. " in out
+    assert "or pass --model_dir DIR with tiny.pt in DIR." in out
+    assert "cached" not in out  # tiny_plain was not attempted
+    entries = json.loads((copy / "table.json").read_text())["rows"]
+    assert entries[1]["status"] == "not run (stopped at an earlier error)"
+
+
+def test_all_missing_files_of_a_row_in_one_message(reproduce, world, tmp_path):
+    status, out, _ = run(reproduce, world, "tiny_noref", "--results", str(tmp_path), "--model_dir", str(tmp_path))
+    assert status == 1
+    assert (
+        "error: row tiny_noref: 2 problems:\n"
+        f"  - checkpoint tiny.pt (--model_path) not found at {tmp_path / 'tiny.pt'}. "
+    ) in out
+    assert f"\n  - reference batch absent_ref.npz not found at {world / 'absent_ref.npz'}. " in out
+    assert "1 of 1 rows failed: tiny_noref (see the errors above)" in out
+    assert not (tmp_path / "tiny_noref").exists()  # nothing was sampled
+
+
+def test_model_dir_finds_the_checkpoint(reproduce, world, tmp_path):
+    (tmp_path / "m").mkdir()
+    shutil.copy(world / "tiny.pt", tmp_path / "m" / "tiny.pt")
+    copy = tmp_path / "results"
+    opts = reproduce.create_argparser().parse_args(["x", "--results", str(copy), "--model_dir", str(tmp_path / "m")])
+    row = select_configs(["tiny_plain"], str(world / "configs"))[0]
+    command, args, out_dir = reproduce.sampler_command(row, opts, [])
+    assert args.model_path == str(tmp_path / "m" / "tiny.pt")
+    assert out_dir == str(copy / "tiny_plain") and command[-2:] == ["--out_dir", out_dir]
+
+
+def test_sampler_command_with_mpi_and_extra_flags(reproduce, world, tmp_path):
+    opts = reproduce.create_argparser().parse_args(["x", "--results", str(tmp_path), "--mpi", "3", "--num_samples", "6"])
+    row = select_configs(["tiny_pag"], str(world / "configs"))[0]
+    command, args, _ = reproduce.sampler_command(row, opts, ["--batch_size", "2", "--num_samples", "99"])
+    assert command[:5] == ["mpiexec", "-n", "3", reproduce.sys.executable, os.path.join(REPO_ROOT, "scripts", "image_sample.py")]
+    assert command[5] == "@" + row.path
+    assert args.batch_size == 2 and args.num_samples == 6  # --num_samples of reproduce.py wins
+    with pytest.raises(ReproduceError, match="--out_dir cannot be passed to the sampler"):
+        reproduce.sampler_command(row, opts, ["--out_dir", "elsewhere"])
+
+
+def test_unknown_config_name(reproduce, world):
+    status, _, err = run(reproduce, world, "tiny_nope")
+    assert status == 2
+    assert "error: unknown config 'tiny_nope'" in err
+    assert "Table rows: tiny_noref, tiny_pag, tiny_plain" in err
+
+
+def test_glob_selects_rows_only(world):
+    cfg = str(world / "configs")
+    assert [r.name for r in select_configs(["tiny_p*"], cfg)] == ["tiny_pag", "tiny_plain"]
+    assert [r.name for r in select_configs(["tiny_*", "tiny_pag"], cfg)] == ["tiny_noref", "tiny_pag", "tiny_plain"]
+    with pytest.raises(ReproduceError, match=r"no table row matches 'tiny_b\*'; rows in .*: tiny_noref, tiny_pag"):
+        select_configs(["tiny_b*"], cfg)  # only the base matches, and it is not a row
+    with pytest.raises(ReproduceError, match="config tiny_base .* is not a table row: it has no '# ref_batch:' line"):
+        select_configs(["tiny_base"], cfg)
+
+
+def test_metadata_and_published_parsing(tmp_path):
+    assert parse_published("FID=26.21, sFID=6.35, is=39.70, Precision=0.61, Recall=0.63", "x") == {
+        "fid": 26.21, "sfid": 6.35, "inception_score": 39.70, "precision": 0.61, "recall": 0.63
+    }
+    with pytest.raises(ReproduceError, match=r"x: '# published:' item 'KID=3' is not NAME=NUMBER with NAME one of IS"):
+        parse_published("FID=1, KID=3", "x")
+    with pytest.raises(ReproduceError, match=r"value 'abc' of FID is not a number"):
+        parse_published("FID=abc", "x")
+    path = tmp_path / "r.cfg"
+    path.write_text("# script: image_sample.py\n# just prose: not a key\n# ref_batch: a.npz\n--seed 1\n# title: late\n")
+    assert read_metadata(path) == {"script": "image_sample.py", "ref_batch": "a.npz"}
+    row = load_row(str(path))
+    assert row.title == "r" and row.feature_net == "inception" and row.published == {}
+    path.write_text("# script: super_res_sample.py\n# ref_batch: a.npz\n")
+    with pytest.raises(ReproduceError, match="must name one of image_sample.py, classifier_sample.py"):
+        load_row(str(path))
+
+
+def test_render_table_without_published_has_no_paper_columns():
+    entry = dict(config="a", title="t", steps="DDIM-25", pag_scale=3.0, pag_layers="middle", num_samples=4,
+                 metrics=dict(inception_score=1.0, fid=2.0, sfid=None, precision=0.5, recall=0.25),
+                 published=None, source=None, status="done")
+    text = render_table([entry])
+    assert "(paper)" not in text
+    assert "| `a` | t | DDIM-25 | 3 | middle | 4 | 1.00 | 2.00 | – | 0.500 | 0.250 |" in text
+
+
+# --- the shipped configs ----------------------------------------------------------------------------------------
+
+
+def _parse(parser_factory, name):
+    tokens, _ = expand_flag_files(["@" + resolve_config(name)])
+    args, unknown = parser_factory().parse_known_args(tokens)
+    assert unknown == [], f"{name}: {unknown}"
+    return args
+
+
+def test_adm256_rows_carry_the_official_settings(image_sample_parser):
+    rows = select_configs(["adm256_*"])
+    assert sorted(r.name for r in rows) == sorted(ADM_ROWS)
+    for row in rows:
+        args = _parse(image_sample_parser, row.name)
+        cond = "_cond_" in row.name
+        assert row.script == "image_sample.py" and row.feature_net == "inception"
+        assert row.meta["model"] == ("256x256_diffusion.pt" if cond else "256x256_diffusion_uncond.pt")
+        assert args.model_path == "models/" + row.meta["model"]
+        assert row.meta["ref_batch"].endswith("VIRTUAL_imagenet256_labeled.npz")
+        # ADM's README flags for the 256x256 models.
+        assert (args.image_size, args.num_channels, args.num_res_blocks, args.num_head_channels) == (256, 256, 2, 64)
+        assert (args.attention_resolutions, args.diffusion_steps, args.noise_schedule) == ("32,16,8", 1000, "linear")
+        assert args.learn_sigma and args.resblock_updown and args.use_fp16 and args.use_scale_shift_norm
+        assert args.class_cond == cond and args.num_samples == 50000
+        ddim = "_ddim25_" in row.name
+        assert steps_label(args) == ("DDIM-25" if ddim else "DDPM-250")
+        assert args.timestep_respacing == ("ddim25" if ddim else "250") and args.use_ddim == ddim
+        if row.name.endswith("_pag"):
+            assert args.pag_scale == 3.0 == pag.scale_from_guide_scale(4.0)
+            assert args.pag_layers == pag.OFFICIAL_IMAGENET256_LAYERS and args.pag_interval == ""
+        else:
+            assert args.pag_scale == 0.0
+
+
+def test_adm256_layers_exist_in_both_models(image_sample_parser):
+    # The official layers must be attention blocks of the uncond and the cond 256x256 architecture alike (built on
+    # the meta device: only the module tree is needed, not 500M parameters).
+    for name in ("adm256_uncond_ddpm250_pag", "adm256_cond_ddim25_pag"):
+        args = _parse(image_sample_parser, name)
+        with th.device("meta"):
+            model, _ = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+        assert pag.resolve_layers(model, args.pag_layers) == pag.OFFICIAL_IMAGENET256_LAYERS.split(",")
+
+
+def test_digits_rows(image_sample_parser):
+    rows = select_configs(["digits16_*"])
+    names = [r.name for r in rows]
+    assert "digits16_model" not in names and "digits16_train" not in names and "digits16_sampling" not in names
+    settings = set()
+    for row in rows:
+        args = _parse(image_sample_parser, row.name)
+        assert row.meta["ref_batch"] == "datasets/digits16.npz"
+        assert row.feature_net == "evaluations.digits_net:load_digits_net"
+        assert args.model_path == "models/digits16.pt" and args.image_size == 16
+        assert steps_label(args) == "DDPM-100" and args.clip_denoised
+        settings.add((args.pag_scale, args.pag_layers if args.pag_scale else None))
+    assert settings == {
+        (0.0, None), (1.0, "middle"), (2.0, "middle"), (3.0, "middle"), (5.0, "middle"),
+        (3.0, "input"), (3.0, "output"), (3.0, "all"),
+    }
+
+
+def test_every_row_config_is_found_by_name():
+    for name in available_configs():
+        if name.startswith(("adm256_", "digits16_")) and "ref_batch" in read_metadata(resolve_config(name)):
+            assert select_configs([name])[0].name == name
