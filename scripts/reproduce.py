@@ -107,7 +107,8 @@ def sampler_command(row, opts, extra, missing=None):
 
 def sample_row(row, command, args, out_dir, key):
     """
-    Sample unless this folder already holds the finished samples of the same settings. :return: seconds spent.
+    Sample unless this folder already holds the finished samples of the same settings.
+    :return: (seconds spent sampling, None when the samples were there; path of the samples .npz).
     """
     final, parts = output_paths(out_dir, args.num_samples, (args.image_size, args.image_size, 3))
     record_path = os.path.join(out_dir, "samples.json")
@@ -238,10 +239,10 @@ def main(argv=None):
 
     entries, failures = [], []
     for index, row in enumerate(rows):
-        log(f"[{index + 1}/{len(rows)}] {row.name}: {row.title}")
         if failures and not opts.keep_going:
             entries.append(table_row(row, None, None, "not run (stopped at an earlier error)"))
             continue
+        log(f"[{index + 1}/{len(rows)}] {row.name}: {row.title}")
         try:
             args, record, status = run_row(row, opts, extra)
             entries.append(table_row(row, args, record, status))
