@@ -155,15 +155,7 @@ class ImageDataset(Dataset):
         else:
             arr = center_crop_arr(pil_image, self.resolution)
 
-        if self.random_flip and random.random() < 0.5:
-            arr = arr[:, ::-1]
-
-        arr = arr.astype(np.float32) / 127.5 - 1
-
-        out_dict = {}
-        if self.local_classes is not None:
-            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
-        return np.transpose(arr, [2, 0, 1]), out_dict
+        return _training_example(arr, self.random_flip, self.local_classes, idx)
 
 
 class NpzImageDataset(Dataset):
@@ -202,14 +194,20 @@ class NpzImageDataset(Dataset):
         return len(self.local_images)
 
     def __getitem__(self, idx):
-        arr = self.local_images[idx]
-        if self.random_flip and random.random() < 0.5:
-            arr = arr[:, ::-1]
-        arr = arr.astype(np.float32) / 127.5 - 1
-        out_dict = {}
-        if self.local_classes is not None:
-            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
-        return np.transpose(arr, [2, 0, 1]), out_dict
+        return _training_example(self.local_images[idx], self.random_flip, self.local_classes, idx)
+
+
+def _training_example(arr, random_flip, classes, idx):
+    """
+    An HWC uint8 image (and its class) -> (CHW float32 in [-1, 1], {"y": class} or {}), flipped half the time.
+    """
+    if random_flip and random.random() < 0.5:
+        arr = arr[:, ::-1]
+    arr = arr.astype(np.float32) / 127.5 - 1
+    out_dict = {}
+    if classes is not None:
+        out_dict["y"] = np.array(classes[idx], dtype=np.int64)
+    return np.transpose(arr, [2, 0, 1]), out_dict
 
 
 def center_crop_arr(pil_image, image_size):

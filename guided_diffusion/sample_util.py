@@ -651,8 +651,20 @@ def png_bytes(image):
     )
 
 
+def enlarge_small(images, min_size=32, target=64):
+    """
+    Nearest-neighbour enlarge images smaller than min_size pixels to about target pixels, so a grid of 16x16
+    samples can be looked at; larger images are left as they are.
+    """
+    size = max(images.shape[1:3])
+    if size >= min_size:
+        return images
+    factor = max(1, target // size)
+    return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def save_grid(path, images):
-    data = png_bytes(image_grid(images))
+    data = png_bytes(image_grid(enlarge_small(images)))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))

@@ -8,8 +8,11 @@ guided_diffusion/sample_util.py). Rerunning an interrupted command with the same
 $OPENAI_LOGDIR) finishes it without sampling anything twice.
 """
 
+import os
+import sys
+
 from guided_diffusion import dist_util, logger
-from guided_diffusion.flag_files import FlagFileArgumentParser
+from guided_diffusion.flag_files import FlagFileArgumentParser, expand_flag_files
 from guided_diffusion.sample_util import (
     UsageError,
     check_diffusion_args,
@@ -39,9 +42,46 @@ from guided_diffusion.script_util import (
 )
 
 
+EMBEDDED_CONFIG = "digits16_sample"
+EMBEDDED_MODEL = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "digits16.pt"
+)
+
+
+def uses_embedded_model(argv):
+    """
+    True when neither a checkpoint nor any architecture flag is given: then the embedded digits model runs.
+    """
+    try:
+        tokens, _ = expand_flag_files(argv)
+    except ValueError:
+        return False  # parse_args reports the bad flag file
+    given = {tok[2:].split("=", 1)[0] for tok in tokens if tok.startswith("--")}
+    architecture = set(model_and_diffusion_defaults()) - {"timestep_respacing"}
+    return not (given & (architecture | {"model_path"}))
+
+
 def main(argv=None):
     parser = create_argparser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    embedded = uses_embedded_model(argv)
+    if embedded:
+        # Flags given by the user still override the embedded config's.
+        argv = ["@" + EMBEDDED_CONFIG] + argv
     args = parser.parse_args(argv)
+    if embedded:
+        args.model_path = EMBEDDED_MODEL
+        if not os.path.exists(EMBEDDED_MODEL):
+            exit_with_usage_error(parser, UsageError(
+                f"the embedded model {EMBEDDED_MODEL} is missing; it ships with the repository "
+                f"(rebuild it with `python scripts/train_embedded_model.py`), or pass --model_path"
+            ))
+        if mpi_comm().rank == 0:
+            print(
+            f"No --model_path or model flags given: sampling from the embedded 16x16 digits model "
+            f"({os.path.relpath(EMBEDDED_MODEL)}, flags in configs/{EMBEDDED_CONFIG}.cfg) with PAG scale "
+            f"{args.pag_scale}. Pass --model_path and ADM's model flags to sample from another model."
+            )
     try:
         return sample(args)
     except UsageError as exc:

@@ -36,13 +36,13 @@ def load_digits_images(image_size=16):
 
 def write_npz_atomically(path, **arrays):
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
+    np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="datasets/digits16.npz", help="output npz path")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "digits16.npz"), help="output npz path")
     parser.add_argument("--image_size", type=int, default=16)
     args = parser.parse_args()
 

@@ -599,3 +599,15 @@ def test_super_res_sample_rejects_bad_base_samples(super_res_sample, sr_files, t
         super_res_sample.main(flags(values))
     assert rejected.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_small_images_are_enlarged_for_the_grid():
+    from guided_diffusion.sample_util import enlarge_small
+
+    images = np.arange(2 * 16 * 16 * 3, dtype=np.uint8).reshape(2, 16, 16, 3)
+    big = enlarge_small(images)
+    assert big.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(big[:, ::4, ::4], images)
+    np.testing.assert_array_equal(big[:, 3::4, 3::4], images)
+    same = np.zeros((1, 32, 32, 3), np.uint8)
+    assert enlarge_small(same) is same

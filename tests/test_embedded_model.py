@@ -1,0 +1,117 @@
+"""
+The embedded default: shipped digits model, its data, its feature network, and `image_sample.py` with no flags.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+from guided_diffusion import script_util as su
+from guided_diffusion.flag_files import config_flags, resolve_config
+
+MODEL = os.path.join(REPO_ROOT, "models", "digits16.pt")
+DATASET = os.path.join(REPO_ROOT, "datasets", "digits16.npz")
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def embedded_flags():
+    parser = load_script("image_sample").create_argparser()
+    return parser.parse_args(["@digits16_model"])
+
+
+def test_shipped_checkpoint_loads_strict_with_its_config():
+    args = embedded_flags()
+    model, _ = su.create_model_and_diffusion(**su.args_to_dict(args, su.model_and_diffusion_defaults()))
+    model.load_state_dict(torch.load(MODEL, map_location="cpu"), strict=True)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "AttentionBlock"]
+    # Attention at 8x8 and 4x4 in the encoder, the middle and the decoder: PAG has blocks to perturb.
+    assert "middle_block.1" in names and any(n.startswith("input_blocks") for n in names)
+    assert os.path.getsize(MODEL) < 8 * 2**20
+
+
+def test_model_card_record_matches_the_training_config():
+    with open(os.path.splitext(MODEL)[0] + ".json") as f:
+        record = json.load(f)
+    train = config_flags(resolve_config("digits16_train"))
+    assert record["steps"] == int(train["lr_anneal_steps"])
+    assert record["flags"] == train
+    assert np.isfinite(record["final_loss"])
+
+
+@pytest.mark.parametrize(
+    "argv, embedded",
+    [
+        ([], True),
+        (["--pag_scale", "1.5", "--num_samples", "8"], True),
+        (["--timestep_respacing", "50"], True),
+        (["--model_path", "x.pt"], False),
+        (["--image_size", "64"], False),
+        (["@digits16_model"], False),
+    ],
+)
+def test_when_the_embedded_model_is_used(argv, embedded):
+    assert load_script("image_sample").uses_embedded_model(argv) is embedded
+
+
+def test_image_sample_without_flags_uses_the_embedded_model(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "scripts", "image_sample.py"), "--num_samples", "4",
+           "--batch_size", "4", "--timestep_respacing", "4", "--out_dir", str(out), "--grid", str(out / "g.png")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "embedded 16x16 digits model" in result.stdout
+    with np.load(out / "samples_4x16x16x3.npz") as data:
+        assert data["arr_0"].shape == (4, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+        assert "arr_1" not in data
+    assert (out / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shipped_dataset_is_the_sklearn_digits():
+    with np.load(DATASET) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+    from make_digits_dataset import load_digits_images
+
+    rebuilt, rebuilt_labels = load_digits_images(16)
+    np.testing.assert_array_equal(rebuilt, images)
+    np.testing.assert_array_equal(rebuilt_labels, labels)
+
+
+def test_digits_feature_net_classifies_the_data():
+    from evaluations.digits_net import load_digits_net
+    from evaluations.feature_nets import embed_batch
+
+    net = load_digits_net()
+    with np.load(DATASET) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    pool, spatial = embed_batch(net, images, "cpu")
+    assert pool.shape == (1797, 128) and spatial.shape == (1797, 256)
+    with torch.no_grad():
+        predicted = net.logits(torch.from_numpy(pool)).argmax(1).numpy()
+    assert (predicted == labels).mean() > 0.95
+    assert net.name.startswith("digits16-")
+
+
+def test_missing_feature_net_weights_name_the_file(tmp_path):
+    from evaluations.digits_net import load_digits_net
+
+    with pytest.raises(FileNotFoundError, match="train_digits_features.py"):
+        load_digits_net(path=str(tmp_path / "none.pt"))
