@@ -29,6 +29,8 @@ from evaluations.device import default_device
 from evaluations.feature_nets import embed_batch, load_feature_net, net_channels, net_name
 from evaluations.frechet import compute_statistics
 from evaluations.npz_io import IMAGE_KEY, BatchFormatError, NpzImageReader, NpzWriter
+# The same crop-and-resize recipe the training data loader uses, so a reference batch matches training data.
+from guided_diffusion.image_datasets import center_crop_arr
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
@@ -42,24 +44,6 @@ def _import_pil():
             "package: pip install pillow"
         ) from None
     return Image
-
-
-def center_crop_arr(pil_image, image_size):
-    """
-    ADM's center crop: halve with a box filter while the short side is at least twice the
-    target, resize (bicubic) so the short side is image_size, then crop the centre.
-    """
-    Image = _import_pil()
-    while min(*pil_image.size) >= 2 * image_size:
-        half = tuple(x // 2 for x in pil_image.size)
-        pil_image = pil_image.resize(half, resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    size = tuple(round(x * scale) for x in pil_image.size)
-    pil_image = pil_image.resize(size, resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top : top + image_size, left : left + image_size]
 
 
 def list_image_files(folder):

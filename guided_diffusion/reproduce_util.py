@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 from .flag_files import CONFIG_DIR, available_configs, resolve_config
+from .sample_util import atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,12 +233,8 @@ def write_text_atomic(path, text):
     """
     Write to a temporary file beside `path`, then rename it over `path`: readers never see half a file.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # --- running a row ----------------------------------------------------------------------------------------
