@@ -17,13 +17,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from guided_diffusion.atomic_io import write_json_atomic  # noqa: E402
 from guided_diffusion.pag import OFFICIAL_IMAGENET256_LAYERS, PAGGuidedModel  # noqa: E402
 from guided_diffusion.script_util import create_model, model_and_diffusion_defaults  # noqa: E402
 
@@ -72,15 +72,6 @@ def timed(fn, device):
     if device.type == "cuda":
         th.cuda.synchronize(device)
     return time.perf_counter() - start
-
-
-def write_json_atomic(path, payload):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main():

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from guided_diffusion.atomic_io import write_json_atomic
 from evaluations.device import default_device
 from evaluations.feature_nets import (
     embed_batch,
@@ -316,16 +317,6 @@ def format_results(results):
     return "\n".join(lines)
 
 
-def write_json(path, results):
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def create_argparser():
     parser = argparse.ArgumentParser(
         description="IS, FID, sFID, precision and recall of a sample batch against a reference "
@@ -378,7 +369,7 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}")
     print(format_results(results), flush=True)
     if args.json:
-        write_json(args.json, results)
+        write_json_atomic(args.json, results)
     return results
 
 

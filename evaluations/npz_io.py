@@ -12,6 +12,8 @@ import zipfile
 
 import numpy as np
 
+from guided_diffusion.atomic_io import temporary_path
+
 IMAGE_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -211,9 +213,7 @@ class NpzWriter:
         self.path = str(path)
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        self._tmp_path = os.path.join(
-            directory, f".{os.path.basename(self.path)}.tmp-{os.getpid()}"
-        )
+        self._tmp_path = temporary_path(self.path)
         self._zip = zipfile.ZipFile(self._tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True)
 
     def write_array(self, name, array):

@@ -26,7 +26,6 @@ import subprocess
 import sys
 
 from .flag_files import CONFIG_DIR, available_configs, resolve_config
-from .sample_util import atomic_write
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,18 +222,6 @@ def read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path, text):
-    """
-    Write to a temporary file beside `path`, then rename it over `path`: readers never see half a file.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # --- running a row ----------------------------------------------------------------------------------------

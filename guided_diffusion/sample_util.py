@@ -40,6 +40,8 @@ import zlib
 import numpy as np
 import torch as th
 
+from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic
+
 # Set to a positive integer k, a run stops (exit status 3) after each rank has finished k batches: an interrupted
 # run on demand, for testing resumption.
 STOP_AFTER_ENV = "GUIDED_DIFFUSION_SAMPLE_STOP_AFTER"
@@ -410,32 +412,6 @@ def missing_batches(num_samples, done, batch_size):
     return batches
 
 
-def atomic_write(path, write):
-    """
-    Call write(file) on a temporary file next to `path`, then rename it over `path`: readers see the old file
-    or the whole new one, never a part.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_npz_atomic(path, arrays):
-    """
-    np.savez to `path` atomically; arrays is a list, saved as arr_0, arr_1, ... as ADM's scripts save them.
-    """
-    atomic_write(path, lambda f: np.savez(f, *arrays))
-
-
 def _checkpoint_record(path):
     if not path:
         return None
@@ -488,9 +464,7 @@ def _prepare_work_folder(parts_dir, record):
                 return error
         elif finished_ranges(parts_dir):
             return f"cannot resume: {parts_dir} holds sample parts but no run.json; delete it to start over"
-        for name in os.listdir(parts_dir):
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(parts_dir, name))
+        remove_temporary_files(parts_dir)
     os.makedirs(parts_dir, exist_ok=True)
     if not os.path.exists(record_path):
         text = json.dumps(record, indent=2, sort_keys=True)

@@ -10,12 +10,12 @@ import functools
 import os
 
 import blobfile as bf
-import torch as th
 import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
+from .atomic_io import torch_save_atomic
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -219,14 +219,14 @@ class TrainLoop:
                     filename = f"model{total_steps:06d}.pt"
                 else:
                     filename = f"ema_{rate}_{total_steps:06d}.pt"
-                save_atomically(state_dict, bf.join(get_blob_logdir(), filename))
+                torch_save_atomic(state_dict, bf.join(get_blob_logdir(), filename))
 
         save_checkpoint(0, self.mp_trainer.master_params)
         for rate, params in zip(self.ema_rate, self.ema_params):
             save_checkpoint(rate, params)
 
         if _rank() == 0:
-            save_atomically(self.opt.state_dict(), bf.join(get_blob_logdir(), f"opt{total_steps:06d}.pt"))
+            torch_save_atomic(self.opt.state_dict(), bf.join(get_blob_logdir(), f"opt{total_steps:06d}.pt"))
 
         if _world_size() > 1:
             dist.barrier()
@@ -243,27 +243,6 @@ def parse_ema_rates(ema_rate):
         if not 0.0 < rate < 1.0:
             raise ValueError(f"EMA rates must be in (0, 1), got {rate} from {ema_rate!r}")
     return rates
-
-
-def save_atomically(obj, path):
-    """
-    torch.save to path so a crash mid-write never leaves a truncated checkpoint behind.
-    """
-    if "://" in path:
-        # Object stores publish a blob only once its upload completes.
-        with bf.BlobFile(path, "wb") as f:
-            th.save(obj, f)
-        return
-    # A plain open (not mkstemp) keeps the usual umask-based permissions on the result.
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            th.save(obj, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 def parse_resume_step_from_filename(filename):

@@ -23,7 +23,8 @@ from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
-from guided_diffusion.train_util import log_loss_dict, parse_resume_step_from_filename, save_atomically
+from guided_diffusion.atomic_io import torch_save_atomic
+from guided_diffusion.train_util import log_loss_dict, parse_resume_step_from_filename
 
 
 def main():
@@ -163,11 +164,11 @@ def set_annealed_lr(opt, base_lr, frac_done):
 
 def save_model(mp_trainer, opt, step):
     if dist.get_rank() == 0:
-        save_atomically(
+        torch_save_atomic(
             mp_trainer.master_params_to_state_dict(mp_trainer.master_params),
             os.path.join(logger.get_dir(), f"model{step:06d}.pt"),
         )
-        save_atomically(opt.state_dict(), os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
+        torch_save_atomic(opt.state_dict(), os.path.join(logger.get_dir(), f"opt{step:06d}.pt"))
 
 
 def compute_top_k(logits, labels, k, reduction="mean"):

@@ -13,6 +13,8 @@ import numpy as np
 import torch as th
 import torch.nn.functional as F
 
+from guided_diffusion.atomic_io import save_npz_atomic
+
 
 def load_digits_images(image_size=16):
     """
@@ -34,12 +36,6 @@ def load_digits_images(image_size=16):
     return images, digits.target.astype(np.int64)
 
 
-def write_npz_atomically(path, **arrays):
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "digits16.npz"), help="output npz path")
@@ -48,7 +44,7 @@ def main():
 
     images, labels = load_digits_images(args.image_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_npz_atomically(args.out, arr_0=images, arr_1=labels)
+    save_npz_atomic(args.out, {"arr_0": images, "arr_1": labels}, compressed=True)
     print(f"wrote {len(images)} digits of {args.image_size}x{args.image_size} to {args.out}")
 
 

@@ -21,6 +21,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from guided_diffusion.flag_files import CONFIG_DIR  # noqa: E402
+from guided_diffusion.atomic_io import write_json_atomic, write_text_atomic  # noqa: E402
 from guided_diffusion.reproduce_util import (  # noqa: E402
     FREE_FLAGS,
     METRICS,
@@ -33,8 +34,6 @@ from guided_diffusion.reproduce_util import (  # noqa: E402
     render_table,
     select_configs,
     table_row,
-    write_json_atomic,
-    write_text_atomic,
 )
 from guided_diffusion.sample_util import STOP_AFTER_ENV, STOP_EXIT_CODE, output_paths, run_record  # noqa: E402
 

@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from evaluations.digits_net import DEFAULT_WEIGHTS, DigitsNet  # noqa: E402
+from guided_diffusion.atomic_io import torch_save_atomic  # noqa: E402
 
 
 def load_dataset(path):
@@ -71,9 +72,7 @@ def main():
     with torch.no_grad():
         pool, _ = net.features(x[torch.from_numpy(val)])
         accuracy = (net.logits(pool).argmax(1) == y[torch.from_numpy(val)]).float().mean().item()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(net.state_dict(), args.out + ".tmp")
-    os.replace(args.out + ".tmp", args.out)
+    torch_save_atomic(net.state_dict(), args.out)
     record = dict(validation_accuracy=round(accuracy, 4), epochs=args.epochs, seed=args.seed,
                   train_images=len(train), validation_images=len(val))
     print(json.dumps(record))

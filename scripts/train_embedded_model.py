@@ -11,7 +11,6 @@ import csv
 import glob
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +19,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
-from make_digits_dataset import load_digits_images, write_npz_atomically  # noqa: E402
+from make_digits_dataset import load_digits_images  # noqa: E402
 
+from guided_diffusion.atomic_io import save_npz_atomic  # noqa: E402
 from guided_diffusion.flag_files import config_flags  # noqa: E402
 
 TRAIN_CONFIG = os.path.join(REPO, "configs", "digits16_train.cfg")
@@ -52,7 +52,7 @@ def main():
     data = os.path.join(args.work_dir, "digits16.npz")
     if not os.path.exists(data):
         images, labels = load_digits_images(16)
-        write_npz_atomically(data, arr_0=images, arr_1=labels)
+        save_npz_atomic(data, {"arr_0": images, "arr_1": labels}, compressed=True)
 
     flags = config_flags(TRAIN_CONFIG)
     steps = args.steps or int(flags["lr_anneal_steps"])

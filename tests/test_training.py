@@ -16,6 +16,7 @@ pytest.importorskip("guided_diffusion.gaussian_diffusion")
 pytest.importorskip("guided_diffusion.resample")
 
 from guided_diffusion import logger, train_util  # noqa: E402
+from guided_diffusion.atomic_io import torch_save_atomic  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -232,7 +233,7 @@ def test_resume_from_missing_checkpoint_names_it(logdir):
         make_loop(model, diffusion, resume_checkpoint=missing)
 
 
-def test_save_atomically_leaves_no_partial_file(tmp_path):
+def test_torch_save_atomic_leaves_no_partial_file(tmp_path):
     path = str(tmp_path / "model000001.pt")
 
     class Unpicklable:
@@ -240,9 +241,9 @@ def test_save_atomically_leaves_no_partial_file(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        train_util.save_atomically({"x": Unpicklable()}, path)
+        torch_save_atomic({"x": Unpicklable()}, path)
     assert os.listdir(tmp_path) == []
-    train_util.save_atomically({"x": th.ones(2)}, path)
+    torch_save_atomic({"x": th.ones(2)}, path)
     assert os.listdir(tmp_path) == ["model000001.pt"]
     assert th.equal(th.load(path)["x"], th.ones(2))
 

@@ -1,0 +1,95 @@
+"""
+Writing files so that a reader (or a resumed run) sees either the old file or the whole new one, never a part:
+everything is written to a temporary file beside the target and renamed over it.
+"""
+
+import contextlib
+import json
+import os
+
+import numpy as np
+
+# Temporary files start with this prefix, so a folder's leftovers from a killed writer can be recognised.
+TMP_PREFIX = ".tmp-"
+
+
+def temporary_path(path):
+    """
+    The temporary file that stands in for `path` while it is written (same folder, so the rename is atomic).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{name}")
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """
+    A file object for writing `path`: on a clean exit it is synced and renamed over `path`; on an exception the
+    temporary file is removed and `path` is left as it was. The parent folder is created if missing.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write(path, write):
+    """
+    Call write(file) on a binary file that becomes `path` only once write returns.
+    """
+    with atomic_open(path) as f:
+        write(f)
+
+
+def write_text_atomic(path, text):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_npz_atomic(path, arrays, compressed=False):
+    """
+    np.savez to `path` atomically. `arrays` is a list (saved as arr_0, arr_1, ... as ADM's scripts save them) or
+    a dict of named arrays.
+    """
+    save = np.savez_compressed if compressed else np.savez
+    if isinstance(arrays, dict):
+        atomic_write(path, lambda f: save(f, **arrays))
+    else:
+        atomic_write(path, lambda f: save(f, *arrays))
+
+
+def torch_save_atomic(obj, path):
+    """
+    torch.save to `path` atomically; object-store URLs (blobfile) publish a blob only once its upload completes,
+    so they are written directly.
+    """
+    import torch as th
+
+    if "://" in path:
+        import blobfile as bf
+
+        with bf.BlobFile(path, "wb") as f:
+            th.save(obj, f)
+        return
+    atomic_write(path, lambda f: th.save(obj, f))
+
+
+def remove_temporary_files(folder):
+    """
+    Delete the temporary files a killed writer left in `folder`.
+    """
+    for name in os.listdir(folder):
+        if name.startswith(TMP_PREFIX):
+            os.remove(os.path.join(folder, name))
