@@ -1,0 +1,233 @@
+"""
+What the sampling scripts share around their own part (which model, which labels or base samples, which sampler
+call): the common flags and their checks, the run's folder and device, building and loading the model with its
+guidance, the sampler call on per-sample random streams, and the resumable run. See random_streams.py for the
+seeding scheme and run_store.py for the work split and resuming.
+
+A script is then:
+
+    def sample(args):
+        run = start_run(args, checkpoints={"model_path": "diffusion model"})
+        model, guided, diffusion = build_guided_model(args, run, create_model_and_diffusion, ...)
+        def sample_batch(start, end, generators): ...   # the script's own part
+        return finish_run("image_sample", args, run, args.image_size, sample_batch)
+"""
+
+from types import SimpleNamespace
+
+from . import dist_util, logger
+from .checkpoints import load_for_sampling, resolve_checkpoint
+from .errors import UsageError
+from .flag_files import FlagFileArgumentParser
+from .guidance import check_guidance_args, guidance_defaults, guide_model
+from .image_output import to_uint8_images
+from .random_streams import PerSampleNoise
+from .run_store import mpi_comm, run_record, run_sampling
+from .script_util import add_dict_to_argparser, args_to_dict
+
+
+def exit_with_usage_error(parser, exc):
+    """
+    Print a UsageError as argparse prints its own errors, without the long usage text (ADM's scripts have dozens
+    of flags) and once per run rather than once per MPI rank; exit with status 2.
+    """
+    if mpi_comm().rank == 0:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    raise SystemExit(2)
+
+
+def sampling_defaults():
+    """
+    Flags every sampling script has: ADM's (clip_denoised, num_samples, batch_size, use_ddim) and ours: the seed,
+    an optional PNG grid and an optional output folder (default: the logger's folder, $OPENAI_LOGDIR or a fresh
+    temporary folder, as in ADM).
+    """
+    return dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        seed=0,
+        grid="",
+        out_dir="",
+    )
+
+
+def create_sampling_argparser(description, defaults):
+    """
+    An argument parser (with @flagfile support) for the script's own defaults, the common sampling flags and
+    every guidance method's flags, in ADM's add_dict_to_argparser style.
+    """
+    merged = sampling_defaults()
+    merged.update(defaults)
+    merged.update(guidance_defaults())
+    parser = FlagFileArgumentParser(description=" ".join(description.split()))
+    add_dict_to_argparser(parser, merged)
+    return parser
+
+
+def run_main(parser, sample, argv=None, args=None):
+    """
+    Parse the flags (unless `args` is given) and call sample(args); a UsageError becomes one error line.
+    """
+    if args is None:
+        args = parser.parse_args(argv)
+    try:
+        return sample(args)
+    except UsageError as exc:
+        exit_with_usage_error(parser, exc)
+
+
+def check_sampling_args(args):
+    if args.num_samples <= 0:
+        raise UsageError(f"--num_samples must be positive, got {args.num_samples}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+
+
+def check_diffusion_args(args):
+    """
+    Reject the diffusion flags the factories would fail on, with messages that name the flag.
+    """
+    from .respace import space_timesteps
+
+    if args.diffusion_steps <= 0:
+        raise UsageError(f"--diffusion_steps must be positive, got {args.diffusion_steps}")
+    if args.noise_schedule not in ("linear", "cosine"):
+        raise UsageError(f"--noise_schedule must be 'linear' or 'cosine', got {args.noise_schedule!r}")
+    respacing = args.timestep_respacing
+    if not respacing:
+        return
+    if respacing.startswith("ddim"):
+        if not respacing[len("ddim"):].isdigit():
+            raise UsageError(
+                f"--timestep_respacing {respacing!r} is malformed: 'ddimN' needs an integer N, e.g. ddim25"
+            )
+    else:
+        try:
+            counts = [int(c) for c in respacing.split(",")]
+        except ValueError:
+            counts = None
+        if not counts or min(counts) <= 0:
+            raise UsageError(
+                f"--timestep_respacing {respacing!r} is malformed: use comma-separated positive step counts "
+                f"(e.g. 250 or 10,15,20), 'ddimN' (e.g. ddim25), or '' for all {args.diffusion_steps} steps"
+            )
+    try:
+        space_timesteps(args.diffusion_steps, respacing)
+    except ValueError as exc:
+        hint = ""
+        if respacing.startswith("ddim"):
+            hint = (
+                "; 'ddimN' keeps every k-th step, so N must be reachable with an integer stride k "
+                f"from {args.diffusion_steps} steps (give a plain count such as {respacing[4:]} instead)"
+            )
+            if args.use_ddim:
+                hint += "; --use_ddim works with any respacing"
+        raise UsageError(
+            f"--timestep_respacing {respacing!r} does not fit --diffusion_steps {args.diffusion_steps}: {exc}{hint}"
+        ) from None
+
+
+def configure_logger(out_dir, comm):
+    """
+    Configure ADM's logger in one folder for all ranks: --out_dir, else $OPENAI_LOGDIR, else rank 0's fresh
+    temporary folder (each rank would otherwise make its own).
+    :return: the folder the samples go to.
+    """
+    from . import logger
+
+    folder = None
+    if comm.rank == 0:
+        logger.configure(dir=out_dir or None)
+        folder = logger.get_dir()
+    folder = comm.bcast(folder, root=0)
+    if comm.rank != 0:
+        logger.configure(dir=folder)
+    return folder
+
+
+def start_run(args, checkpoints, kind="diffusion"):
+    """
+    Check every flag that can be checked without loading anything, resolve the checkpoints, then set up the
+    logger's folder (one for all ranks) and the device.
+
+    :param checkpoints: {flag name: what it holds}, e.g. {"model_path": "diffusion model"}.
+    :return: a namespace with comm, out_dir, device and paths ({flag name: checkpoint path}).
+    """
+    check_sampling_args(args)
+    check_guidance_args(args)
+    check_diffusion_args(args)
+    paths = {
+        flag: resolve_checkpoint(getattr(args, flag), f"--{flag}", what, kind if flag == "model_path" else "classifier")
+        for flag, what in checkpoints.items()
+    }
+    # No torch.distributed group is needed: ranks share work through files and MPI alone.
+    comm = mpi_comm()
+    out_dir = configure_logger(args.out_dir, comm)
+    return SimpleNamespace(comm=comm, out_dir=out_dir, device=dist_util.dev(), paths=paths)
+
+
+def create_from_flags(create, defaults, args):
+    """
+    create(**flags) with the flags named by defaults(); an architecture the factories reject is a UsageError.
+    """
+    try:
+        return create(**args_to_dict(args, defaults().keys()))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def build_guided_model(args, run, create, defaults, what="diffusion model"):
+    """
+    Build the model and diffusion from the flags, check the guidance flags against the model, load
+    --model_path and wrap the model in the guidance the flags ask for.
+    :return: (model, guided model, diffusion).
+    """
+    logger.log(f"creating {what} and diffusion...")
+    model, diffusion = create_from_flags(create, defaults, args)
+    guided = guide_model(model, diffusion, args, log=logger.log)
+    load_for_sampling(model, run.paths["model_path"], "--model_path", what, args.use_fp16, run.device)
+    return model, guided, diffusion
+
+
+def sample_images(diffusion, model_fn, args, generators, image_size, model_kwargs, cond_fn=None, device=None):
+    """
+    Run ADM's sampler (DDIM with --use_ddim, else ancestral) on one batch whose random draws all come from the
+    samples' own generators. :return: uint8 NHWC images.
+    """
+    noise = PerSampleNoise(generators)
+    shape = (len(generators), 3, image_size, image_size)
+    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    sample = loop(
+        model_fn,
+        shape,
+        noise=noise.draw(shape, device),
+        clip_denoised=args.clip_denoised,
+        cond_fn=cond_fn,
+        model_kwargs=model_kwargs,
+        device=device,
+        noise_fn=noise,
+    )
+    return to_uint8_images(sample)
+
+
+def finish_run(script, args, run, image_size, sample_batch):
+    """
+    Sample every index with all ranks, resumably, and write the final .npz (see run_store.run_sampling).
+    :return: the path of the final .npz.
+    """
+    logger.log("sampling...")
+    path = run_sampling(
+        script=script,
+        args=args,
+        out_dir=run.out_dir,
+        image_shape=(image_size, image_size, 3),
+        sample_batch=sample_batch,
+        record=run_record(script, args, checkpoint_flags=tuple(run.paths) + getattr(run, "extra_files", ())),
+        comm=run.comm,
+    )
+    logger.log("sampling complete")
+    return path
