@@ -149,6 +149,14 @@ def check_guidance_args(args):
         method.check(args)
 
 
+def describe_guidance(args):
+    """
+    One line naming the guidance the flags turn on, or saying that none is.
+    """
+    lines = [method.describe(args) for method in GUIDANCE_METHODS if method.enabled(args)]
+    return "; ".join(lines) if lines else "no guidance"
+
+
 def guide_model(model, diffusion, args, log=None):
     """
     Check the guidance flags against the built model and return the model wrapped by every enabled method (the

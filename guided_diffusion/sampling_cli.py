@@ -149,17 +149,20 @@ def configure_logger(out_dir, comm):
     return folder
 
 
-def start_run(args, checkpoints, kind="diffusion"):
+def start_run(args, checkpoints, kind="diffusion", check=None):
     """
     Check every flag that can be checked without loading anything, resolve the checkpoints, then set up the
-    logger's folder (one for all ranks) and the device.
+    logger's folder (one for all ranks) and the device. Nothing is written before every check has passed.
 
-    :param checkpoints: {flag name: what it holds}, e.g. {"model_path": "diffusion model"}.
-    :return: a namespace with comm, out_dir, device and paths ({flag name: checkpoint path}).
+    :param checkpoints: {flag name: what it holds}, e.g. {"model_path": "diffusion model"}; --model_path's
+                        example file name uses `kind`, the others' "classifier".
+    :param check: the script's own checks, check(args) -> anything (kept as run.checked), run before the folder.
+    :return: a namespace with comm, out_dir, device, paths ({flag name: checkpoint path}) and checked.
     """
     check_sampling_args(args)
     check_guidance_args(args)
     check_diffusion_args(args)
+    checked = check(args) if check is not None else None
     paths = {
         flag: resolve_checkpoint(getattr(args, flag), f"--{flag}", what, kind if flag == "model_path" else "classifier")
         for flag, what in checkpoints.items()
@@ -167,7 +170,7 @@ def start_run(args, checkpoints, kind="diffusion"):
     # No torch.distributed group is needed: ranks share work through files and MPI alone.
     comm = mpi_comm()
     out_dir = configure_logger(args.out_dir, comm)
-    return SimpleNamespace(comm=comm, out_dir=out_dir, device=dist_util.dev(), paths=paths)
+    return SimpleNamespace(comm=comm, out_dir=out_dir, device=dist_util.dev(), paths=paths, checked=checked)
 
 
 def create_from_flags(create, defaults, args):
@@ -214,9 +217,12 @@ def sample_images(diffusion, model_fn, args, generators, image_size, model_kwarg
     return to_uint8_images(sample)
 
 
-def finish_run(script, args, run, image_size, sample_batch):
+def finish_run(script, args, run, image_size, sample_batch, input_flags=()):
     """
     Sample every index with all ranks, resumably, and write the final .npz (see run_store.run_sampling).
+
+    :param input_flags: flags naming input files besides the checkpoints (e.g. base_samples) that the run record
+                        fingerprints, so a resumed run cannot mix outputs of two different inputs.
     :return: the path of the final .npz.
     """
     logger.log("sampling...")
@@ -226,7 +232,7 @@ def finish_run(script, args, run, image_size, sample_batch):
         out_dir=run.out_dir,
         image_shape=(image_size, image_size, 3),
         sample_batch=sample_batch,
-        record=run_record(script, args, checkpoint_flags=tuple(run.paths) + getattr(run, "extra_files", ())),
+        record=run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags)),
         comm=run.comm,
     )
     logger.log("sampling complete")

@@ -1,6 +1,7 @@
 """
 scripts/image_sample.py and scripts/classifier_sample.py end to end, on tiny random-weight models, and the pieces
-of guided_diffusion/sample_util.py they rest on: per-sample random streams, resumable parts, the PNG grid.
+of the shared sampling layer they rest on: per-sample random streams (random_streams.py), resumable parts
+(run_store.py), the PNG grid (image_output.py) and the guidance flags (guidance.py).
 
 The scripts run in this process through main(argv) where possible (importing torch again per run would dominate
 the time) and as subprocesses for the MPI test.
@@ -19,18 +20,14 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import sample_util
+from guided_diffusion import run_store
+from guided_diffusion.errors import UsageError
+from guided_diffusion.guidance import PAGFlags, parse_interval
+from guided_diffusion.image_output import image_grid, png_bytes, to_uint8_images
+from guided_diffusion.random_streams import PerSampleNoise, sample_generator
 from guided_diffusion.respace import space_timesteps
-from guided_diffusion.sample_util import (
-    PerSampleNoise,
-    UsageError,
-    image_grid,
-    missing_batches,
-    png_bytes,
-    sample_generator,
-    sample_images,
-    to_uint8_images,
-)
+from guided_diffusion.run_store import missing_batches
+from guided_diffusion.sampling_cli import sample_images
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     classifier_defaults,
@@ -277,15 +274,15 @@ def test_png_grid_layout():
 
 
 def test_parse_pag_interval():
-    assert sample_util.parse_pag_interval("", 100) is None
-    assert sample_util.parse_pag_interval(" 10 , 20 ", 100) == (10, 20)
-    assert sample_util.parse_pag_interval("0,99", 100) == (0, 99)
+    assert parse_interval("", 100, "--pag_interval") is None
+    assert parse_interval(" 10 , 20 ", 100, "--pag_interval") == (10, 20)
+    assert parse_interval("0,99", 100, "--pag_interval") == (0, 99)
     for bad in ("5", "1,2,3", "a,b", "1.5,3"):
         with pytest.raises(UsageError, match="is malformed"):
-            sample_util.parse_pag_interval(bad, 100)
+            parse_interval(bad, 100, "--pag_interval")
     for bad in ("20,10", "-1,5", "0,100"):
         with pytest.raises(UsageError, match=r"out of range: expected 'lo,hi' with integers 0 <= lo <= hi <= 99"):
-            sample_util.parse_pag_interval(bad, 100)
+            parse_interval(bad, 100, "--pag_interval")
 
 
 def test_pag_interval_follows_rescaled_timesteps():
@@ -294,9 +291,12 @@ def test_pag_interval_follows_rescaled_timesteps():
     args.update(TINY)
     model, _ = create_model_and_diffusion(**args)
     ns = SimpleNamespace(pag_scale=1.0, pag_layers="middle", pag_interval="10,20", diffusion_steps=100)
-    assert sample_util.check_pag_args(SimpleNamespace(**vars(ns), rescale_timesteps=False), model) == (10, 20)
-    # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
-    assert sample_util.check_pag_args(SimpleNamespace(**vars(ns), rescale_timesteps=True), model) == (100.0, 200.0)
+    pag_flags = PAGFlags()
+    for rescale, expected in ((False, (10, 20)), (True, (100.0, 200.0))):
+        # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
+        args = SimpleNamespace(**vars(ns), rescale_timesteps=rescale)
+        pag_flags.check_model(args, model)
+        assert pag_flags.t_range(args) == expected
 
 
 # --- image_sample.py ------------------------------------------------------------------------------------------
@@ -390,16 +390,16 @@ def test_interrupted_run_resumes_without_duplicates(image_sample, ckpt, tmp_path
 
     out_dir = tmp_path / "resumed"
     parts = out_dir / "samples_5x32x32x3_parts"
-    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
     with pytest.raises(SystemExit) as stopped:
         image_sample.main(tiny_flags(out_dir=out_dir, **common))
-    assert stopped.value.code == sample_util.STOP_EXIT_CODE
+    assert stopped.value.code == run_store.STOP_EXIT_CODE
     assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "run.json"]
     assert not (out_dir / "samples_5x32x32x3.npz").exists()
     # A temporary file a killed run left behind is not a part.
     (parts / ".tmp-12345-000000002-000000004.npz").write_bytes(b"truncated")
 
-    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     resumed = run_main(image_sample, tiny_flags(out_dir=out_dir, **common))
     np.testing.assert_array_equal(resumed["arr_0"], reference["arr_0"])
     np.testing.assert_array_equal(resumed["arr_1"], reference["arr_1"])
@@ -409,13 +409,13 @@ def test_interrupted_run_resumes_without_duplicates(image_sample, ckpt, tmp_path
 def test_resume_with_another_batch_size_fills_only_the_gaps(image_sample, ckpt, tmp_path, monkeypatch):
     common = dict(model_path=ckpt.cond, class_cond=True, num_samples=5, seed=9)
     out_dir = tmp_path / "run"
-    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
     with pytest.raises(SystemExit):
         image_sample.main(tiny_flags(out_dir=out_dir, batch_size=2, **common))
     first_part = out_dir / "samples_5x32x32x3_parts" / "000000000-000000002.npz"
     with np.load(first_part) as data:
         kept = data["arr_0"].copy()
-    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     resumed = run_main(image_sample, tiny_flags(out_dir=out_dir, batch_size=3, **common))
     assert resumed["arr_0"].shape == (5, 32, 32, 3)
     np.testing.assert_array_equal(resumed["arr_1"], expected_labels(9, 5))
@@ -424,10 +424,10 @@ def test_resume_with_another_batch_size_fills_only_the_gaps(image_sample, ckpt, 
 
 def test_resume_refuses_other_flags(image_sample, ckpt, tmp_path, monkeypatch, capsys):
     common = dict(model_path=ckpt.uncond, num_samples=4, batch_size=2, out_dir=tmp_path)
-    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
     with pytest.raises(SystemExit):
         image_sample.main(tiny_flags(**common))
-    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         image_sample.main(tiny_flags(pag_scale=1.5, **common))
@@ -446,7 +446,7 @@ def test_two_mpi_ranks_match_one_process(image_sample, ckpt, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
-    env.pop(sample_util.STOP_AFTER_ENV, None)
+    env.pop(run_store.STOP_AFTER_ENV, None)
     command = [
         "mpiexec",
         "-n",
@@ -602,7 +602,7 @@ def test_super_res_sample_rejects_bad_base_samples(super_res_sample, sr_files, t
 
 
 def test_small_images_are_enlarged_for_the_grid():
-    from guided_diffusion.sample_util import enlarge_small
+    from guided_diffusion.image_output import enlarge_small
 
     images = np.arange(2 * 16 * 16 * 3, dtype=np.uint8).reshape(2, 16, 16, 3)
     big = enlarge_small(images)
