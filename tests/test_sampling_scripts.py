@@ -647,6 +647,7 @@ def test_super_res_sample_with_pag(super_res_sample, sr_files, tmp_path):
     [
         (dict(base_samples=""), "--base_samples is required: pass the .npz of low-resolution samples"),
         (dict(base_samples="none.npz"), "--base_samples 'none.npz': no such file"),
+        (dict(base_samples="."), "--base_samples '.' is a folder, not a file"),
         ("base64", "arr_0 must hold uint8 images shaped (N, 32, 32, 3) to match --small_size 32"),
     ],
 )
