@@ -171,6 +171,61 @@ def _append_rows(value, rows, batch_size):
     return th.cat([value, _take_rows(value, rows, batch_size)])
 
 
+def check_scale(scale, method):
+    """
+    A guidance scale as a float: any finite real number (a one-element tensor too).
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, th.Tensor)):
+        raise ValueError(f"{method} scale must be a real number, got {scale!r}")
+    if th.is_tensor(scale):
+        if scale.numel() != 1:
+            raise ValueError(f"{method} scale must be a single number, got a tensor of shape {tuple(scale.shape)}")
+        scale = scale.item()
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{method} scale must be finite, got {scale}")
+    return scale
+
+
+def check_t_range(t_range):
+    """
+    None, or a pair (lo, hi) of floats with lo <= hi.
+    """
+    if t_range is None:
+        return None
+    try:
+        lo, hi = t_range
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"t_range must be a pair (lo, hi) of numbers, got {t_range!r}") from None
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"t_range must not contain NaN, got {t_range!r}")
+    if lo > hi:
+        raise ValueError(f"t_range must satisfy lo <= hi, got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
+def guided_rows(scale, t_range, t, batch_size):
+    """
+    The rows a guidance with this scale and t_range acts on: None (no row), True (every row) or a LongTensor of
+    row indices (those with lo <= t <= hi).
+    """
+    if scale == 0:
+        return None
+    if t_range is None:
+        return True
+    t = th.as_tensor(t)
+    if t.dim() == 0:
+        t = t.expand(batch_size)
+    lo, hi = t_range
+    inside = (t >= lo) & (t <= hi)
+    if bool(inside.all()):
+        return True
+    if not bool(inside.any()):
+        return None
+    return inside.nonzero().flatten()
+
+
 class PAGGuidedModel:
     """
     A model wrapper whose output is guided by Perturbed-Attention Guidance; call it like the model itself,
@@ -195,26 +250,8 @@ class PAGGuidedModel:
     """
 
     def __init__(self, model, scale, layers, t_range=None, batched=True, share_prefix=True, kind="identity", **params):
-        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, th.Tensor)):
-            raise ValueError(f"PAG scale must be a real number, got {scale!r}")
-        if th.is_tensor(scale):
-            if scale.numel() != 1:
-                raise ValueError(f"PAG scale must be a single number, got a tensor of shape {tuple(scale.shape)}")
-            scale = scale.item()
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"PAG scale must be finite, got {scale}")
-        if t_range is not None:
-            try:
-                lo, hi = t_range
-                lo, hi = float(lo), float(hi)
-            except (TypeError, ValueError):
-                raise ValueError(f"t_range must be a pair (lo, hi) of numbers, got {t_range!r}") from None
-            if math.isnan(lo) or math.isnan(hi):
-                raise ValueError(f"t_range must not contain NaN, got {t_range!r}")
-            if lo > hi:
-                raise ValueError(f"t_range must satisfy lo <= hi, got ({lo:g}, {hi:g})")
-            t_range = (lo, hi)
+        scale = check_scale(scale, "PAG")
+        t_range = check_t_range(t_range)
         self.perturbation = make_perturbation(kind, **params)
         self.model = model
         self.scale = scale
@@ -239,20 +276,7 @@ class PAGGuidedModel:
         """
         The rows to guide: None (no row), True (every row) or a LongTensor of row indices.
         """
-        if self.scale == 0:
-            return None
-        if self.t_range is None:
-            return True
-        t = th.as_tensor(t)
-        if t.dim() == 0:
-            t = t.expand(batch_size)
-        lo, hi = self.t_range
-        inside = (t >= lo) & (t <= hi)
-        if bool(inside.all()):
-            return True
-        if not bool(inside.any()):
-            return None
-        return inside.nonzero().flatten()
+        return guided_rows(self.scale, self.t_range, t, batch_size)
 
     def __call__(self, x, t, **model_kwargs):
         batch_size = x.shape[0]
