@@ -1,7 +1,8 @@
 """
 Like image_sample.py, but steer the model with a noisy-image classifier (classifier guidance, ADM's
---classifier_scale), optionally together with Perturbed-Attention Guidance (--pag_scale). Every sample gets a
-class label from its own random stream; the labels are saved as arr_1 next to the images (arr_0).
+--classifier_scale), optionally together with the guidance flags of guided_diffusion/guidance.py (e.g.
+Perturbed-Attention Guidance, --pag_scale). Every sample gets a class label from its own random stream; the labels
+are saved as arr_1 next to the images (arr_0).
 """
 
 import math
@@ -9,32 +10,11 @@ import math
 import torch as th
 import torch.nn.functional as F
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.flag_files import FlagFileArgumentParser
-from guided_diffusion.sample_util import (
-    UsageError,
-    check_diffusion_args,
-    check_pag_args,
-    check_pag_scale,
-    check_sampling_args,
-    configure_logger,
-    draw_labels,
-    exit_with_usage_error,
-    load_for_sampling,
-    mpi_comm,
-    pag_defaults,
-    pag_model,
-    parse_pag_interval,
-    resolve_checkpoint,
-    run_record,
-    run_sampling,
-    sample_images,
-    sampling_defaults,
-)
+from guided_diffusion import sampling_cli as cli
+from guided_diffusion.errors import UsageError
+from guided_diffusion.random_streams import draw_labels
 from guided_diffusion.script_util import (
     NUM_CLASSES,
-    add_dict_to_argparser,
-    args_to_dict,
     classifier_defaults,
     create_classifier,
     create_model_and_diffusion,
@@ -43,12 +23,7 @@ from guided_diffusion.script_util import (
 
 
 def main(argv=None):
-    parser = create_argparser()
-    args = parser.parse_args(argv)
-    try:
-        return sample(args)
-    except UsageError as exc:
-        exit_with_usage_error(parser, exc)
+    return cli.run_main(create_argparser(), sample, argv)
 
 
 def check_classifier_args(args):
@@ -63,39 +38,15 @@ def check_classifier_args(args):
 
 
 def sample(args):
-    # Check everything cheap before loading anything.
-    check_sampling_args(args)
-    check_pag_scale(args.pag_scale)
-    parse_pag_interval(args.pag_interval, args.diffusion_steps)
-    check_diffusion_args(args)
-    check_classifier_args(args)
-    model_path = resolve_checkpoint(args.model_path, "--model_path", "diffusion model", "diffusion")
-    classifier_path = resolve_checkpoint(args.classifier_path, "--classifier_path", "classifier", "classifier")
-
-    # No torch.distributed group is needed: ranks share work through files and MPI alone.
-    comm = mpi_comm()
-    out_dir = configure_logger(args.out_dir, comm)
-    device = dist_util.dev()
-
-    logger.log("creating model and diffusion...")
-    try:
-        model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    t_range = check_pag_args(args, model)
-    load_for_sampling(model, model_path, "--model_path", "diffusion model", args.use_fp16, device)
-    guided = pag_model(model, args, t_range)
-    if args.pag_scale > 0:
-        logger.log(f"PAG: scale {args.pag_scale}, layers {args.pag_layers!r}, interval {args.pag_interval or 'all'}")
-
-    logger.log("loading classifier...")
-    try:
-        classifier = create_classifier(**args_to_dict(args, classifier_defaults().keys()))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    load_for_sampling(
-        classifier, classifier_path, "--classifier_path", "classifier", args.classifier_use_fp16, device
+    run = cli.start_run(
+        args,
+        checkpoints={"model_path": "diffusion model", "classifier_path": "classifier"},
+        check=check_classifier_args,
     )
+    _, guided, diffusion = cli.build_guided_model(args, run, create_model_and_diffusion, model_and_diffusion_defaults)
+
+    classifier = cli.create_from_flags(create_classifier, classifier_defaults, args)
+    cli.load_checkpoint(run, classifier, "classifier_path", "classifier", args.classifier_use_fp16)
 
     def cond_fn(x, t, y=None):
         # The gradient of log p(y | x_t), scaled: condition_mean() shifts the mean along it.
@@ -112,43 +63,21 @@ def sample(args):
         return guided(x, t, y=y if args.class_cond else None)
 
     def sample_batch(start, end, generators):
-        classes = draw_labels(generators, NUM_CLASSES).to(device)
-        images = sample_images(
-            diffusion, model_fn, args, generators, args.image_size, {"y": classes}, cond_fn=cond_fn, device=device
+        classes = draw_labels(generators, NUM_CLASSES).to(run.device)
+        images = cli.sample_images(
+            diffusion, model_fn, args, generators, args.image_size, {"y": classes}, cond_fn=cond_fn,
+            device=run.device, progress=run.progress,
         )
         return [images, classes.cpu().numpy()]
 
-    logger.log("sampling...")
-    path = run_sampling(
-        script="classifier_sample",
-        args=args,
-        out_dir=out_dir,
-        image_shape=(args.image_size, args.image_size, 3),
-        sample_batch=sample_batch,
-        record=run_record("classifier_sample", args, checkpoint_flags=("model_path", "classifier_path")),
-        comm=comm,
-    )
-    logger.log("sampling complete")
-    return path
+    return cli.finish_run("classifier_sample", args, run, args.image_size, sample_batch)
 
 
 def create_argparser():
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        model_path="",
-        classifier_path="",
-        classifier_scale=1.0,
-    )
+    defaults = dict(model_path="", classifier_path="", classifier_scale=1.0)
     defaults.update(model_and_diffusion_defaults())
     defaults.update(classifier_defaults())
-    defaults.update(pag_defaults())
-    defaults.update(sampling_defaults())
-    parser = FlagFileArgumentParser(description=" ".join(__doc__.split()))
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return cli.create_sampling_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":

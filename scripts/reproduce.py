@@ -16,13 +16,15 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(SCRIPTS)
+for folder in (REPO, SCRIPTS):
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 from guided_diffusion.flag_files import CONFIG_DIR  # noqa: E402
 from guided_diffusion.atomic_io import write_json_atomic, write_text_atomic  # noqa: E402
-from guided_diffusion.reproduce_util import (  # noqa: E402
+from reproduce_rows import (  # noqa: E402
     FREE_FLAGS,
     METRICS,
     ReproduceError,
@@ -35,7 +37,7 @@ from guided_diffusion.reproduce_util import (  # noqa: E402
     select_configs,
     table_row,
 )
-from guided_diffusion.sample_util import STOP_AFTER_ENV, STOP_EXIT_CODE, output_paths, run_record  # noqa: E402
+from guided_diffusion.run_store import STOP_AFTER_ENV, STOP_EXIT_CODE, output_paths, run_record  # noqa: E402
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")
 

@@ -1,7 +1,8 @@
 """
 Upsample low-resolution samples (an .npz from image_sample.py, given with --base_samples) with a super-resolution
-model and save the results as a large numpy array, as ADM's super_res_sample.py does; plus Perturbed-Attention
-Guidance (--pag_scale), per-sample seeding (--seed), resumable runs and a PNG grid (--grid).
+model and save the results as a large numpy array, as ADM's super_res_sample.py does; plus the guidance flags of
+guided_diffusion/guidance.py (e.g. Perturbed-Attention Guidance, --pag_scale), per-sample seeding (--seed),
+resumable runs and a PNG grid (--grid).
 
 Output sample i upsamples base image i modulo the number of base images (the order ADM's script uses on one
 process), conditioned on its label when the model is class-conditional.
@@ -12,42 +13,13 @@ import os
 import numpy as np
 import torch as th
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.flag_files import FlagFileArgumentParser
-from guided_diffusion.sample_util import (
-    UsageError,
-    check_diffusion_args,
-    check_pag_args,
-    check_pag_scale,
-    check_sampling_args,
-    configure_logger,
-    exit_with_usage_error,
-    load_for_sampling,
-    mpi_comm,
-    pag_defaults,
-    pag_model,
-    parse_pag_interval,
-    resolve_checkpoint,
-    run_record,
-    run_sampling,
-    sample_images,
-    sampling_defaults,
-)
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
+from guided_diffusion import sampling_cli as cli
+from guided_diffusion.errors import UsageError
+from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 
 
 def main(argv=None):
-    parser = create_argparser()
-    args = parser.parse_args(argv)
-    try:
-        return sample(args)
-    except UsageError as exc:
-        exit_with_usage_error(parser, exc)
+    return cli.run_main(create_argparser(), sample, argv)
 
 
 def load_base_samples(args):
@@ -87,70 +59,32 @@ def load_base_samples(args):
 
 
 def sample(args):
-    # Check everything cheap before loading anything.
-    check_sampling_args(args)
-    check_pag_scale(args.pag_scale)
-    parse_pag_interval(args.pag_interval, args.diffusion_steps)
-    check_diffusion_args(args)
-    model_path = resolve_checkpoint(args.model_path, "--model_path", "super-resolution model", "upsampler")
-    base_images, base_labels = load_base_samples(args)
-
-    # No torch.distributed group is needed: ranks share work through files and MPI alone.
-    comm = mpi_comm()
-    out_dir = configure_logger(args.out_dir, comm)
-    device = dist_util.dev()
-
-    logger.log("creating model...")
-    try:
-        model, diffusion = sr_create_model_and_diffusion(
-            **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    t_range = check_pag_args(args, model)
-    load_for_sampling(model, model_path, "--model_path", "super-resolution model", args.use_fp16, device)
-    guided = pag_model(model, args, t_range)
-    if args.pag_scale > 0:
-        logger.log(f"PAG: scale {args.pag_scale}, layers {args.pag_layers!r}, interval {args.pag_interval or 'all'}")
+    run = cli.start_run(
+        args, checkpoints={"model_path": "super-resolution model"}, kind="upsampler", check=load_base_samples
+    )
+    base_images, base_labels = run.checked
+    _, guided, diffusion = cli.build_guided_model(
+        args, run, sr_create_model_and_diffusion, sr_model_and_diffusion_defaults, what="super-resolution model"
+    )
 
     def sample_batch(start, end, generators):
         which = np.arange(start, end) % len(base_images)
         low_res = th.from_numpy(base_images[which]).float() / 127.5 - 1
-        model_kwargs = {"low_res": low_res.permute(0, 3, 1, 2).contiguous().to(device)}
+        model_kwargs = {"low_res": low_res.permute(0, 3, 1, 2).contiguous().to(run.device)}
         if args.class_cond:
-            model_kwargs["y"] = th.from_numpy(base_labels[which]).long().to(device)
-        images = sample_images(diffusion, guided, args, generators, args.large_size, model_kwargs, device=device)
+            model_kwargs["y"] = th.from_numpy(base_labels[which]).long().to(run.device)
+        images = cli.sample_images(
+            diffusion, guided, args, generators, args.large_size, model_kwargs, device=run.device, progress=run.progress
+        )
         return [images]
 
-    logger.log("creating samples...")
-    path = run_sampling(
-        script="super_res_sample",
-        args=args,
-        out_dir=out_dir,
-        image_shape=(args.large_size, args.large_size, 3),
-        sample_batch=sample_batch,
-        record=run_record("super_res_sample", args, checkpoint_flags=("model_path", "base_samples")),
-        comm=comm,
-    )
-    logger.log("sampling complete")
-    return path
+    return cli.finish_run("super_res_sample", args, run, args.large_size, sample_batch, input_flags=("base_samples",))
 
 
 def create_argparser():
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        base_samples="",
-        model_path="",
-    )
+    defaults = dict(base_samples="", model_path="")
     defaults.update(sr_model_and_diffusion_defaults())
-    defaults.update(pag_defaults())
-    defaults.update(sampling_defaults())
-    parser = FlagFileArgumentParser(description=" ".join(__doc__.split()))
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return cli.create_sampling_argparser(__doc__, defaults)
 
 
 if __name__ == "__main__":

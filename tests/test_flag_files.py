@@ -2,7 +2,6 @@
 Flag files (@configs/NAME): expansion, overriding, and clear errors for typos and unknown configs.
 """
 
-import argparse
 import os
 
 import pytest

@@ -11,14 +11,19 @@ import io
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import pag, sample_util
+from guided_diffusion import pag, run_store
 from guided_diffusion.flag_files import available_configs, expand_flag_files, resolve_config
-from guided_diffusion.reproduce_util import (
+from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+from reproduce_rows import (  # noqa: E402
     ReproduceError,
     load_row,
     parse_published,
@@ -27,9 +32,6 @@ from guided_diffusion.reproduce_util import (
     select_configs,
     steps_label,
 )
-from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(
     image_size=16,
@@ -156,7 +158,7 @@ def run(reproduce, world, *argv):
 def _quiet_env(mp, cache_dir):
     mp.setenv("OMP_NUM_THREADS", "1")  # the sampler subprocess shares two cores with everything else
     mp.setenv("PAG_ADM_CACHE_DIR", str(cache_dir))
-    mp.delenv(sample_util.STOP_AFTER_ENV, raising=False)
+    mp.delenv(run_store.STOP_AFTER_ENV, raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -250,14 +252,14 @@ def test_interrupted_row_resumes(reproduce, first_run, world, tmp_path, monkeypa
     _, results, _ = first_run
     out_dir = tmp_path / "results"
     parts = out_dir / "tiny_pag" / "samples_8x16x16x3_parts"
-    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
     status, out, _ = run(reproduce, world, "tiny_pag", "--results", str(out_dir))
     assert status == 1
-    assert f"error: row tiny_pag: sampling stopped early (exit status {sample_util.STOP_EXIT_CODE}" in out
+    assert f"error: row tiny_pag: sampling stopped early (exit status {run_store.STOP_EXIT_CODE}" in out
     assert sorted(os.listdir(parts)) == ["000000000-000000004.npz", "run.json"]
     assert not (out_dir / "tiny_pag" / "metrics.json").exists()
 
-    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     status, out, _ = run(reproduce, world, "tiny_pag", "--results", str(out_dir))
     assert status == 0, out
     assert "(resuming)" in out and "resuming: 4 of 8 samples already in" in out

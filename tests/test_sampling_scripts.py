@@ -1,36 +1,32 @@
 """
 scripts/image_sample.py and scripts/classifier_sample.py end to end, on tiny random-weight models, and the pieces
-of guided_diffusion/sample_util.py they rest on: per-sample random streams, resumable parts, the PNG grid.
+of the shared sampling layer they rest on: per-sample random streams (random_streams.py), resumable parts
+(run_store.py), the PNG grid (image_output.py) and the guidance flags (guidance.py).
 
 The scripts run in this process through main(argv) where possible (importing torch again per run would dominate
 the time) and as subprocesses for the MPI test.
 """
 
 import importlib.util
+import io
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import sample_util
+from guided_diffusion import run_store
+from guided_diffusion.errors import UsageError
+from guided_diffusion.guidance import PAGFlags, parse_interval
+from guided_diffusion.image_output import image_bytes, image_grid, to_uint8_images
+from guided_diffusion.random_streams import PerSampleNoise, sample_generator
 from guided_diffusion.respace import space_timesteps
-from guided_diffusion.sample_util import (
-    PerSampleNoise,
-    UsageError,
-    image_grid,
-    missing_batches,
-    png_bytes,
-    sample_generator,
-    sample_images,
-    to_uint8_images,
-)
+from guided_diffusion.run_store import missing_batches
+from guided_diffusion.sampling_cli import sample_images
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     classifier_defaults,
@@ -245,24 +241,12 @@ def test_missing_batches_cuts_each_gap_separately():
     assert missing_batches(4, [(0, 4)], 2) == []
 
 
-def _read_png(data):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * 3)
-    assert (rows[:, 0] == 0).all()
-    return rows[:, 1:].reshape(height, width, 3)
+def _read_image(data, fmt="PNG"):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == fmt
+        return np.asarray(image.convert("RGB"))
 
 
 def test_png_grid_layout():
@@ -273,30 +257,33 @@ def test_png_grid_layout():
     np.testing.assert_array_equal(grid[2:6, 2:8], images[0])
     np.testing.assert_array_equal(grid[8:12, 10:16], images[4])
     assert not grid[8:12, 18:24].any()
-    np.testing.assert_array_equal(_read_png(png_bytes(grid)), grid)
+    np.testing.assert_array_equal(_read_image(image_bytes(grid)), grid)
 
 
 def test_parse_pag_interval():
-    assert sample_util.parse_pag_interval("", 100) is None
-    assert sample_util.parse_pag_interval(" 10 , 20 ", 100) == (10, 20)
-    assert sample_util.parse_pag_interval("0,99", 100) == (0, 99)
+    assert parse_interval("", 100, "--pag_interval") is None
+    assert parse_interval(" 10 , 20 ", 100, "--pag_interval") == (10, 20)
+    assert parse_interval("0,99", 100, "--pag_interval") == (0, 99)
     for bad in ("5", "1,2,3", "a,b", "1.5,3"):
         with pytest.raises(UsageError, match="is malformed"):
-            sample_util.parse_pag_interval(bad, 100)
+            parse_interval(bad, 100, "--pag_interval")
     for bad in ("20,10", "-1,5", "0,100"):
         with pytest.raises(UsageError, match=r"out of range: expected 'lo,hi' with integers 0 <= lo <= hi <= 99"):
-            sample_util.parse_pag_interval(bad, 100)
+            parse_interval(bad, 100, "--pag_interval")
 
 
 def test_pag_interval_follows_rescaled_timesteps():
     pytest.importorskip("guided_diffusion.pag")
     args = model_and_diffusion_defaults()
-    args.update(TINY)
-    model, _ = create_model_and_diffusion(**args)
+    args.update(TINY, timestep_respacing="")
+    model, diffusion = create_model_and_diffusion(**args)
     ns = SimpleNamespace(pag_scale=1.0, pag_layers="middle", pag_interval="10,20", diffusion_steps=100)
-    assert sample_util.check_pag_args(SimpleNamespace(**vars(ns), rescale_timesteps=False), model) == (10, 20)
-    # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
-    assert sample_util.check_pag_args(SimpleNamespace(**vars(ns), rescale_timesteps=True), model) == (100.0, 200.0)
+    pag_flags = PAGFlags()
+    for rescale, expected in ((False, (10, 20)), (True, (100.0, 200.0))):
+        # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
+        args = SimpleNamespace(**vars(ns), rescale_timesteps=rescale)
+        pag_flags.check_model(args, model, diffusion)
+        assert pag_flags.t_range(args) == expected
 
 
 # --- image_sample.py ------------------------------------------------------------------------------------------
@@ -325,10 +312,8 @@ def test_image_sample_outputs_and_grid(image_sample, ckpt, tmp_path):
     assert not os.path.exists(tmp_path / "samples_5x32x32x3_parts")
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
-    data = grid_path.read_bytes()
-    width, height = struct.unpack(">II", data[16:24])
-    assert data[12:16] == b"IHDR" and (width, height) == (3 * 34 + 2, 2 * 34 + 2)
-    grid = _read_png(data)
+    grid = _read_image(grid_path.read_bytes())
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
     np.testing.assert_array_equal(grid[2:34, 2:34], out["arr_0"][0])
     np.testing.assert_array_equal(grid[36:68, 36:68], out["arr_0"][4])
 
@@ -360,7 +345,7 @@ def test_ddim_sampling(image_sample, ckpt, tmp_path):
     assert np.abs(ancestral["arr_0"].astype(int) - ddim["arr_0"]).mean() > 1
 
 
-def test_pag_scale_zero_and_out_of_range_interval_equal_plain_run(image_sample, ckpt, tmp_path):
+def test_pag_scale_zero_equals_plain_run_and_intervals_act(image_sample, ckpt, tmp_path):
     common = dict(model_path=ckpt.uncond, num_samples=3, batch_size=3, seed=1)
     plain = run_main(image_sample, tiny_flags(out_dir=tmp_path / "plain", **common))
     zero = run_main(
@@ -368,12 +353,6 @@ def test_pag_scale_zero_and_out_of_range_interval_equal_plain_run(image_sample, 
     )
     np.testing.assert_array_equal(plain["arr_0"], zero["arr_0"])
 
-    assert sorted(space_timesteps(100, "5")) == [0, 25, 50, 74, 99]
-    # No sampled timestep lies in 1..24, so PAG never acts.
-    idle = run_main(
-        image_sample, tiny_flags(out_dir=tmp_path / "idle", pag_scale=3.0, pag_interval="1,24", **common)
-    )
-    np.testing.assert_array_equal(plain["arr_0"], idle["arr_0"])
 
     guided = run_main(image_sample, tiny_flags(out_dir=tmp_path / "pag", pag_scale=3.0, **common))
     late = run_main(
@@ -390,16 +369,16 @@ def test_interrupted_run_resumes_without_duplicates(image_sample, ckpt, tmp_path
 
     out_dir = tmp_path / "resumed"
     parts = out_dir / "samples_5x32x32x3_parts"
-    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
     with pytest.raises(SystemExit) as stopped:
         image_sample.main(tiny_flags(out_dir=out_dir, **common))
-    assert stopped.value.code == sample_util.STOP_EXIT_CODE
+    assert stopped.value.code == run_store.STOP_EXIT_CODE
     assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "run.json"]
     assert not (out_dir / "samples_5x32x32x3.npz").exists()
     # A temporary file a killed run left behind is not a part.
     (parts / ".tmp-12345-000000002-000000004.npz").write_bytes(b"truncated")
 
-    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     resumed = run_main(image_sample, tiny_flags(out_dir=out_dir, **common))
     np.testing.assert_array_equal(resumed["arr_0"], reference["arr_0"])
     np.testing.assert_array_equal(resumed["arr_1"], reference["arr_1"])
@@ -409,13 +388,13 @@ def test_interrupted_run_resumes_without_duplicates(image_sample, ckpt, tmp_path
 def test_resume_with_another_batch_size_fills_only_the_gaps(image_sample, ckpt, tmp_path, monkeypatch):
     common = dict(model_path=ckpt.cond, class_cond=True, num_samples=5, seed=9)
     out_dir = tmp_path / "run"
-    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
     with pytest.raises(SystemExit):
         image_sample.main(tiny_flags(out_dir=out_dir, batch_size=2, **common))
     first_part = out_dir / "samples_5x32x32x3_parts" / "000000000-000000002.npz"
     with np.load(first_part) as data:
         kept = data["arr_0"].copy()
-    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     resumed = run_main(image_sample, tiny_flags(out_dir=out_dir, batch_size=3, **common))
     assert resumed["arr_0"].shape == (5, 32, 32, 3)
     np.testing.assert_array_equal(resumed["arr_1"], expected_labels(9, 5))
@@ -424,10 +403,10 @@ def test_resume_with_another_batch_size_fills_only_the_gaps(image_sample, ckpt, 
 
 def test_resume_refuses_other_flags(image_sample, ckpt, tmp_path, monkeypatch, capsys):
     common = dict(model_path=ckpt.uncond, num_samples=4, batch_size=2, out_dir=tmp_path)
-    monkeypatch.setenv(sample_util.STOP_AFTER_ENV, "1")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
     with pytest.raises(SystemExit):
         image_sample.main(tiny_flags(**common))
-    monkeypatch.delenv(sample_util.STOP_AFTER_ENV)
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         image_sample.main(tiny_flags(pag_scale=1.5, **common))
@@ -446,7 +425,7 @@ def test_two_mpi_ranks_match_one_process(image_sample, ckpt, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
-    env.pop(sample_util.STOP_AFTER_ENV, None)
+    env.pop(run_store.STOP_AFTER_ENV, None)
     command = [
         "mpiexec",
         "-n",
@@ -477,20 +456,85 @@ BAD_IMAGE_SAMPLE_FLAGS = [
     (dict(num_samples=0), "--num_samples must be positive, got 0"),
     (dict(batch_size=-2), "--batch_size must be positive, got -2"),
     (dict(class_cond=True), "--class_cond False"),
+    (dict(pag_scale=3.0, pag_interval="1,24"), "--pag_interval '1,24' contains none of the 5 timesteps"),
+    (dict(grid="grid.xyz"), "--grid 'grid.xyz': cannot tell the image format from .xyz"),
+    (dict(model_path="."), "--model_path '.' is a folder, not a file"),
 ]
 
 
 @pytest.mark.parametrize("bad, message", BAD_IMAGE_SAMPLE_FLAGS)
 def test_image_sample_rejects_bad_flags(image_sample, ckpt, tmp_path, capsys, bad, message):
-    values = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path)
+    values = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path / "run")
     values.update(bad)
     with pytest.raises(SystemExit) as rejected:
         image_sample.main(tiny_flags(**values))
     assert rejected.value.code == 2
     err = capsys.readouterr().err
-    assert ": error: " in err
+    assert err.count(": error: ") == 1
     assert message in err
-    assert not (tmp_path / "samples_2x32x32x3.npz").exists()
+    # A run that never sampled leaves no output folder (nor log.txt) behind.
+    assert not (tmp_path / "run").exists()
+
+
+def _bad_checkpoints(folder, good):
+    data = open(good, "rb").read()
+    files = {
+        "truncated.pt": data[: len(data) // 2],
+        "empty.pt": b"",
+        "text.pt": b"not a checkpoint\n",
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    th.save({"model": th.load(good), "step": 7}, folder / "wrapped.pt")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("truncated.pt", "is not a readable PyTorch checkpoint"),
+        ("empty.pt", "is not a readable PyTorch checkpoint"),
+        ("text.pt", "is not a readable PyTorch checkpoint"),
+        ("wrapped.pt", "holds a dict with keys 'model', 'step', not a state dict of the diffusion model; its 'model'"),
+    ],
+)
+def test_unreadable_checkpoints_get_one_line_and_no_output_folder(image_sample, ckpt, tmp_path, capsys, name, message):
+    bad = _bad_checkpoints(tmp_path, ckpt.uncond) / name
+    with pytest.raises(SystemExit) as rejected:
+        image_sample.main(tiny_flags(model_path=bad, num_samples=2, batch_size=2, out_dir=tmp_path / "run"))
+    assert rejected.value.code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(error_lines) == 1 and str(bad) in error_lines[0] and message in error_lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(image_sample, ckpt, tmp_path, capsys):
+    existing = tmp_path / "taken"
+    existing.write_text("")
+    for out_dir, message in ((existing, "is an existing file"), (existing / "sub", "lies under the file")):
+        with pytest.raises(SystemExit):
+            image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=out_dir))
+        assert f"--out_dir {str(out_dir)!r} {message}" in capsys.readouterr().err
+
+
+def test_grid_format_follows_its_name_and_bare_names_go_in_the_run_folder(image_sample, ckpt, tmp_path, monkeypatch):
+    common = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2)
+    out = run_main(image_sample, tiny_flags(out_dir=tmp_path / "a", grid=tmp_path / "g.jpg", **common))
+    jpeg = (tmp_path / "g.jpg").read_bytes()
+    assert jpeg[:3] == b"\xff\xd8\xff"  # a JPEG, not PNG bytes under a .jpg name
+    grid = _read_image(jpeg, "JPEG")
+    # Lossy, but the first tile is the first sample rather than the second.
+    tile = grid[2:34, 2:34].astype(int)
+    assert np.abs(tile - out["arr_0"][0]).mean() < np.abs(tile - out["arr_0"][1]).mean()
+    # A bare file name lands in the run's own folder, not the working directory.
+    monkeypatch.chdir(tmp_path)
+    run_main(image_sample, tiny_flags(out_dir=tmp_path / "b", grid="grid.png", **common))
+    assert (tmp_path / "b" / "grid.png").exists() and not (tmp_path / "grid.png").exists()
+    # Sampling logs no key-value pairs: no always-empty progress.csv beside log.txt.
+    assert (tmp_path / "b" / "log.txt").exists() and not (tmp_path / "b" / "progress.csv").exists()
+    assert "creating diffusion model and diffusion" in (tmp_path / "b" / "log.txt").read_text()
 
 
 # --- classifier_sample.py -------------------------------------------------------------------------------------
@@ -602,7 +646,7 @@ def test_super_res_sample_rejects_bad_base_samples(super_res_sample, sr_files, t
 
 
 def test_small_images_are_enlarged_for_the_grid():
-    from guided_diffusion.sample_util import enlarge_small
+    from guided_diffusion.image_output import enlarge_small
 
     images = np.arange(2 * 16 * 16 * 3, dtype=np.uint8).reshape(2, 16, 16, 3)
     big = enlarge_small(images)

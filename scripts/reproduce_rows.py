@@ -1,7 +1,8 @@
 """
-What scripts/reproduce.py builds on: table-row configs and their header metadata, choosing configs by name or glob,
-the records that decide whether a row is already done, finding checkpoints, running the sampler with its output
-passed through, and the results table.
+What scripts/reproduce.py builds on, kept beside it (orchestration for that one script, not package API):
+table-row configs and their header metadata, choosing configs by name or glob, the records that decide whether a
+row is already done, finding checkpoints, running the sampler with its output passed through, and the results
+table.
 
 A table row is a flag file (configs/NAME.cfg) whose leading comment block carries `# key: value` lines:
 
@@ -25,7 +26,8 @@ import os
 import subprocess
 import sys
 
-from .flag_files import CONFIG_DIR, available_configs, resolve_config
+from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config
+from guided_diffusion.run_store import FLAGS_FREE_ON_RESUME
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,8 +54,8 @@ METRICS = (
 
 SUPPORTED_SCRIPTS = ("image_sample.py", "classifier_sample.py")
 
-# Flags that do not change the samples (as in sample_util's resumable runs), left out of the records compared.
-FREE_FLAGS = ("batch_size", "grid", "out_dir")
+# Flags that do not change the samples, left out of the records compared (as in the samplers' resumable runs).
+FREE_FLAGS = FLAGS_FREE_ON_RESUME
 
 
 class ReproduceError(Exception):
