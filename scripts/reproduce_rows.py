@@ -286,7 +286,7 @@ def table_row(row, args, metrics_record, status):
         "title": row.title,
         "steps": steps_label(args) if args is not None else None,
         "pag_scale": args.pag_scale if args is not None else None,
-        "pag_layers": args.pag_layers if args is not None and args.pag_scale > 0 else None,
+        "pag_layers": args.pag_layers if args is not None and args.pag_scale != 0 else None,
         "num_samples": args.num_samples if args is not None else None,
         "metrics": metrics_record["metrics"] if metrics_record else None,
         "published": row.published or None,

@@ -386,3 +386,64 @@ def test_kinds_table_and_descriptions():
     assert make_perturbation("blur", blur_sigma=3).describe() == "blur (blur_sigma=3, blur_kernel_size=5)"
     guided = PAGGuidedModel(tiny_unet(), 1.0, "middle", kind="noise", noise_scale=0.1)
     assert "perturbation='noise (noise_scale=0.1)'" in repr(guided)
+
+
+# --- the command-line flags ------------------------------------------------------------------------------------
+
+
+def flag_args(**values):
+    from types import SimpleNamespace
+
+    from guided_diffusion.guidance import guidance_defaults
+
+    args = dict(guidance_defaults(), diffusion_steps=1000, rescale_timesteps=False, num_heads=4, seed=0)
+    args.update(values)
+    return SimpleNamespace(**args)
+
+
+@pytest.mark.parametrize(
+    "values, kind, params",
+    [
+        ({}, "identity", {}),
+        (dict(pag_perturbation="mask", pag_drop_rate="0.3"), "mask", dict(drop_rate=0.3)),
+        (dict(pag_perturbation="mask", pag_drop_rate="1", pag_retain_diag=True), "mask", dict(drop_rate=1.0, retain_diag=True)),
+        (dict(pag_perturbation="drop", pag_drop_rate=" 0.5 "), "drop", dict(drop_rate=0.5)),
+        (dict(pag_perturbation="blur", pag_blur_sigma="9"), "blur", dict(blur_sigma=9.0)),
+        (dict(pag_perturbation="avgpool2d"), "avgpool2d", {}),
+        (dict(pag_perturbation="noise", pag_noise_scale="1.0"), "noise", dict(noise_scale=1.0)),
+    ],
+)
+def test_pag_perturbation_flags(values, kind, params):
+    from guided_diffusion.guidance import PAGFlags, check_guidance_args
+
+    args = flag_args(pag_scale=-0.5, **values)  # any finite scale, negative too
+    check_guidance_args(args)
+    assert PAGFlags().perturbation(args) == (kind, params)
+    guided = PAGFlags().wrap(tiny_unet(), None, args)
+    assert guided.scale == -0.5 and guided.perturbation.kind == kind
+    assert guided.perturbation.params == make_perturbation(kind, **params).params
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(pag_perturbation="attention_mask"), "--pag_perturbation 'attention_mask' is unknown; use one of identity, mask, drop, blur, avgpool2d, noise"),
+        (dict(pag_perturbation="mask"), "--pag_perturbation mask needs --pag_drop_rate (the probability of masking (mask) or zeroing (drop) each attention weight)"),
+        (dict(pag_perturbation="blur"), "--pag_perturbation blur needs --pag_blur_sigma"),
+        (dict(pag_perturbation="noise"), "--pag_perturbation noise needs --pag_noise_scale"),
+        (dict(pag_drop_rate="0.5"), "--pag_drop_rate applies to --pag_perturbation mask or drop only, not 'identity'"),
+        (dict(pag_perturbation="mask", pag_drop_rate="0.5", pag_noise_scale="1"), "--pag_noise_scale applies to --pag_perturbation noise only, not 'mask'"),
+        (dict(pag_perturbation="drop", pag_drop_rate="0.5", pag_retain_diag=True), "--pag_retain_diag applies to --pag_perturbation mask only, not 'drop'"),
+        (dict(pag_perturbation="blur", pag_blur_sigma="wide"), "--pag_blur_sigma 'wide' is not a number"),
+        (dict(pag_perturbation="drop", pag_drop_rate="2"), "--pag_perturbation drop: perturbation 'drop': drop_rate must be in [0, 1], got 2"),
+        (dict(pag_perturbation="mask", pag_drop_rate="1"), "--pag_perturbation mask: perturbation 'mask' with drop_rate 1 and retain_diag False"),
+        (dict(pag_scale=math.inf), "--pag_scale must be a finite number (0 turns PAG off), got inf"),
+    ],
+)
+def test_pag_perturbation_flag_errors(values, message):
+    from guided_diffusion.errors import UsageError
+    from guided_diffusion.guidance import check_guidance_args
+
+    with pytest.raises(UsageError) as info:
+        check_guidance_args(flag_args(**values))
+    assert message in str(info.value)

@@ -307,3 +307,98 @@ def test_images_smaller_than_the_blur_kernel_are_reported():
         with torch.no_grad():
             guided(x, torch.full((1,), diffusion.timestep_map[3]), y=torch.tensor([1]))
     assert all(m.capture is None for m in model.modules() if isinstance(m, AttentionBlock))
+
+
+# --- the command-line flags and the scripts ---------------------------------------------------------------------
+
+
+def test_sag_flag_checks():
+    from guided_diffusion.errors import UsageError
+    from guided_diffusion.guidance import GUIDANCE_METHODS, SAGFlags, check_guidance_args, guide_model
+
+    from test_perturbations import flag_args
+
+    assert [m.name for m in GUIDANCE_METHODS] == ["PAG", "SAG"]
+    args = flag_args()
+    assert (args.sag_scale, args.sag_layer, args.sag_blur_sigma, args.sag_heads) == (0.0, LAYER, 9.0, "num_heads")
+    model = tiny_unet()
+    diffusion = respaced("10")
+    # Off with the defaults: the plain model, whatever the default layer.
+    assert guide_model(model, diffusion, args) is model
+    for values, message in [
+        (dict(sag_scale=math.nan), "--sag_scale must be a finite number (0 turns SAG off), got nan"),
+        (dict(sag_blur_sigma=0.0), "--sag_blur_sigma must be a finite number > 0, got 0.0"),
+        (dict(sag_interval="5"), "--sag_interval '5' is malformed"),
+        (dict(sag_heads="some"), "--sag_heads 'some': use 'num_heads'"),
+        (dict(sag_heads="0"), "--sag_heads '0': use 'num_heads'"),
+        (dict(sag_scale=0.5, pag_scale=1.0), "--sag_scale and --pag_scale cannot both be set"),
+    ]:
+        with pytest.raises(UsageError) as info:
+            check_guidance_args(flag_args(**values))
+        assert message in str(info.value)
+    for values, message in [
+        (dict(sag_layer="output_blocks.4.1"), "--sag_layer 'output_blocks.4.1': unknown attention block 'output_blocks.4.1'; this model's attention blocks are: input_blocks.3.1"),
+        (dict(sag_scale=0.5, sag_layer="output_blocks.4.1"), "--sag_layer 'output_blocks.4.1': unknown attention block"),
+        (dict(sag_scale=0.5, sag_layer="all"), "SAG reads the attention map of one block; layer 'all' selects 7"),
+        (dict(sag_layer="all"), "--sag_layer 'all' selects 7 attention blocks; give one"),
+        (dict(sag_scale=0.5, sag_heads="3"), "SAG map_heads 3 does not divide the 64 channels of output_blocks.2.1"),
+        (dict(sag_scale=0.5, sag_interval="1,50"), "--sag_interval '1,50' contains none of the 10 timesteps"),
+    ]:
+        with pytest.raises(UsageError) as info:
+            guide_model(model, diffusion, flag_args(**values))
+        assert message in str(info.value)
+    guided = guide_model(model, diffusion, flag_args(sag_scale=0.5, sag_interval="100,999"))
+    assert isinstance(guided, SAGGuidedModel) and guided.t_range == (100.0, 999.0)
+    assert guided.map_heads == 4  # the official choice: the --num_heads flag
+    assert guide_model(model, diffusion, flag_args(sag_scale=0.5, sag_heads="block")).map_heads == 2
+    assert "SAG: scale 0.5, layer 'output_blocks.2.1', blur sigma 9" in SAGFlags().describe(flag_args(sag_scale=0.5))
+
+
+def _scripts():
+    from test_sampling_scripts import _load_script
+
+    return _load_script("image_sample"), _load_script("classifier_sample")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    from test_sampling_scripts import TINY_CLASSIFIER, _randomize_zero_params, _save_model
+    from guided_diffusion.script_util import classifier_defaults, create_classifier
+
+    folder = tmp_path_factory.mktemp("sag_ckpt")
+    cond = _save_model(folder / "cond.pt", 2, class_cond=True)
+    uncond64 = _save_model(folder / "uncond64.pt", 3, image_size=64)
+    torch.manual_seed(4)
+    classifier_args = classifier_defaults()
+    classifier_args.update(image_size=64, **TINY_CLASSIFIER)
+    classifier = create_classifier(**classifier_args)
+    _randomize_zero_params(classifier, 4)
+    torch.save(classifier.state_dict(), folder / "classifier.pt")
+    return cond, uncond64, str(folder / "classifier.pt"), TINY_CLASSIFIER
+
+
+def test_scripts_sample_with_sag_and_perturbations(tiny_checkpoints, tmp_path):
+    from test_sampling_scripts import run_main, tiny_flags
+
+    image_sample, classifier_sample = _scripts()
+    cond, uncond64, classifier, classifier_flags = tiny_checkpoints
+    common = dict(model_path=cond, class_cond=True, num_samples=2, batch_size=2, seed=3)
+    plain = run_main(image_sample, tiny_flags(out_dir=tmp_path / "plain", **common))
+    sag = run_main(image_sample, tiny_flags(out_dir=tmp_path / "sag", sag_scale=2.0, sag_blur_sigma=3.0, **common))
+    assert np.abs(sag["arr_0"].astype(int) - plain["arr_0"]).mean() > 0.5
+    np.testing.assert_array_equal(sag["arr_1"], plain["arr_1"])
+    # A random perturbation: seeded, so a rerun gives the same samples; not the identity's samples.
+    noise = dict(pag_scale=3.0, pag_layers="all", pag_perturbation="noise", pag_noise_scale=0.5)
+    first = run_main(image_sample, tiny_flags(out_dir=tmp_path / "n1", **noise, **common))
+    again = run_main(image_sample, tiny_flags(out_dir=tmp_path / "n2", **noise, **common))
+    identity = run_main(image_sample, tiny_flags(out_dir=tmp_path / "id", pag_scale=3.0, pag_layers="all", **common))
+    np.testing.assert_array_equal(first["arr_0"], again["arr_0"])
+    assert np.abs(first["arr_0"].astype(int) - identity["arr_0"]).mean() > 0.5
+    # SAG with and without classifier guidance (64x64, the tiny classifier's size).
+    cg = dict(
+        image_size=64, model_path=uncond64, num_samples=2, batch_size=2, seed=3, classifier_path=classifier,
+        sag_scale=2.0, sag_blur_sigma=3.0, sag_layer="output_blocks.1.1", **classifier_flags,
+    )
+    both = run_main(classifier_sample, tiny_flags(out_dir=tmp_path / "cg", classifier_scale=10.0, **cg))
+    sag_only = run_main(classifier_sample, tiny_flags(out_dir=tmp_path / "nocg", classifier_scale=0.0, **cg))
+    assert np.abs(both["arr_0"].astype(int) - sag_only["arr_0"]).mean() > 0.5
