@@ -447,3 +447,120 @@ def test_pag_perturbation_flag_errors(values, message):
     with pytest.raises(UsageError) as info:
         check_guidance_args(flag_args(**values))
     assert message in str(info.value)
+
+
+# --- the shipped ablation rows -----------------------------------------------------------------------------------
+
+
+def parse_row(name):
+    """
+    (row, args) of a shipped row config, parsed with its script's parser.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    from guided_diffusion.flag_files import expand_flag_files, resolve_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "scripts"))
+    try:
+        from reproduce_rows import select_configs
+    finally:
+        sys.path.pop(0)
+    (row,) = select_configs([name])
+    spec = importlib.util.spec_from_file_location("_row_script", os.path.join(root, "scripts", row.script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokens, _ = expand_flag_files(["@" + resolve_config(name)])
+    args, unknown = module.create_argparser().parse_known_args(tokens)
+    assert unknown == [], f"{name}: {unknown}"
+    return row, args
+
+
+def row_names(pattern):
+    """
+    The row configs a reproduce.py glob selects (shared bases are not rows).
+    """
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    try:
+        from reproduce_rows import select_configs
+    finally:
+        sys.path.pop(0)
+    return sorted(row.name for row in select_configs([pattern]))
+
+
+def adm256_uncond_blocks():
+    from guided_diffusion.pag import attention_block_names
+    from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+    _, args = parse_row("adm256_layer_middle")
+    with torch.device("meta"):
+        model, _ = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    return model
+
+
+def test_adm256_perturbation_rows():
+    from guided_diffusion.guidance import PAGFlags, check_guidance_args
+
+    expected = {
+        "adm256_kind_identity": ("identity", {}, 32.34),
+        "adm256_kind_mask": ("mask", dict(drop_rate=0.5), 40.20),
+        "adm256_kind_mask_offdiag": ("mask", dict(drop_rate=0.5, retain_diag=True), 39.49),
+        "adm256_kind_noise": ("noise", dict(noise_scale=1.0), 62.83),
+        "adm256_kind_drop": ("drop", dict(drop_rate=0.5), None),
+        "adm256_kind_blur": ("blur", dict(blur_sigma=9.0), None),
+        "adm256_kind_avgpool2d": ("avgpool2d", {}, None),
+    }
+    assert row_names("adm256_kind_*") == sorted(expected)
+    for name, (kind, params, fid) in expected.items():
+        row, args = parse_row(name)
+        check_guidance_args(args)
+        assert PAGFlags().perturbation(args) == (kind, params)
+        assert (args.pag_scale, args.pag_layers, args.num_samples) == (1.0, "input_blocks.13.1", 5000)
+        assert (args.class_cond, args.timestep_respacing, args.use_ddim) == (False, "ddim25", True)
+        assert row.published == ({"fid": fid} if fid else {})
+    model = adm256_uncond_blocks()
+    assert resolve_layers(model, "input_blocks.13.1") == ["input_blocks.13.1"]
+
+
+def test_adm256_layer_and_scale_rows():
+    from guided_diffusion.pag import OFFICIAL_IMAGENET256_LAYERS, attention_block_names
+
+    model = adm256_uncond_blocks()
+    layers = []
+    for name in row_names("adm256_layer_*"):
+        _, args = parse_row(name)
+        assert (args.pag_scale, args.num_samples, args.timestep_respacing, args.pag_perturbation) == (1.0, 5000, "ddim25", "identity")
+        layers.append(args.pag_layers)
+    # One row per attention block of the model, each perturbing that block alone.
+    assert sorted(layers) == sorted(attention_block_names(model)) and len(layers) == 16
+    scales = []
+    for name in row_names("adm256_scale_*"):
+        _, args = parse_row(name)
+        assert args.pag_layers == OFFICIAL_IMAGENET256_LAYERS and args.num_samples == 5000
+        scales.append(args.pag_scale)
+    assert sorted(scales) == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]
+
+
+def test_digits_kind_and_layer_rows():
+    from guided_diffusion.guidance import PAGFlags
+
+    kinds = set()
+    for name in row_names("digits16_kind_*"):
+        _, args = parse_row(name)
+        assert (args.pag_scale, args.pag_layers, args.image_size) == (3.0, "middle", 16)
+        kind, params = PAGFlags().perturbation(args)
+        kinds.add(kind + ("_offdiag" if params.get("retain_diag") else ""))
+    assert kinds == set(KINDS) | {"mask_offdiag"}
+    from guided_diffusion.pag import attention_block_names
+    from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+    _, args = parse_row("digits16_layer_middle")
+    with torch.device("meta"):
+        model, _ = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    layers = [parse_row(name)[1].pag_layers for name in row_names("digits16_layer_*")]
+    assert sorted(layers) == sorted(attention_block_names(model))

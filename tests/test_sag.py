@@ -402,3 +402,52 @@ def test_scripts_sample_with_sag_and_perturbations(tiny_checkpoints, tmp_path):
     both = run_main(classifier_sample, tiny_flags(out_dir=tmp_path / "cg", classifier_scale=10.0, **cg))
     sag_only = run_main(classifier_sample, tiny_flags(out_dir=tmp_path / "nocg", classifier_scale=0.0, **cg))
     assert np.abs(both["arr_0"].astype(int) - sag_only["arr_0"]).mean() > 0.5
+
+
+# --- the shipped SAG rows ----------------------------------------------------------------------------------------
+
+
+def test_sag_rows_carry_the_readme_settings():
+    from guided_diffusion.guidance import SAGFlags, check_guidance_args
+    from guided_diffusion.pag import resolve_layers
+    from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+    from test_perturbations import parse_row, row_names
+
+    expected = {
+        # name: (sag_scale, layer, blur sigma, classifier scale or None, published FID)
+        "adm256_uncond_ddpm250_sag": (0.5, "output_blocks.2.1", 9.0, None, 20.31),
+        "adm256_uncond_ddpm250_sag_s0p8": (0.8, "output_blocks.2.1", 9.0, None, 20.08),
+        "adm256_cond_ddpm250_sag": (0.2, "output_blocks.2.1", 9.0, None, 9.41),
+        "adm128_cond_ddpm250_sag": (0.1, "output_blocks.8.1", 3.0, None, 5.11),
+        "adm128_cond_ddpm250_sag_cg": (0.1, "output_blocks.8.1", 3.0, 0.5, 2.58),
+        "adm128_cond_ddpm250_cg": (0.0, "output_blocks.2.1", 9.0, 0.5, 2.97),
+        "adm128_cond_ddpm250_baseline": (0.0, "output_blocks.2.1", 9.0, None, 5.91),
+        "digits16_sag": (1.0, "output_blocks.2.1", 3.0, None, None),
+    }
+    assert sorted(row_names("adm128_*")) == sorted(n for n in expected if n.startswith("adm128"))
+    assert row_names("digits16_sag*") == ["digits16_sag"]
+    assert sorted(n for n in row_names("adm256_*_sag*")) == sorted(n for n in expected if n.startswith("adm256"))
+    for name, (scale, layer, sigma, classifier_scale, fid) in expected.items():
+        row, args = parse_row(name)
+        check_guidance_args(args)
+        assert (args.sag_scale, args.sag_layer, args.sag_blur_sigma, args.sag_heads) == (scale, layer, sigma, "num_heads")
+        assert args.pag_scale == 0.0 and args.sag_interval == ""
+        assert row.script == ("classifier_sample.py" if classifier_scale is not None else "image_sample.py")
+        if classifier_scale is not None:
+            assert args.classifier_scale == classifier_scale
+            assert args.classifier_path == "models/128x128_classifier.pt"
+        assert row.published.get("fid") == fid
+        if name.startswith("adm"):
+            assert args.timestep_respacing == "250" and not args.use_ddim and args.num_samples == 50000
+        if scale:
+            # The block exists in the architecture, at the resolution the official code assumes for it
+            # (sel_attn_depth 2 -> 8x8 on ImageNet 256, 8 -> 32x32 on ImageNet 128).
+            with torch.device("meta"):
+                model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+            assert resolve_layers(model, layer) == [layer]
+            if name.startswith("adm"):
+                guided = SAGFlags().wrap(model, diffusion, args)
+                assert guided.map_heads == args.num_heads == 4
+                # ImageNet 256 blocks have 64-channel heads, so the official 4-head split is not their real map.
+                assert guided.block.attention.n_heads == (4 if "adm128" in name else 16)
