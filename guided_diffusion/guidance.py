@@ -4,7 +4,7 @@ The guidance flags of the sampling scripts, in one place.
 A script adds every guidance method's flags with guidance_defaults(), checks them before loading anything with
 check_guidance_args(args), and wraps its loaded model with guide_model(model, diffusion, args); it never names a
 method's flags itself. Each method is a GuidanceFlags subclass below that knows its flags, their checks and how
-to wrap a model; the method itself lives in its own module (PAG in pag.py). A new method is one more class here
+to wrap a model; the method itself lives in its own module (PAG in pag.py, SAG in sag.py). A new method is one more class here
 and one more entry in GUIDANCE_METHODS.
 """
 
@@ -113,19 +113,82 @@ class GuidanceFlags:
         raise NotImplementedError
 
 
+# The perturbations that draw random numbers.
+RANDOM_PERTURBATIONS = ("mask", "drop", "noise")
+
+# PAG's perturbation parameters: flag suffix -> what it is, for messages.
+PAG_PERTURBATION_FLAGS = {
+    "drop_rate": "the probability of masking (mask) or zeroing (drop) each attention weight",
+    "blur_sigma": "the std of the Gaussian blur of the attention map",
+    "noise_scale": "the std of the noise added to the attention map",
+}
+
+
 class PAGFlags(GuidanceFlags):
     """
-    Perturbed-Attention Guidance (pag.py): --pag_scale, --pag_layers, --pag_interval.
+    Perturbed-Attention Guidance (pag.py): --pag_scale, --pag_layers, --pag_interval, and the perturbation of the
+    paper's ablation (perturbations.py): --pag_perturbation KIND with --pag_drop_rate, --pag_retain_diag,
+    --pag_blur_sigma, --pag_noise_scale.
     """
 
     name = "PAG"
 
     def defaults(self):
-        return dict(pag_scale=0.0, pag_layers="middle", pag_interval="")
+        return dict(
+            pag_scale=0.0,
+            pag_layers="middle",
+            pag_interval="",
+            pag_perturbation="identity",
+            # Empty: not given. Each applies to the kinds that take it, and only to them.
+            pag_drop_rate="",
+            pag_retain_diag=False,
+            pag_blur_sigma="",
+            pag_noise_scale="",
+        )
 
     def check(self, args):
         check_pag_scale(args.pag_scale)
         parse_interval(args.pag_interval, args.diffusion_steps, "--pag_interval")
+        self.perturbation(args)
+
+    def perturbation(self, args):
+        """
+        The (kind, parameters) the perturbation flags ask for, checked.
+        """
+        from .perturbations import KINDS, make_perturbation
+
+        kind = args.pag_perturbation
+        if kind not in KINDS:
+            raise UsageError(f"--pag_perturbation {kind!r} is unknown; use one of {', '.join(KINDS)}")
+        required, optional = KINDS[kind]
+        params = {}
+        for name in PAG_PERTURBATION_FLAGS:
+            text = str(getattr(args, f"pag_{name}")).strip()
+            if not text:
+                continue
+            if name not in required:
+                takers = [k for k, (req, _) in KINDS.items() if name in req]
+                raise UsageError(
+                    f"--pag_{name} applies to --pag_perturbation {' or '.join(takers)} only, not {kind!r}"
+                )
+            try:
+                params[name] = float(text)
+            except ValueError:
+                raise UsageError(f"--pag_{name} {text!r} is not a number") from None
+        if args.pag_retain_diag:
+            if "retain_diag" not in optional:
+                raise UsageError(f"--pag_retain_diag applies to --pag_perturbation mask only, not {kind!r}")
+            params["retain_diag"] = True
+        for name in required:
+            if name not in params:
+                raise UsageError(
+                    f"--pag_perturbation {kind} needs --pag_{name} ({PAG_PERTURBATION_FLAGS[name]})"
+                )
+        try:
+            make_perturbation(kind, **params)
+        except ValueError as exc:
+            raise UsageError(f"--pag_perturbation {kind}: {exc}") from None
+        return kind, params
 
     def enabled(self, args):
         return args.pag_scale != 0
@@ -150,19 +213,152 @@ class PAGFlags(GuidanceFlags):
     def wrap(self, model, diffusion, args):
         from .pag import PAGGuidedModel
 
-        return PAGGuidedModel(model, scale=args.pag_scale, layers=args.pag_layers, t_range=self.t_range(args))
+        kind, params = self.perturbation(args)
+        if kind in RANDOM_PERTURBATIONS:
+            # These draw from torch's global generator, as in the official code, which the scripts use for nothing
+            # else; seed it like the official seed_everything (seed + rank), so a rerun with the same flags, ranks
+            # and batch size repeats its samples. (They still depend on the batch: the draws have its shape.)
+            import torch
+
+            from .run_store import mpi_comm
+
+            torch.manual_seed(int(getattr(args, "seed", 0)) + mpi_comm().rank)
+        return PAGGuidedModel(
+            model, scale=args.pag_scale, layers=args.pag_layers, t_range=self.t_range(args), kind=kind, **params
+        )
 
     def describe(self, args):
-        return f"PAG: scale {args.pag_scale}, layers {args.pag_layers!r}, interval {args.pag_interval or 'all'}"
+        from .perturbations import make_perturbation
+
+        kind, params = self.perturbation(args)
+        text = f"PAG: scale {args.pag_scale}, layers {args.pag_layers!r}, interval {args.pag_interval or 'all'}"
+        if kind != "identity":
+            text += f", perturbation {make_perturbation(kind, **params).describe()}"
+        return text
 
 
 def check_pag_scale(scale):
-    if not math.isfinite(scale) or scale < 0:
-        raise UsageError(f"--pag_scale must be a finite number >= 0 (0 turns PAG off), got {scale}")
+    if not math.isfinite(scale):
+        raise UsageError(f"--pag_scale must be a finite number (0 turns PAG off), got {scale}")
     return scale
 
 
-GUIDANCE_METHODS = (PAGFlags(),)
+# --sag_heads values besides a count: the official code's choice (the model's --num_heads) and the block's own.
+SAG_HEADS_CHOICES = ("num_heads", "block")
+
+
+class SAGFlags(GuidanceFlags):
+    """
+    Self-Attention Guidance (sag.py): --sag_scale (the paper's s; the official --guide_scale is 1 + s),
+    --sag_layer (one attention block; the official --sel_attn_block output --sel_attn_depth D is
+    output_blocks.D.1), --sag_blur_sigma, --sag_interval (as --pag_interval), --sag_heads.
+    """
+
+    name = "SAG"
+
+    def defaults(self):
+        from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER
+
+        return dict(
+            sag_scale=0.0,
+            sag_layer=OFFICIAL_SAG_LAYER,
+            sag_blur_sigma=OFFICIAL_SAG_BLUR_SIGMA,
+            sag_interval="",
+            sag_heads="num_heads",
+        )
+
+    def check(self, args):
+        if not math.isfinite(args.sag_scale):
+            raise UsageError(f"--sag_scale must be a finite number (0 turns SAG off), got {args.sag_scale}")
+        if not (math.isfinite(args.sag_blur_sigma) and args.sag_blur_sigma > 0):
+            raise UsageError(f"--sag_blur_sigma must be a finite number > 0, got {args.sag_blur_sigma}")
+        parse_interval(args.sag_interval, args.diffusion_steps, "--sag_interval")
+        self.map_heads_flag(args)
+        if self.enabled(args) and args.pag_scale != 0:
+            raise UsageError(
+                "--sag_scale and --pag_scale cannot both be set: SAG reads the attention map of the plain model "
+                "and does not guide a PAG-guided one; run them separately"
+            )
+
+    def map_heads_flag(self, args):
+        """
+        --sag_heads as SAGGuidedModel's map_heads before the model is known: "num_heads", "block" or a count.
+        """
+        text = str(args.sag_heads).strip()
+        if text in SAG_HEADS_CHOICES:
+            return text
+        try:
+            count = int(text)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise UsageError(
+                f"--sag_heads {text!r}: use 'num_heads' (the official code: the map split into --num_heads heads), "
+                "'block' (the block's own heads) or a positive number of heads"
+            )
+        return count
+
+    def map_heads(self, args):
+        value = self.map_heads_flag(args)
+        if value == "num_heads":
+            return args.num_heads
+        if value == "block":
+            return None
+        return value
+
+    def enabled(self, args):
+        return args.sag_scale != 0
+
+    def check_model(self, args, model, diffusion):
+        from .sag import OFFICIAL_SAG_LAYER
+
+        # The default layer is checked only when SAG is on: models without an attention block there (the digits
+        # model, super-resolution models) must still run unguided with the default flags.
+        if not self.enabled(args) and args.sag_layer == OFFICIAL_SAG_LAYER:
+            return
+        if self.enabled(args):
+            self.wrap(model, diffusion, args)
+            interval = parse_interval(args.sag_interval, args.diffusion_steps, "--sag_interval")
+            check_interval_is_sampled(interval, diffusion, "--sag_interval")
+            return
+        from .pag import resolve_layers
+
+        try:
+            names = resolve_layers(model, args.sag_layer)
+        except ValueError as exc:
+            raise UsageError(f"--sag_layer {args.sag_layer!r}: {exc}") from None
+        if len(names) != 1:
+            raise UsageError(f"--sag_layer {args.sag_layer!r} selects {len(names)} attention blocks; give one")
+
+    def wrap(self, model, diffusion, args):
+        from .sag import SAGGuidedModel
+
+        t_range = model_time_range(parse_interval(args.sag_interval, args.diffusion_steps, "--sag_interval"), args)
+        try:
+            return SAGGuidedModel(
+                model,
+                diffusion,
+                scale=args.sag_scale,
+                layer=args.sag_layer,
+                blur_sigma=args.sag_blur_sigma,
+                map_heads=self.map_heads(args),
+                t_range=t_range,
+                clip_denoised=getattr(args, "clip_denoised", True),
+            )
+        except ValueError as exc:
+            message = str(exc)
+            if message.startswith("SAG layer: "):
+                message = f"--sag_layer {args.sag_layer!r}: " + message[len("SAG layer: ") :]
+            raise UsageError(message) from None
+
+    def describe(self, args):
+        return (
+            f"SAG: scale {args.sag_scale}, layer {args.sag_layer!r}, blur sigma {args.sag_blur_sigma:g}, "
+            f"heads {args.sag_heads}, interval {args.sag_interval or 'all'}"
+        )
+
+
+GUIDANCE_METHODS = (PAGFlags(), SAGFlags())
 
 
 def guidance_defaults():

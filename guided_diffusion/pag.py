@@ -3,7 +3,8 @@ Perturbed-Attention Guidance (PAG, Ahn et al., ECCV 2024) for ADM's U-Net.
 
 PAG contrasts the model with a perturbed copy of itself in which the self-attention map softmax(QK^T / sqrt(d))
 of chosen attention blocks is replaced by the identity (every token attends only to itself), and pushes the
-prediction away from the perturbed one:
+prediction away from the perturbed one (the paper's ablation perturbs the map in other ways, see
+perturbations.py and the `kind` argument):
 
     eps_guided = eps + s * (eps - eps_perturbed)
 
@@ -21,6 +22,7 @@ import numbers
 
 import torch as th
 
+from .perturbations import is_identity, make_perturbation
 from .unet import AttentionBlock, SuperResModel, UNetModel
 
 # Layer aliases: alias -> prefix of the module names it selects.
@@ -99,25 +101,35 @@ def resolve_layers(model, layers):
 
 
 @contextlib.contextmanager
-def perturb_attention(model, layers, rows=True):
+def perturb_attention(model, layers, kind="identity", rows=True, **params):
     """
-    Within the context, forward passes of `model` replace the attention map of the named blocks by the identity.
+    Within the context, forward passes of `model` perturb the attention map of the named blocks: by default PAG's
+    identity map; `kind` and its parameters choose another perturbation of perturbations.py (e.g.
+    kind="mask", drop_rate=0.5).
 
     :param layers: as for resolve_layers.
+    :param kind: a perturbation kind (perturbations.KINDS) or a ready AttentionPerturbation.
     :param rows: which batch rows to perturb: True (all), or a slice, an index tensor or a bool mask (see
                  AttentionBlock.perturb).
+    :raises ValueError: for unknown layers, an unknown kind, or missing, unknown or out-of-range parameters.
     The blocks' previous settings are restored on exit, also when the body raises.
     """
+    perturbation = make_perturbation(kind, **params)
+    if is_identity(perturbation):
+        # The fast path: AttentionBlock computes V without any map.
+        perturbation = None
     modules = dict(model.named_modules())
     blocks = [modules[name] for name in resolve_layers(model, layers)]
-    previous = [block.perturb for block in blocks]
+    previous = [(block.perturb, block.perturbation) for block in blocks]
     try:
         for block in blocks:
             block.perturb = rows
+            block.perturbation = perturbation
         yield blocks
     finally:
-        for block, value in zip(blocks, previous):
-            block.perturb = value
+        for block, (rows_before, perturbation_before) in zip(blocks, previous):
+            block.perturb = rows_before
+            block.perturbation = perturbation_before
 
 
 def _stage_of(model, name):
@@ -159,6 +171,61 @@ def _append_rows(value, rows, batch_size):
     return th.cat([value, _take_rows(value, rows, batch_size)])
 
 
+def check_scale(scale, method):
+    """
+    A guidance scale as a float: any finite real number (a one-element tensor too).
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, th.Tensor)):
+        raise ValueError(f"{method} scale must be a real number, got {scale!r}")
+    if th.is_tensor(scale):
+        if scale.numel() != 1:
+            raise ValueError(f"{method} scale must be a single number, got a tensor of shape {tuple(scale.shape)}")
+        scale = scale.item()
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{method} scale must be finite, got {scale}")
+    return scale
+
+
+def check_t_range(t_range):
+    """
+    None, or a pair (lo, hi) of floats with lo <= hi.
+    """
+    if t_range is None:
+        return None
+    try:
+        lo, hi = t_range
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"t_range must be a pair (lo, hi) of numbers, got {t_range!r}") from None
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"t_range must not contain NaN, got {t_range!r}")
+    if lo > hi:
+        raise ValueError(f"t_range must satisfy lo <= hi, got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
+def guided_rows(scale, t_range, t, batch_size):
+    """
+    The rows a guidance with this scale and t_range acts on: None (no row), True (every row) or a LongTensor of
+    row indices (those with lo <= t <= hi).
+    """
+    if scale == 0:
+        return None
+    if t_range is None:
+        return True
+    t = th.as_tensor(t)
+    if t.dim() == 0:
+        t = t.expand(batch_size)
+    lo, hi = t_range
+    inside = (t >= lo) & (t <= hi)
+    if bool(inside.all()):
+        return True
+    if not bool(inside.any()):
+        return None
+    return inside.nonzero().flatten()
+
+
 class PAGGuidedModel:
     """
     A model wrapper whose output is guided by Perturbed-Attention Guidance; call it like the model itself,
@@ -177,29 +244,15 @@ class PAGGuidedModel:
     :param batched: run both branches in one forward pass on a doubled batch (False: two passes, less memory).
     :param share_prefix: with batched, run the stages before the first perturbed block once and duplicate their
                          activations instead of computing them twice.
+    :param kind: the perturbation of the perturbed branch (perturbations.KINDS): "identity" (PAG's, the
+                 default), "mask", "drop", "blur", "avgpool2d" or "noise"; `params` are its parameters
+                 (drop_rate, retain_diag, blur_sigma, blur_kernel_size, noise_scale).
     """
 
-    def __init__(self, model, scale, layers, t_range=None, batched=True, share_prefix=True):
-        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, th.Tensor)):
-            raise ValueError(f"PAG scale must be a real number, got {scale!r}")
-        if th.is_tensor(scale):
-            if scale.numel() != 1:
-                raise ValueError(f"PAG scale must be a single number, got a tensor of shape {tuple(scale.shape)}")
-            scale = scale.item()
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"PAG scale must be finite, got {scale}")
-        if t_range is not None:
-            try:
-                lo, hi = t_range
-                lo, hi = float(lo), float(hi)
-            except (TypeError, ValueError):
-                raise ValueError(f"t_range must be a pair (lo, hi) of numbers, got {t_range!r}") from None
-            if math.isnan(lo) or math.isnan(hi):
-                raise ValueError(f"t_range must not contain NaN, got {t_range!r}")
-            if lo > hi:
-                raise ValueError(f"t_range must satisfy lo <= hi, got ({lo:g}, {hi:g})")
-            t_range = (lo, hi)
+    def __init__(self, model, scale, layers, t_range=None, batched=True, share_prefix=True, kind="identity", **params):
+        scale = check_scale(scale, "PAG")
+        t_range = check_t_range(t_range)
+        self.perturbation = make_perturbation(kind, **params)
         self.model = model
         self.scale = scale
         self.layers = resolve_layers(model, layers)
@@ -210,7 +263,7 @@ class PAGGuidedModel:
     def __repr__(self):
         return (
             f"PAGGuidedModel(scale={self.scale}, layers={self.layers}, t_range={self.t_range}, "
-            f"batched={self.batched}, share_prefix={self.share_prefix})"
+            f"batched={self.batched}, share_prefix={self.share_prefix}, perturbation={self.perturbation.describe()!r})"
         )
 
     def parameters(self, recurse=True):
@@ -223,20 +276,7 @@ class PAGGuidedModel:
         """
         The rows to guide: None (no row), True (every row) or a LongTensor of row indices.
         """
-        if self.scale == 0:
-            return None
-        if self.t_range is None:
-            return True
-        t = th.as_tensor(t)
-        if t.dim() == 0:
-            t = t.expand(batch_size)
-        lo, hi = self.t_range
-        inside = (t >= lo) & (t <= hi)
-        if bool(inside.all()):
-            return True
-        if not bool(inside.any()):
-            return None
-        return inside.nonzero().flatten()
+        return guided_rows(self.scale, self.t_range, t, batch_size)
 
     def __call__(self, x, t, **model_kwargs):
         batch_size = x.shape[0]
@@ -255,14 +295,14 @@ class PAGGuidedModel:
         n = x.shape[0]
         plain = self.model(x, t, **model_kwargs)
         kwargs = {k: _take_rows(v, rows, n) for k, v in model_kwargs.items()}
-        with perturb_attention(self.model, self.layers):
+        with perturb_attention(self.model, self.layers, self.perturbation):
             perturbed = self.model(_take_rows(x, rows, n), _take_rows(t, rows, n), **kwargs)
         return plain, perturbed
 
     def _batched_pass(self, x, t, model_kwargs, rows):
         n = x.shape[0]
         kwargs = {k: _append_rows(v, rows, n) for k, v in model_kwargs.items()}
-        with perturb_attention(self.model, self.layers, rows=slice(n, None)):
+        with perturb_attention(self.model, self.layers, self.perturbation, rows=slice(n, None)):
             out = self.model(_append_rows(x, rows, n), _append_rows(t, rows, n), **kwargs)
         return out[:n], out[n:]
 
@@ -281,7 +321,7 @@ class PAGGuidedModel:
         h = _append_rows(h, rows, n)
         hs = [_append_rows(skip, rows, n) for skip in hs]
         emb = _append_rows(emb, rows, n)
-        with perturb_attention(model, self.layers, rows=slice(n, None)):
+        with perturb_attention(model, self.layers, self.perturbation, rows=slice(n, None)):
             h, _ = model.run_stages(h, emb, hs, first)
         out = model.out(h.type(x.dtype))
         return out[:n], out[n:]

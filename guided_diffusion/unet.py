@@ -265,6 +265,12 @@ class AttentionBlock(nn.Module):
     selected batch rows is replaced by the identity, so each token attends only to itself and the attention
     output is V (per head); proj_out and the residual apply as usual. Values: None (off), True (every row), or the
     rows to perturb as a slice, an index tensor or a bool mask over the batch.
+
+    `perturbation` chooses what happens to the map of the perturbed rows: None (the identity, computed as V
+    without any map) or an AttentionPerturbation of perturbations.py (the map is computed and changed).
+
+    `capture`, when set, is called as capture(qkv, spatial_shape) on every forward, before the attention (Self-
+    Attention Guidance reads the block's attention map from it).
     """
 
     def __init__(
@@ -295,36 +301,72 @@ class AttentionBlock(nn.Module):
             self.attention = QKVAttentionLegacy(self.num_heads)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
         self.perturb = None
+        self.perturbation = None
+        self.capture = None
 
     def forward(self, x):
         # ADM checkpoints attention blocks whenever gradients are needed, whatever use_checkpoint says: the
         # attention maps are the largest activations of the network. The perturbation is bound now: the backward
         # pass recomputes _forward, possibly after the caller has switched `perturb` back.
         return checkpoint(
-            functools.partial(self._forward, perturb=self.perturb), (x,), self.parameters(), True
+            functools.partial(self._forward, perturb=self.perturb, perturbation=self.perturbation),
+            (x,),
+            self.parameters(),
+            True,
         )
 
-    def _forward(self, x, perturb=_CURRENT):
+    def _forward(self, x, perturb=_CURRENT, perturbation=_CURRENT):
         if perturb is _CURRENT:
             perturb = self.perturb
+        if perturbation is _CURRENT:
+            perturbation = self.perturbation
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
-        h = self._attend(qkv, perturb)
+        if self.capture is not None:
+            self.capture(qkv, tuple(spatial))
+        h = self._attend(qkv, perturb, perturbation)
         h = self.proj_out(h)
         return (x + h).reshape(b, c, *spatial)
 
-    def _attend(self, qkv, perturb):
+    def _attend(self, qkv, perturb, perturbation=None):
         mask = _perturb_mask(perturb, qkv.shape[0], qkv.device)
         if mask is None:
             return self.attention(qkv)
-        identity = self.attention.values(qkv)
+        if perturbation is None or getattr(perturbation, "kind", None) == "identity":
+            identity = self.attention.values(qkv)
+            if mask is True:
+                return identity
+            # Only the unperturbed rows pay for the attention map.
+            out = identity.clone()
+            out[~mask] = self.attention(qkv[~mask])
+            return out
         if mask is True:
-            return identity
-        # Only the unperturbed rows pay for the attention map.
-        out = identity.clone()
+            # The whole batch in one call: random perturbations then draw with the full map's shape, as the
+            # official modules do.
+            return self.attention.attend_with_map(qkv, perturbation.logits, perturbation.weights)
+        perturbed = self.attention.attend_with_map(qkv[mask], perturbation.logits, perturbation.weights)
+        out = perturbed.new_empty((qkv.shape[0],) + tuple(perturbed.shape[1:]))
+        out[mask] = perturbed
         out[~mask] = self.attention(qkv[~mask])
         return out
+
+
+def _attend_heads(q, k, v, bs, length, logits_fn, weights_fn, capture):
+    """
+    softmax(q^T k / sqrt(C)) applied to v, per head ([N*H x C x T] each), with the map's hooks of attend_with_map.
+    """
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
+    if logits_fn is not None:
+        weight = logits_fn(weight)
+    weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
+    if weights_fn is not None:
+        weight = weights_fn(weight)
+    if capture is not None:
+        capture(weight)
+    a = th.einsum("bts,bcs->bct", weight, v)
+    return a.reshape(bs, -1, length)
 
 
 def count_flops_attn(model, _x, y):
@@ -376,6 +418,21 @@ class QKVAttentionLegacy(nn.Module):
         v = self._split(qkv)[2]
         return v.reshape(bs, -1, length)
 
+    def attend_with_map(self, qkv, logits_fn=None, weights_fn=None, capture=None):
+        """
+        Attention with its map written out (ADM's einsum formulation), so the map can be changed or read.
+
+        :param logits_fn: applied to the [N*H x T x T] scaled logits before the softmax (returns the new logits).
+        :param weights_fn: applied to the [N*H x T x T] map after the softmax (returns the new map).
+        :param capture: called with the map that is applied to V.
+        :return: an [N x (H * C) x T] tensor, as forward().
+        """
+        bs, width, length = qkv.shape
+        assert width % (3 * self.n_heads) == 0
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        return _attend_heads(q, k, v, bs, length, logits_fn, weights_fn, capture)
+
     @staticmethod
     def count_flops(model, _x, y):
         return count_flops_attn(model, _x, y)
@@ -415,6 +472,16 @@ class QKVAttention(nn.Module):
         """
         assert qkv.shape[1] % (3 * self.n_heads) == 0
         return qkv.chunk(3, dim=1)[2]
+
+    def attend_with_map(self, qkv, logits_fn=None, weights_fn=None, capture=None):
+        """
+        Attention with its map written out; see QKVAttentionLegacy.attend_with_map.
+        """
+        bs, width, length = qkv.shape
+        assert width % (3 * self.n_heads) == 0
+        ch = width // (3 * self.n_heads)
+        q, k, v = (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
+        return _attend_heads(q, k, v, bs, length, logits_fn, weights_fn, capture)
 
     @staticmethod
     def count_flops(model, _x, y):

@@ -314,7 +314,7 @@ def table_row(row, args, metrics_records, status):
         "title": row.title,
         "steps": steps_label(args) if args is not None else None,
         "pag_scale": args.pag_scale if args is not None else None,
-        "pag_layers": args.pag_layers if args is not None and args.pag_scale > 0 else None,
+        "pag_layers": args.pag_layers if args is not None and args.pag_scale != 0 else None,
         "num_samples": args.num_samples if args is not None else None,
         "metrics": metrics,
         "metrics_std": metrics_std,
