@@ -494,7 +494,6 @@ def row_names(pattern):
 
 
 def adm256_uncond_blocks():
-    from guided_diffusion.pag import attention_block_names
     from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 
     _, args = parse_row("adm256_layer_middle")

@@ -195,7 +195,6 @@ def test_ddim_uses_the_guided_eps():
     sample = diffusion.ddim_sample_loop(guided, start.shape, noise=start, model_kwargs={"y": y})
     x = start
     for i in reversed(range(diffusion.num_timesteps)):
-        t = torch.full((2,), i, dtype=torch.long)
         with torch.no_grad():
             eps = guided(x, torch.full((2,), diffusion.timestep_map[i]), y=y)[:, :3]
         ac, ac_prev = float(diffusion.alphas_cumprod[i]), float(diffusion.alphas_cumprod_prev[i])
