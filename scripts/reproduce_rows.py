@@ -27,6 +27,7 @@ import subprocess
 import sys
 
 from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config
+from guided_diffusion.guidance import describe_guidance
 from guided_diffusion.run_store import FLAGS_FREE_ON_RESUME
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -315,6 +316,7 @@ def table_row(row, args, metrics_records, status):
         "steps": steps_label(args) if args is not None else None,
         "pag_scale": args.pag_scale if args is not None else None,
         "pag_layers": args.pag_layers if args is not None and args.pag_scale != 0 else None,
+        "guidance": guidance_label(args) if args is not None else None,
         "num_samples": args.num_samples if args is not None else None,
         "metrics": metrics,
         "metrics_std": metrics_std,
@@ -326,13 +328,20 @@ def table_row(row, args, metrics_records, status):
     }
 
 
+def guidance_label(args):
+    """
+    The guidance a row samples with, as the log names it, without the default "every step" interval.
+    """
+    return describe_guidance(args).replace(", interval all", "")
+
+
 def render_table(entries):
     """
     Markdown: one line per evaluated row, ours and (where any row carries them) the published figures side by
     side; rows without metrics are listed under the table with the reason.
     """
     with_paper = any(e["published"] for e in entries)
-    header = ["Config", "Title", "Steps", "PAG s", "Layers", "N"]
+    header = ["Config", "Title", "Steps", "Guidance", "N"]
     for _, label, _ in METRICS:
         header.append(label)
         if with_paper:
@@ -347,8 +356,7 @@ def render_table(entries):
             f"`{e['config']}`",
             e["title"],
             e["steps"],
-            f"{e['pag_scale']:g}",
-            e["pag_layers"] or "–",
+            e.get("guidance") or "–",
             str(e["num_samples"]),
         ]
         spread = e.get("metrics_std") or {}

@@ -199,19 +199,19 @@ def test_end_to_end_writes_metrics_and_table(first_run, world):
 
     table = (results / "table.md").read_text().splitlines()
     header = table[2]
-    assert header.startswith("| Config | Title | Steps | PAG s | Layers | N | IS | IS (paper) | FID | FID (paper) |")
+    assert header.startswith("| Config | Title | Steps | Guidance | N | IS | IS (paper) | FID | FID (paper) |")
     rows = [line for line in table if line.startswith("| `")]
     assert len(rows) == 2
     plain_cells = [c.strip() for c in rows[0].strip("|").split("|")]
     pag_cells = [c.strip() for c in rows[1].strip("|").split("|")]
-    assert plain_cells[:6] == ["`tiny_plain`", "tiny, no guidance", "DDPM-5", "0", "–", "8"]
-    assert pag_cells[:6] == ["`tiny_pag`", "tiny, PAG", "DDPM-5", "2", "middle_block.1", "8"]
+    assert plain_cells[:5] == ["`tiny_plain`", "tiny, no guidance", "DDPM-5", "no guidance", "8"]
+    assert pag_cells[:5] == ["`tiny_pag`", "tiny, PAG", "DDPM-5", "PAG: scale 2.0, layers 'middle_block.1'", "8"]
     # Ours next to the paper's: IS, IS (paper), FID, FID (paper), sFID, sFID (paper), ...
-    assert pag_cells[6:] == [
+    assert pag_cells[5:] == [
         f"{guided['inception_score']:.2f}", "3.25", f"{guided['fid']:.2f}", "12.50",
         f"{guided['sfid']:.2f}", "–", f"{guided['precision']:.3f}", "–", f"{guided['recall']:.3f}", "0.500",
     ]
-    assert plain_cells[7] == "–"
+    assert plain_cells[6] == "–"
     assert "Published figures: Table 9 of a made-up paper." in table
 
     entries = json.loads((results / "table.json").read_text())["rows"]
@@ -376,12 +376,12 @@ def test_metadata_and_published_parsing(tmp_path):
 
 
 def test_render_table_without_published_has_no_paper_columns():
-    entry = dict(config="a", title="t", steps="DDIM-25", pag_scale=3.0, pag_layers="middle", num_samples=4,
+    entry = dict(config="a", title="t", steps="DDIM-25", guidance="PAG: scale 3.0, layers 'middle'", num_samples=4,
                  metrics=dict(inception_score=1.0, fid=2.0, sfid=None, precision=0.5, recall=0.25),
                  published=None, source=None, status="done")
     text = render_table([entry])
     assert "(paper)" not in text
-    assert "| `a` | t | DDIM-25 | 3 | middle | 4 | 1.00 | 2.00 | – | 0.500 | 0.250 |" in text
+    assert "| `a` | t | DDIM-25 | PAG: scale 3.0, layers 'middle' | 4 | 1.00 | 2.00 | – | 0.500 | 0.250 |" in text
 
 
 # --- the shipped configs ----------------------------------------------------------------------------------------
