@@ -153,12 +153,18 @@ def _load_python_object(spec):
     return obj
 
 
+# Networks known by a short name, as 'module:factory' strings resolved on use: this module never
+# imports the networks themselves, so they can import FeatureNet from here without a cycle.
+# Each factory takes the keyword arguments load_feature_net passes it (inception_path).
+BUILTIN_NETS = {
+    "inception": "evaluations.inception:load_inception_feature_net",
+}
+
+
 def load_feature_net(spec="inception", device="cpu", inception_path=None):
     """Resolve a --feature_net spec (see the module docstring) to a network on `device`."""
-    if spec == "inception":
-        from .inception import load_inception_feature_net
-
-        net = load_inception_feature_net(inception_path)
+    if spec in BUILTIN_NETS:
+        net = _load_python_object(BUILTIN_NETS[spec])(inception_path)
     elif ":" in spec and not os.path.isfile(spec):
         factory = _load_python_object(spec)
         if isinstance(factory, nn.Module) or not callable(factory):
