@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .device import strict_float32
-from .feature_nets import FeatureNet
+from .feature_nets import FeatureNet, state_dict_digest
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "PAG_ADM_INCEPTION_PATH"
@@ -266,6 +266,7 @@ class InceptionFeatureNet(FeatureNet):
         super().__init__()
         self.network = network.eval().requires_grad_(False)
         self.name = name
+        self._weights_digest = None
 
     def forward(self, images):
         """:param images: float32 [N x H x W x 3] in [0, 255], any size."""
@@ -280,6 +281,11 @@ class InceptionFeatureNet(FeatureNet):
     def logits(self, pool):
         with strict_float32():
             return pool.float() @ self.network.fc.weight.T
+
+    def weights_digest(self):
+        if self._weights_digest is None:
+            self._weights_digest = state_dict_digest(self.network.state_dict())
+        return self._weights_digest
 
 
 def find_inception_weights(path=None):
@@ -304,21 +310,49 @@ def find_inception_weights(path=None):
     )
 
 
-def load_inception_state_dict(network, state_dict):
+class InceptionWeightsError(ValueError):
+    """A weights file that is not (a readable copy of) pt_inception-2015-12-05-6726825d.pth."""
+
+
+def _not_the_weights(path, detail):
+    where = f"{path}: " if path else ""
+    return InceptionWeightsError(
+        f"{where}not the {WEIGHTS_FILENAME} weights (the FID Inception-v3 pytorch-fid publishes "
+        f"at {WEIGHTS_URL}): {detail}"
+    )
+
+
+def load_inception_state_dict(network, state_dict, path=None, examples=3):
     """
     Load a state dict with strict=True. The converted file has no BatchNorm
     num_batches_tracked entries (they are unused in eval mode), so missing ones are filled in.
+    A file of another layout is refused with a count of the mismatched keys and a few examples,
+    not torch's list of every key.
     """
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise _not_the_weights(path, f"it holds a {type(state_dict).__name__}, not a state dict")
     state_dict = dict(state_dict)
-    for key, value in network.state_dict().items():
+    expected = network.state_dict()
+    for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = torch.zeros_like(value)
-    try:
-        network.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"the weights do not match the FID Inception-v3 layout of {WEIGHTS_FILENAME}: {exc}"
-        ) from None
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [
+        k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        wanted = sum(1 for k in expected if not k.endswith("num_batches_tracked"))
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
+            if keys:
+                shown = ", ".join(keys[:examples]) + (", ..." if len(keys) > examples else "")
+                parts.append(f"{len(keys)} {label} ({shown})")
+        raise _not_the_weights(
+            path, f"{len(missing) + len(unexpected) + len(reshaped)} keys do not match the "
+            f"{wanted} expected: " + "; ".join(parts)
+        )
+    network.load_state_dict(state_dict, strict=True)
     return network
 
 
@@ -326,8 +360,14 @@ def build_inception_network(weights_path=None):
     """The network with weights from weights_path, or random weights when it is None."""
     network = FIDInceptionV3()
     if weights_path is not None:
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
-        load_inception_state_dict(network, state_dict)
+        try:
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds (pickle, zip, EOF, runtime) here
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise _not_the_weights(
+                weights_path, f"torch.load cannot read it ({type(exc).__name__}: {first})"
+            ) from None
+        load_inception_state_dict(network, state_dict, path=weights_path)
     return network.eval()
 
 

@@ -152,7 +152,7 @@ def test_weights_file_loads_strict_without_num_batches_tracked():
     for key, value in state.items():
         assert torch.equal(network.state_dict()[key], value), key
 
-    with pytest.raises(RuntimeError, match=f"do not match the FID Inception-v3 layout of {WEIGHTS_FILENAME}"):
+    with pytest.raises(ValueError, match=f"not the {WEIGHTS_FILENAME} weights .*: 1 keys do not match the 472 expected: 1 unexpected \\(AuxLogits.fc.weight\\)$"):
         load_inception_state_dict(FIDInceptionV3(), {**state, "AuxLogits.fc.weight": torch.zeros(1)})
 
 
