@@ -41,6 +41,7 @@ from evaluations.feature_nets import (
 )
 from evaluations.frechet import FIDStatistics, compute_statistics
 from evaluations.inception_score import inception_score
+from evaluations.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from evaluations.npz_io import (
     IMAGE_KEY,
     BatchFormatError,
@@ -175,6 +176,8 @@ class Evaluator:
         col_batch_size=10000,
         split_size=5000,
         use_stored_stats=False,
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=KID_SUBSET_SIZE,
     ):
         """
         :param use_stored_stats: use mu/sigma stored in a batch that does not record the feature
@@ -188,6 +191,8 @@ class Evaluator:
         self.progress = progress
         self.split_size = split_size
         self.use_stored_stats = use_stored_stats
+        self.kid_subsets = kid_subsets
+        self.kid_subset_size = kid_subset_size
         self.manifold_estimator = ManifoldEstimator(
             device=self.device,
             row_batch_size=row_batch_size,
@@ -389,12 +394,21 @@ class Evaluator:
             "sfid": None,
             "precision": None,
             "recall": None,
+            "kid_mean": None,
+            "kid_std": None,
         }
         if sample_stats_spatial is not None and ref_stats_spatial is not None:
             results["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
         if ref_acts is not None:
             results["precision"], results["recall"] = self.compute_prec_recall(
                 ref_acts.pool, sample_acts.pool
+            )
+            results["kid_mean"], results["kid_std"] = kernel_inception_distance(
+                ref_acts.pool,
+                sample_acts.pool,
+                num_subsets=self.kid_subsets,
+                subset_size=self.kid_subset_size,
+                device=self.device,
             )
         name, weights = self.identity
         results.update(
@@ -431,13 +445,17 @@ def format_results(results):
     for label, key in RESULT_LINES:
         value = results.get(key)
         lines.append(f"{label}: {value if value is not None else 'n/a'}")
+    if results.get("kid_mean") is None:
+        lines.append("KID: n/a")
+    else:
+        lines.append(f"KID: {results['kid_mean']} ± {results['kid_std']}")
     return "\n".join(lines)
 
 
 def create_argparser():
     parser = argparse.ArgumentParser(
         prog="evaluator.py",
-        description="IS, FID, sFID, precision and recall of a sample batch against a reference "
+        description="IS, FID, sFID, precision, recall and KID of a sample batch against a reference "
         "batch (ADM's evaluator in PyTorch)."
     )
     parser.add_argument("ref_batch", help="path to reference batch npz file")

@@ -16,6 +16,7 @@ from evaluations.evaluator import Evaluator
 from evaluations.feature_nets import load_feature_net, net_identity, net_name
 from evaluations.frechet import frechet_distance
 from evaluations.inception_score import inception_score
+from evaluations.kid import kernel_inception_distance
 from evaluations.precision_recall import compute_prec_recall
 
 TINY_NET = '''
@@ -75,7 +76,10 @@ def _direct_results(net, ref, sample):
         np.mean(a, 0), np.cov(a, rowvar=False), np.mean(b, 0), np.cov(b, rowvar=False)
     )
     precision, recall = compute_prec_recall(ref_pool, pool, progress=False)
+    kid_mean, kid_std = kernel_inception_distance(ref_pool, pool)
     return {
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
         "inception_score": inception_score(logits),
         "fid": fd(pool, ref_pool),
         "sfid": fd(sp, ref_sp),
@@ -100,13 +104,14 @@ def test_evaluator_cli_prints_adm_lines_and_writes_json(tmp_path, tiny_spec, cap
     evaluator_cli.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     labels = [line.split(": ")[0] for line in lines]
-    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall", "KID"]
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     expected = _direct_results(load_feature_net(tiny_spec), ref, sample)
     for key, value in expected.items():
         assert results[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert lines[1] == f"FID: {results['fid']}"
+    assert lines[5] == f"KID: {results['kid_mean']} ± {results['kid_std']}"
     assert (results["num_ref"], results["num_samples"]) == (40, 27)
     assert results["feature_net"] == "tiny-test-net"
     assert results["fid"] > 0.01 and 0 < results["precision"] <= 1
@@ -193,7 +198,9 @@ def test_statistics_of_another_network_of_the_same_dimension_are_not_used(tmp_pa
     direct = _direct_results(load_feature_net(tiny_spec), ref, sample)
     assert results["fid"] == pytest.approx(direct["fid"], rel=1e-5)
     assert results["sfid"] == pytest.approx(direct["sfid"], rel=1e-5)
-    assert results["precision"] is None and "Precision: n/a" in capsys.readouterr().out
+    assert results["precision"] is None and results["kid_mean"] is None
+    out = capsys.readouterr().out
+    assert "Precision: n/a" in out and "KID: n/a" in out
 
 
 def test_reference_of_another_image_size_gives_a_warning(tmp_path, tiny_spec, capsys):
