@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .device import strict_float32
+from .device import fast_gpu_precision, strict_float32
 from .feature_nets import FeatureNet, state_dict_digest
+from .inception_fast import FastFIDInceptionV3, MatmulResize
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "PAG_ADM_INCEPTION_PATH"
@@ -258,25 +259,52 @@ class FIDInceptionV3(nn.Module):
 
 
 class InceptionFeatureNet(FeatureNet):
-    """ADM's Inception features: pool_3 (2048), mixed_6/conv[..., :7] (2023) and IS logits."""
+    """
+    ADM's Inception features: pool_3 (2048), mixed_6/conv[..., :7] (2023) and IS logits.
+
+    fast=True (the default) runs inception_fast's rearrangement of the network (BatchNorm
+    folded, 1x1 convolutions stacked, channels-last, resize as matrix products), built here from
+    `network`; fast=False runs `network` itself, the reference. Both give the same features up
+    to float32 rounding. fast_gpu=True additionally lets CUDA use TF32 and float16 (see
+    set_fast_gpu); it never applies on the CPU.
+    """
 
     input_channels = (3,)
 
-    def __init__(self, network, name):
+    def __init__(self, network, name, fast=True, fast_gpu=False):
         super().__init__()
         self.network = network.eval().requires_grad_(False)
         self.name = name
         self._weights_digest = None
+        self.fast = fast
+        self.fast_gpu = fast_gpu
+        if fast:
+            self.fast_network = FastFIDInceptionV3(self.network).eval().requires_grad_(False)
+            self.resize = MatmulResize(INPUT_SIZE)
 
     def forward(self, images):
         """:param images: float32 [N x H x W x 3] in [0, 255], any size."""
-        with strict_float32():
-            x = images.permute(0, 3, 1, 2).float()
-            x = tf1_resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
-            x = (x - 128) / 128
-            pool, spatial = self.network(x)
+        if self.fast:
+            pool, spatial = self._forward_fast(images)
+        else:
+            with strict_float32():
+                x = images.permute(0, 3, 1, 2).float()
+                x = tf1_resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
+                x = (x - 128) / 128
+                pool, spatial = self.network(x)
         spatial = spatial.permute(0, 2, 3, 1)[..., :SPATIAL_CHANNELS]
         return pool, spatial.reshape(len(spatial), -1)
+
+    def _forward_fast(self, images):
+        with torch.inference_mode(), self._precision(images.device):
+            x = self.resize(images.float())
+            pool, spatial = self.fast_network((x - 128) / 128)
+        return pool.float(), spatial.float()
+
+    def _precision(self, device):
+        if self.fast_gpu and torch.device(device).type == "cuda":
+            return fast_gpu_precision()
+        return strict_float32()
 
     def logits(self, pool):
         with strict_float32():
@@ -379,14 +407,19 @@ def _sha256_prefix(path, chars=12):
     return digest.hexdigest()[:chars]
 
 
-def load_inception_feature_net(inception_path=None):
+def load_inception_feature_net(inception_path=None, fast=True, fast_gpu=False):
     path = find_inception_weights(inception_path)
     network = build_inception_network(path)
     # Key caches on the file's content so a different file never reuses stale activations.
-    return InceptionFeatureNet(network, name=f"fid-inception-2015-12-05:{_sha256_prefix(path)}")
+    return InceptionFeatureNet(
+        network,
+        name=f"fid-inception-2015-12-05:{_sha256_prefix(path)}",
+        fast=fast,
+        fast_gpu=fast_gpu,
+    )
 
 
-def random_inception_feature_net(seed=0):
+def random_inception_feature_net(seed=0, fast=True, fast_gpu=False):
     """Random weights, for tests and benchmarks: the real file is never needed there."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -396,4 +429,6 @@ def random_inception_feature_net(seed=0):
         for module in network.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return InceptionFeatureNet(network, name=f"fid-inception-random-{seed}")
+    return InceptionFeatureNet(
+        network, name=f"fid-inception-random-{seed}", fast=fast, fast_gpu=fast_gpu
+    )
