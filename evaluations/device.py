@@ -34,8 +34,9 @@ def strict_float32():
 def fast_gpu_precision():
     """
     The opt-in fast GPU mode (--fast_gpu): TF32 matrix products and convolutions and float16
-    autocast. Features move by about 1e-3 relative, so FID moves in its later digits; figures
-    for tables should be computed without it.
+    autocast for the Inception network. Its features are not ADM's float32 ones: how far they
+    and FID move is what benchmarks/evaluator_throughput.py --fast_gpu measures. Figures for
+    tables are computed without it.
     """
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = True

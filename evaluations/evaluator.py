@@ -482,6 +482,12 @@ def create_argparser():
     )
     parser.add_argument("--no_cache", action="store_true", help="do not read or write the cache")
     parser.add_argument(
+        "--fast_gpu",
+        action="store_true",
+        help="CUDA only: let the Inception network use TF32 and float16, which is faster but "
+        "moves the figures (see evaluations/README.md); the default is float32 with TF32 off",
+    )
+    parser.add_argument(
         "--use_stored_stats",
         action="store_true",
         help="use mu/sigma stored in a batch that does not record its feature network (ADM's own "
@@ -499,7 +505,9 @@ def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
         device = resolve_device(args.device)
-        net = load_cli_feature_net(args.feature_net, device, args.inception_path)
+        net = load_cli_feature_net(
+            args.feature_net, device, args.inception_path, fast_gpu=args.fast_gpu
+        )
         evaluator = Evaluator(
             net,
             device=device,

@@ -191,16 +191,20 @@ def _load_python_object(spec):
 
 # Networks known by a short name, as 'module:factory' strings resolved on use: this module never
 # imports the networks themselves, so they can import FeatureNet from here without a cycle.
-# Each factory takes the keyword arguments load_feature_net passes it (inception_path).
+# Each factory takes the keyword arguments load_feature_net passes it (inception_path, fast_gpu).
 BUILTIN_NETS = {
     "inception": "evaluations.inception:load_inception_feature_net",
 }
 
 
-def load_feature_net(spec="inception", device="cpu", inception_path=None):
-    """Resolve a --feature_net spec (see the module docstring) to a network on `device`."""
+def load_feature_net(spec="inception", device="cpu", inception_path=None, fast_gpu=False):
+    """
+    Resolve a --feature_net spec (see the module docstring) to a network on `device`.
+    fast_gpu asks the built-in Inception for its TF32/float16 CUDA mode; other networks ignore it.
+    """
     if spec in BUILTIN_NETS:
-        net = _load_python_object(BUILTIN_NETS[spec])(inception_path)
+        factory = _load_python_object(BUILTIN_NETS[spec])
+        net = factory(inception_path=inception_path, fast_gpu=fast_gpu)
     elif ":" in spec and not os.path.isfile(spec):
         factory = _load_python_object(spec)
         if isinstance(factory, nn.Module) or not callable(factory):
@@ -239,10 +243,14 @@ def load_feature_net(spec="inception", device="cpu", inception_path=None):
     return net
 
 
-def load_cli_feature_net(spec, device, inception_path):
+def load_cli_feature_net(spec, device, inception_path, fast_gpu=False):
     """load_feature_net for the command-line tools: a failure is one line (ValueError)."""
+    if fast_gpu and torch.device(device).type != "cuda":
+        raise ValueError(f"--fast_gpu speeds up CUDA only; drop it for --device {device}")
     try:
-        return load_feature_net(spec, device=device, inception_path=inception_path)
+        return load_feature_net(
+            spec, device=device, inception_path=inception_path, fast_gpu=fast_gpu
+        )
     except (ValueError, FileNotFoundError):
         raise
     except (ImportError, AttributeError, TypeError) as exc:

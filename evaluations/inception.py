@@ -265,8 +265,8 @@ class InceptionFeatureNet(FeatureNet):
     fast=True (the default) runs inception_fast's rearrangement of the network (BatchNorm
     folded, 1x1 convolutions stacked, channels-last, resize as matrix products), built here from
     `network`; fast=False runs `network` itself, the reference. Both give the same features up
-    to float32 rounding. fast_gpu=True additionally lets CUDA use TF32 and float16 (see
-    set_fast_gpu); it never applies on the CPU.
+    to float32 rounding. fast_gpu=True additionally lets CUDA use TF32 and float16
+    (device.fast_gpu_precision); it changes nothing on the CPU.
     """
 
     input_channels = (3,)
@@ -274,11 +274,13 @@ class InceptionFeatureNet(FeatureNet):
     def __init__(self, network, name, fast=True, fast_gpu=False):
         super().__init__()
         self.network = network.eval().requires_grad_(False)
-        self.name = name
+        # The fast GPU mode's features differ from float32 ones: a name of its own keeps its
+        # cached activations and reference statistics apart.
+        self.name = name + "+fast_gpu" if fast_gpu else name
         self._weights_digest = None
-        self.fast = fast
+        self.fast = fast or fast_gpu
         self.fast_gpu = fast_gpu
-        if fast:
+        if self.fast:
             self.fast_network = FastFIDInceptionV3(self.network).eval().requires_grad_(False)
             self.resize = MatmulResize(INPUT_SIZE)
 
@@ -296,9 +298,12 @@ class InceptionFeatureNet(FeatureNet):
         return pool, spatial.reshape(len(spatial), -1)
 
     def _forward_fast(self, images):
-        with torch.inference_mode(), self._precision(images.device):
-            x = self.resize(images.float())
-            pool, spatial = self.fast_network((x - 128) / 128)
+        with torch.inference_mode():
+            with strict_float32():
+                # Kept in float32 in every mode: float16 cannot hold 0..255 finely enough.
+                x = (self.resize(images.float()) - 128) / 128
+            with self._precision(images.device):
+                pool, spatial = self.fast_network(x)
         return pool.float(), spatial.float()
 
     def _precision(self, device):

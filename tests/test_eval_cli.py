@@ -329,6 +329,7 @@ def _cli_error(argv, capsys):
     [
         (["--device", "gpu0"], "--device 'gpu0' is not a torch device; pass cpu, cuda or cuda:N"),
         (["--feature_net", "nonsense"], "unknown feature network 'nonsense'"),
+        (["--fast_gpu", "--device", "cpu"], "--fast_gpu speeds up CUDA only; drop it for --device cpu"),
         (["--feature_net", "no_such_module_xyz:build"], "--feature_net 'no_such_module_xyz:build' cannot be loaded"),
     ],
 )

@@ -185,7 +185,7 @@ def test_missing_weights_give_one_message_naming_the_file(tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def inception_run():
-    net = random_inception_feature_net(seed=0)
+    net = random_inception_feature_net(seed=0, fast=False)  # the reference network, hooked
     taps = {}
     hooks = [
         net.network.Conv2d_1a_3x3.register_forward_hook(lambda m, i, o: taps.update(input=i[0])),
