@@ -5,10 +5,12 @@ openai/guided-diffusion), in PyTorch.
 
     python evaluations/evaluator.py REF_BATCH.npz SAMPLE_BATCH.npz [--json out.json]
 
-Both batches are npz files with NHWC uint8 images in `arr_0`. When the reference batch holds
-`mu`, `sigma`, `mu_s`, `sigma_s`, those statistics are used for FID and sFID (precision and
-recall still need the reference images). Reference activations are cached, so each reference
-batch is embedded once per feature network.
+Both batches are npz files with NHWC uint8 images in `arr_0` (other dtypes are refused). When
+the reference batch holds `mu`, `sigma`, `mu_s`, `sigma_s` recorded as computed with the same
+feature network (name and weights digest), those statistics are used for FID and sFID;
+otherwise they are recomputed from its images (precision and recall always need the reference
+images). Reference activations are cached, so each reference batch is embedded once per feature
+network.
 """
 
 import argparse
@@ -28,16 +30,18 @@ import torch
 from tqdm.auto import tqdm
 
 from guided_diffusion.atomic_io import write_json_atomic
-from evaluations.device import default_device
+from evaluations.device import resolve_device
 from evaluations.feature_nets import (
     embed_batch,
-    load_feature_net,
+    load_cli_feature_net,
     net_channels,
+    net_identity,
     net_logits,
     net_name,
 )
 from evaluations.frechet import FIDStatistics, compute_statistics
 from evaluations.inception_score import inception_score
+from evaluations.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from evaluations.npz_io import (
     IMAGE_KEY,
     BatchFormatError,
@@ -49,7 +53,7 @@ from evaluations.precision_recall import ManifoldEstimator
 
 NHOOD_SIZE = 3
 CACHE_ENV = "PAG_ADM_CACHE_DIR"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed on the network's weights digest too
 
 
 def default_cache_dir():
@@ -72,20 +76,29 @@ class Activations:
 class ActivationCache:
     """
     Activations stored per (batch file, feature network). A batch file is identified by its
-    absolute path, size and modification time, so a rewritten file is embedded again.
+    absolute path, size and modification time, so a rewritten file is embedded again; the
+    network by its name and weights digest, so a retrained network of the same name is too.
     """
 
     def __init__(self, directory):
         self.directory = directory
+        self._identities = {}
+
+    def _identity(self, net):
+        if id(net) not in self._identities:
+            self._identities[id(net)] = (net, net_identity(net))
+        return self._identities[id(net)][1]
 
     def path_for(self, npz_path, net):
         st = os.stat(npz_path)
+        name, weights = self._identity(net)
         ident = json.dumps(
             {
                 "path": os.path.abspath(npz_path),
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
-                "net": net_name(net),
+                "net": name,
+                "weights": weights,
                 "version": CACHE_VERSION,
             },
             sort_keys=True,
@@ -147,6 +160,10 @@ def prefetch(iterator, depth=2):
                 thread.join(timeout=0.05)
 
 
+def _print_note(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
 class Evaluator:
     def __init__(
         self,
@@ -158,13 +175,24 @@ class Evaluator:
         row_batch_size=10000,
         col_batch_size=10000,
         split_size=5000,
+        use_stored_stats=False,
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=KID_SUBSET_SIZE,
     ):
+        """
+        :param use_stored_stats: use mu/sigma stored in a batch that does not record the feature
+            network they came from (ADM's own reference batches, whose statistics come from the
+            TensorFlow graph). Statistics recorded for another network are never used.
+        """
         self.net = feature_net
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache = ActivationCache(cache_dir) if cache_dir else None
         self.progress = progress
         self.split_size = split_size
+        self.use_stored_stats = use_stored_stats
+        self.kid_subsets = kid_subsets
+        self.kid_subset_size = kid_subset_size
         self.manifold_estimator = ManifoldEstimator(
             device=self.device,
             row_batch_size=row_batch_size,
@@ -173,6 +201,14 @@ class Evaluator:
             progress=progress,
         )
         self.embedded_batches = 0  # batches run through the network (lets tests see cache hits)
+        self._identity = None
+
+    @property
+    def identity(self):
+        """(name, weights digest) of the feature network, computed once."""
+        if self._identity is None:
+            self._identity = net_identity(self.net)
+        return self._identity
 
     def open_batch(self, npz_path):
         reader = NpzImageReader(npz_path, IMAGE_KEY, channels=net_channels(self.net))
@@ -214,23 +250,72 @@ class Evaluator:
         spatial = None if spatials[0] is None else np.concatenate(spatials, axis=0)
         return Activations(np.concatenate(pools, axis=0), spatial)
 
-    def read_statistics(self, npz_path, acts):
+    def stored_stats_verdict(self, npz_path, stored):
         """
-        (pool statistics, spatial statistics or None). Precomputed statistics stored in the
-        npz take precedence, as in ADM.
+        Whether the statistics stored in a batch may be used with this feature network:
+        (True, None) to use them, (False, reason) when they must not be (reason says why), and
+        (False, None) when there are none.
+        """
+        if "mu" not in stored or "sigma" not in stored:
+            return False, None
+        name, weights = self.identity
+        stored_name = stored.get("stats_feature_net")
+        stored_weights = stored.get("stats_feature_weights")
+        if stored_name is None and stored_weights is None:
+            if self.use_stored_stats:
+                return True, None
+            return False, (
+                f"{npz_path}: its statistics (mu, sigma) do not record the feature network they "
+                f"came from (it may not be {name!r})"
+            )
+        if stored_name == name and stored_weights == weights:
+            return True, None
+        return False, (
+            f"{npz_path}: its statistics were computed with feature network {stored_name!r} "
+            f"(weights {stored_weights}), not {name!r} (weights {weights})"
+        )
+
+    def read_statistics(self, npz_path, acts, note=_print_note):
+        """
+        (pool statistics, spatial statistics or None). Statistics stored in the npz take
+        precedence, as in ADM, when they were computed with this feature network (see
+        stored_stats_verdict); otherwise they are computed from the activations and `note` says so.
         """
         stored = read_stats(npz_path)
-        if "mu" in stored and "sigma" in stored:
+        use, reason = self.stored_stats_verdict(npz_path, stored)
+        if reason is not None:
+            note(f"note: {reason}; recomputed them from its {len(acts)} images")
+        if use:
             pool_stats = FIDStatistics(stored["mu"], stored["sigma"])
-            _check_stats_dim(npz_path, "mu", pool_stats, acts.pool)
+            _check_stats_dim(npz_path, "mu", pool_stats, acts.pool.shape[1])
         else:
             pool_stats = compute_statistics(acts.pool)
         spatial_stats = None
-        if "mu_s" in stored and "sigma_s" in stored and acts.spatial is not None:
+        if use and "mu_s" in stored and "sigma_s" in stored and acts.spatial is not None:
             spatial_stats = FIDStatistics(stored["mu_s"], stored["sigma_s"])
-            _check_stats_dim(npz_path, "mu_s", spatial_stats, acts.spatial)
+            _check_stats_dim(npz_path, "mu_s", spatial_stats, acts.spatial.shape[1])
         elif acts.spatial is not None:
             spatial_stats = compute_statistics(acts.spatial)
+        return pool_stats, spatial_stats
+
+    def check_stats_only_reference(self, npz_path, stored):
+        """A reference batch without images is usable only when its statistics are this network's."""
+        use, reason = self.stored_stats_verdict(npz_path, stored)
+        if not use:
+            if reason is None:
+                raise BatchFormatError(
+                    f"{npz_path}: no '{IMAGE_KEY}' images and no statistics (mu, sigma) to use"
+                )
+            raise BatchFormatError(f"{reason}, and it holds no '{IMAGE_KEY}' images to recompute them from")
+
+    def read_stored_statistics_only(self, npz_path, stored, dims):
+        self.check_stats_only_reference(npz_path, stored)
+        pool_stats = FIDStatistics(stored["mu"], stored["sigma"])
+        _check_stats_dim(npz_path, "mu", pool_stats, dims[0])
+        spatial_stats = None
+        if "mu_s" in stored and "sigma_s" in stored and dims[1] is not None:
+            spatial_stats = FIDStatistics(stored["mu_s"], stored["sigma_s"])
+            _check_stats_dim(npz_path, "mu_s", spatial_stats, dims[1])
         return pool_stats, spatial_stats
 
     @torch.no_grad()
@@ -255,44 +340,90 @@ class Evaluator:
         radii_sample = self.manifold_estimator.manifold_radii(sample_pool)
         return self.manifold_estimator.evaluate_pr(ref_pool, radii_ref, sample_pool, radii_sample)
 
-    def evaluate(self, ref_batch, sample_batch, use_cache=True, log=None):
+    def evaluate(self, ref_batch, sample_batch, use_cache=True, log=None, note=_print_note):
+        """
+        :param log: progress lines (default: none).
+        :param note: warnings and notes about how the batches were used (default: stderr);
+            they are also returned under "notes".
+        """
         log = log or (lambda msg: None)
+        notes = []
+
+        def add_note(msg):
+            notes.append(msg)
+            note(msg)
+
         # Fail on a malformed sample batch before spending time on the reference batch.
-        self.open_batch(sample_batch).close()
-        log("computing reference batch activations...")
-        ref_acts = self.read_activations(ref_batch, use_cache=use_cache)
-        log("computing/reading reference batch statistics...")
-        ref_stats, ref_stats_spatial = self.read_statistics(ref_batch, ref_acts)
+        with self.open_batch(sample_batch) as reader:
+            sample_shape = reader.shape
+        stored = read_stats(ref_batch)
+        ref_acts = None
+        if stored["has_images"]:
+            with self.open_batch(ref_batch) as reader:
+                ref_shape = reader.shape
+            if ref_shape[1:3] != sample_shape[1:3]:
+                add_note(
+                    f"warning: reference images are {ref_shape[1]}x{ref_shape[2]} but samples are "
+                    f"{sample_shape[1]}x{sample_shape[2]}; the network resizes both, so the "
+                    "metrics also measure the resolution gap (ADM compares 256x256 samples with "
+                    "ImageNet-256 references)"
+                )
+            log("computing reference batch activations...")
+            ref_acts = self.read_activations(ref_batch, use_cache=use_cache)
+        else:
+            self.check_stats_only_reference(ref_batch, stored)
         log("computing sample batch activations...")
         sample_acts = self.read_activations(sample_batch)
-        log("computing/reading sample batch statistics...")
-        sample_stats, sample_stats_spatial = self.read_statistics(sample_batch, sample_acts)
-        if ref_acts.pool.shape[1] != sample_acts.pool.shape[1]:
-            raise ValueError("reference and sample features have different dimensions")
+        log("computing/reading statistics...")
+        if ref_acts is not None:
+            if ref_acts.pool.shape[1] != sample_acts.pool.shape[1]:
+                raise ValueError("reference and sample features have different dimensions")
+            ref_stats, ref_stats_spatial = self.read_statistics(ref_batch, ref_acts, add_note)
+        else:
+            dims = (sample_acts.pool.shape[1], None if sample_acts.spatial is None else sample_acts.spatial.shape[1])
+            ref_stats, ref_stats_spatial = self.read_stored_statistics_only(ref_batch, stored, dims)
+            add_note(
+                f"note: {ref_batch} holds statistics but no images: precision and recall are n/a"
+            )
+        sample_stats, sample_stats_spatial = self.read_statistics(sample_batch, sample_acts, add_note)
 
         log("computing evaluations...")
         results = {
             "inception_score": self.compute_inception_score(sample_acts.pool),
             "fid": sample_stats.frechet_distance(ref_stats),
             "sfid": None,
+            "precision": None,
+            "recall": None,
+            "kid_mean": None,
+            "kid_std": None,
         }
         if sample_stats_spatial is not None and ref_stats_spatial is not None:
             results["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
-        results["precision"], results["recall"] = self.compute_prec_recall(
-            ref_acts.pool, sample_acts.pool
-        )
+        if ref_acts is not None:
+            results["precision"], results["recall"] = self.compute_prec_recall(
+                ref_acts.pool, sample_acts.pool
+            )
+            results["kid_mean"], results["kid_std"] = kernel_inception_distance(
+                ref_acts.pool,
+                sample_acts.pool,
+                num_subsets=self.kid_subsets,
+                subset_size=self.kid_subset_size,
+                device=self.device,
+            )
+        name, weights = self.identity
         results.update(
             ref_batch=os.path.abspath(ref_batch),
             sample_batch=os.path.abspath(sample_batch),
-            num_ref=len(ref_acts),
+            num_ref=None if ref_acts is None else len(ref_acts),
             num_samples=len(sample_acts),
-            feature_net=net_name(self.net),
+            feature_net=name,
+            feature_net_weights=weights,
+            notes=notes,
         )
         return results
 
 
-def _check_stats_dim(npz_path, key, stats, features):
-    dim = features.shape[1]
+def _check_stats_dim(npz_path, key, stats, dim):
     if np.shape(stats.mu) != (dim,) or np.shape(stats.sigma) != (dim, dim):
         raise BatchFormatError(
             f"{npz_path}: stored statistics '{key}' have shape {np.shape(stats.mu)} but the "
@@ -314,12 +445,17 @@ def format_results(results):
     for label, key in RESULT_LINES:
         value = results.get(key)
         lines.append(f"{label}: {value if value is not None else 'n/a'}")
+    if results.get("kid_mean") is None:
+        lines.append("KID: n/a")
+    else:
+        lines.append(f"KID: {results['kid_mean']} ± {results['kid_std']}")
     return "\n".join(lines)
 
 
 def create_argparser():
     parser = argparse.ArgumentParser(
-        description="IS, FID, sFID, precision and recall of a sample batch against a reference "
+        prog="evaluator.py",
+        description="IS, FID, sFID, precision, recall and KID of a sample batch against a reference "
         "batch (ADM's evaluator in PyTorch)."
     )
     parser.add_argument("ref_batch", help="path to reference batch npz file")
@@ -345,28 +481,46 @@ def create_argparser():
         "~/.cache/pag_adm/activations)",
     )
     parser.add_argument("--no_cache", action="store_true", help="do not read or write the cache")
+    parser.add_argument(
+        "--fast_gpu",
+        action="store_true",
+        help="CUDA only: let the Inception network use TF32 and float16, which is faster but "
+        "moves the figures (see evaluations/README.md); the default is float32 with TF32 off",
+    )
+    parser.add_argument(
+        "--use_stored_stats",
+        action="store_true",
+        help="use mu/sigma stored in a batch that does not record its feature network (ADM's own "
+        "reference batches, whose statistics come from the TensorFlow graph); by default they "
+        "are recomputed from the batch's images",
+    )
     return parser
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    parser = create_argparser()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
-        raise SystemExit("--batch_size must be positive")
-    device = args.device or default_device()
+        parser.error(f"--batch_size must be positive, got {args.batch_size}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
-        net = load_feature_net(args.feature_net, device=device, inception_path=args.inception_path)
+        device = resolve_device(args.device)
+        net = load_cli_feature_net(
+            args.feature_net, device, args.inception_path, fast_gpu=args.fast_gpu
+        )
         evaluator = Evaluator(
             net,
             device=device,
             batch_size=args.batch_size,
             cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+            use_stored_stats=args.use_stored_stats,
         )
         results = evaluator.evaluate(
             args.ref_batch, args.sample_batch, use_cache=not args.no_cache, log=log
         )
-    except (FileNotFoundError, BatchFormatError) as exc:
-        raise SystemExit(f"error: {exc}")
+    except (FileNotFoundError, ValueError) as exc:
+        # Bad input is one line and exit status 2, as argparse gives for bad flags.
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(format_results(results), flush=True)
     if args.json:
         write_json_atomic(args.json, results)

@@ -10,8 +10,10 @@ conventions, TorchScript included):
   give FID, precision and recall; spatial features give sFID.
 - logits(pool), optional, maps pool features to class logits for the Inception Score. IS is
   computed from pool features so that cached activations are enough.
-- name, optional: identifies the network and its weights in activation caches (defaults to the
-  spec it was loaded from, so give networks whose weights change a name that changes with them).
+- name, optional: names the network in results, caches and reference batches (defaults to the
+  spec it was loaded from). Caches and reference statistics are keyed on the name together with
+  a digest of the weights (net_identity), so retrained weights under the same name are noticed.
+- weights_digest(), optional: that digest, when hashing state_dict() is wrong or slow.
 - input_channels, optional: tuple of accepted channel counts (None accepts any).
 
 load_feature_net() resolves the --feature_net spec of the command-line tools:
@@ -26,6 +28,7 @@ A factory is called without arguments, or with device=... when it takes a `devic
 returns the network.
 """
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -50,6 +53,39 @@ class FeatureNet(nn.Module):
 
 def net_name(net):
     return getattr(net, "name", None) or type(net).__name__
+
+
+def net_weights_digest(net):
+    """
+    A digest of the network's weights: its own weights_digest() when it has one, else a hash of
+    its state_dict (names, dtypes, shapes and bytes). Networks without tensors get "none".
+    """
+    fn = getattr(net, "weights_digest", None)
+    if callable(fn):
+        return fn()
+    if not isinstance(net, nn.Module):
+        return "none"
+    return state_dict_digest(net.state_dict())
+
+
+def state_dict_digest(state_dict, chars=16):
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        if not torch.is_tensor(value):
+            continue
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:chars] if state_dict else "none"
+
+
+def net_identity(net):
+    """
+    (name, weights digest): statistics and cached activations are only reused by a network
+    whose identity is the same, so two networks of the same feature dimension cannot be mixed.
+    """
+    return net_name(net), net_weights_digest(net)
 
 
 def net_channels(net):
@@ -153,12 +189,22 @@ def _load_python_object(spec):
     return obj
 
 
-def load_feature_net(spec="inception", device="cpu", inception_path=None):
-    """Resolve a --feature_net spec (see the module docstring) to a network on `device`."""
-    if spec == "inception":
-        from .inception import load_inception_feature_net
+# Networks known by a short name, as 'module:factory' strings resolved on use: this module never
+# imports the networks themselves, so they can import FeatureNet from here without a cycle.
+# Each factory takes the keyword arguments load_feature_net passes it (inception_path, fast_gpu).
+BUILTIN_NETS = {
+    "inception": "evaluations.inception:load_inception_feature_net",
+}
 
-        net = load_inception_feature_net(inception_path)
+
+def load_feature_net(spec="inception", device="cpu", inception_path=None, fast_gpu=False):
+    """
+    Resolve a --feature_net spec (see the module docstring) to a network on `device`.
+    fast_gpu asks the built-in Inception for its TF32/float16 CUDA mode; other networks ignore it.
+    """
+    if spec in BUILTIN_NETS:
+        factory = _load_python_object(BUILTIN_NETS[spec])
+        net = factory(inception_path=inception_path, fast_gpu=fast_gpu)
     elif ":" in spec and not os.path.isfile(spec):
         factory = _load_python_object(spec)
         if isinstance(factory, nn.Module) or not callable(factory):
@@ -195,3 +241,17 @@ def load_feature_net(spec="inception", device="cpu", inception_path=None):
     if isinstance(net, nn.Module):
         net = net.to(device).eval()
     return net
+
+
+def load_cli_feature_net(spec, device, inception_path, fast_gpu=False):
+    """load_feature_net for the command-line tools: a failure is one line (ValueError)."""
+    if fast_gpu and torch.device(device).type != "cuda":
+        raise ValueError(f"--fast_gpu speeds up CUDA only; drop it for --device {device}")
+    try:
+        return load_feature_net(
+            spec, device=device, inception_path=inception_path, fast_gpu=fast_gpu
+        )
+    except (ValueError, FileNotFoundError):
+        raise
+    except (ImportError, AttributeError, TypeError) as exc:
+        raise ValueError(f"--feature_net {spec!r} cannot be loaded: {exc}") from None

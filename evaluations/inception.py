@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .device import strict_float32
-from .feature_nets import FeatureNet
+from .device import fast_gpu_precision, strict_float32
+from .feature_nets import FeatureNet, state_dict_digest
+from .inception_fast import FastFIDInceptionV3, MatmulResize
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "PAG_ADM_INCEPTION_PATH"
@@ -258,28 +259,66 @@ class FIDInceptionV3(nn.Module):
 
 
 class InceptionFeatureNet(FeatureNet):
-    """ADM's Inception features: pool_3 (2048), mixed_6/conv[..., :7] (2023) and IS logits."""
+    """
+    ADM's Inception features: pool_3 (2048), mixed_6/conv[..., :7] (2023) and IS logits.
+
+    fast=True (the default) runs inception_fast's rearrangement of the network (BatchNorm
+    folded, 1x1 convolutions stacked, channels-last, resize as matrix products), built here from
+    `network`; fast=False runs `network` itself, the reference. Both give the same features up
+    to float32 rounding. fast_gpu=True additionally lets CUDA use TF32 and float16
+    (device.fast_gpu_precision); it changes nothing on the CPU.
+    """
 
     input_channels = (3,)
 
-    def __init__(self, network, name):
+    def __init__(self, network, name, fast=True, fast_gpu=False):
         super().__init__()
         self.network = network.eval().requires_grad_(False)
-        self.name = name
+        # The fast GPU mode's features differ from float32 ones: a name of its own keeps its
+        # cached activations and reference statistics apart.
+        self.name = name + "+fast_gpu" if fast_gpu else name
+        self._weights_digest = None
+        self.fast = fast or fast_gpu
+        self.fast_gpu = fast_gpu
+        if self.fast:
+            self.fast_network = FastFIDInceptionV3(self.network).eval().requires_grad_(False)
+            self.resize = MatmulResize(INPUT_SIZE)
 
     def forward(self, images):
         """:param images: float32 [N x H x W x 3] in [0, 255], any size."""
-        with strict_float32():
-            x = images.permute(0, 3, 1, 2).float()
-            x = tf1_resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
-            x = (x - 128) / 128
-            pool, spatial = self.network(x)
+        if self.fast:
+            pool, spatial = self._forward_fast(images)
+        else:
+            with strict_float32():
+                x = images.permute(0, 3, 1, 2).float()
+                x = tf1_resize_bilinear(x, (INPUT_SIZE, INPUT_SIZE))
+                x = (x - 128) / 128
+                pool, spatial = self.network(x)
         spatial = spatial.permute(0, 2, 3, 1)[..., :SPATIAL_CHANNELS]
         return pool, spatial.reshape(len(spatial), -1)
+
+    def _forward_fast(self, images):
+        with torch.inference_mode():
+            with strict_float32():
+                # Kept in float32 in every mode: float16 cannot hold 0..255 finely enough.
+                x = (self.resize(images.float()) - 128) / 128
+            with self._precision(images.device):
+                pool, spatial = self.fast_network(x)
+        return pool.float(), spatial.float()
+
+    def _precision(self, device):
+        if self.fast_gpu and torch.device(device).type == "cuda":
+            return fast_gpu_precision()
+        return strict_float32()
 
     def logits(self, pool):
         with strict_float32():
             return pool.float() @ self.network.fc.weight.T
+
+    def weights_digest(self):
+        if self._weights_digest is None:
+            self._weights_digest = state_dict_digest(self.network.state_dict())
+        return self._weights_digest
 
 
 def find_inception_weights(path=None):
@@ -304,21 +343,49 @@ def find_inception_weights(path=None):
     )
 
 
-def load_inception_state_dict(network, state_dict):
+class InceptionWeightsError(ValueError):
+    """A weights file that is not (a readable copy of) pt_inception-2015-12-05-6726825d.pth."""
+
+
+def _not_the_weights(path, detail):
+    where = f"{path}: " if path else ""
+    return InceptionWeightsError(
+        f"{where}not the {WEIGHTS_FILENAME} weights (the FID Inception-v3 pytorch-fid publishes "
+        f"at {WEIGHTS_URL}): {detail}"
+    )
+
+
+def load_inception_state_dict(network, state_dict, path=None, examples=3):
     """
     Load a state dict with strict=True. The converted file has no BatchNorm
     num_batches_tracked entries (they are unused in eval mode), so missing ones are filled in.
+    A file of another layout is refused with a count of the mismatched keys and a few examples,
+    not torch's list of every key.
     """
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise _not_the_weights(path, f"it holds a {type(state_dict).__name__}, not a state dict")
     state_dict = dict(state_dict)
-    for key, value in network.state_dict().items():
+    expected = network.state_dict()
+    for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = torch.zeros_like(value)
-    try:
-        network.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"the weights do not match the FID Inception-v3 layout of {WEIGHTS_FILENAME}: {exc}"
-        ) from None
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    reshaped = [
+        k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        wanted = sum(1 for k in expected if not k.endswith("num_batches_tracked"))
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)):
+            if keys:
+                shown = ", ".join(keys[:examples]) + (", ..." if len(keys) > examples else "")
+                parts.append(f"{len(keys)} {label} ({shown})")
+        raise _not_the_weights(
+            path, f"{len(missing) + len(unexpected) + len(reshaped)} keys do not match the "
+            f"{wanted} expected: " + "; ".join(parts)
+        )
+    network.load_state_dict(state_dict, strict=True)
     return network
 
 
@@ -326,8 +393,14 @@ def build_inception_network(weights_path=None):
     """The network with weights from weights_path, or random weights when it is None."""
     network = FIDInceptionV3()
     if weights_path is not None:
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
-        load_inception_state_dict(network, state_dict)
+        try:
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds (pickle, zip, EOF, runtime) here
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise _not_the_weights(
+                weights_path, f"torch.load cannot read it ({type(exc).__name__}: {first})"
+            ) from None
+        load_inception_state_dict(network, state_dict, path=weights_path)
     return network.eval()
 
 
@@ -339,14 +412,19 @@ def _sha256_prefix(path, chars=12):
     return digest.hexdigest()[:chars]
 
 
-def load_inception_feature_net(inception_path=None):
+def load_inception_feature_net(inception_path=None, fast=True, fast_gpu=False):
     path = find_inception_weights(inception_path)
     network = build_inception_network(path)
     # Key caches on the file's content so a different file never reuses stale activations.
-    return InceptionFeatureNet(network, name=f"fid-inception-2015-12-05:{_sha256_prefix(path)}")
+    return InceptionFeatureNet(
+        network,
+        name=f"fid-inception-2015-12-05:{_sha256_prefix(path)}",
+        fast=fast,
+        fast_gpu=fast_gpu,
+    )
 
 
-def random_inception_feature_net(seed=0):
+def random_inception_feature_net(seed=0, fast=True, fast_gpu=False):
     """Random weights, for tests and benchmarks: the real file is never needed there."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -356,4 +434,6 @@ def random_inception_feature_net(seed=0):
         for module in network.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return InceptionFeatureNet(network, name=f"fid-inception-random-{seed}")
+    return InceptionFeatureNet(
+        network, name=f"fid-inception-random-{seed}", fast=fast, fast_gpu=fast_gpu
+    )

@@ -11,7 +11,8 @@ resized when --image_size differs from their size).
 
 OUT.npz gets `arr_0` (N x H x W x C uint8) plus FID statistics computed with the feature network:
 `mu`, `sigma` from pool features and `mu_s`, `sigma_s` from spatial features, and
-`stats_feature_net` naming the network. --no_stats writes the images only (no weights needed).
+`stats_feature_net`, `stats_feature_weights` naming the network and a digest of its weights (the
+evaluator uses the statistics only with that same network). --no_stats writes the images only (no weights needed).
 Images are streamed in and out, so large batches never sit in memory whole.
 """
 
@@ -25,8 +26,14 @@ if __name__ == "__main__" and not __package__:
 import numpy as np
 from tqdm.auto import tqdm
 
-from evaluations.device import default_device
-from evaluations.feature_nets import embed_batch, load_feature_net, net_channels, net_name
+from evaluations.device import resolve_device
+from evaluations.feature_nets import (
+    embed_batch,
+    load_cli_feature_net,
+    net_channels,
+    net_identity,
+    net_name,
+)
 from evaluations.frechet import compute_statistics
 from evaluations.npz_io import IMAGE_KEY, BatchFormatError, NpzImageReader, NpzWriter
 # The same crop-and-resize recipe the training data loader uses, so a reference batch matches training data.
@@ -211,7 +218,9 @@ def make_reference_batch(
                 for name in ("mu", "sigma", "mu_s", "sigma_s"):
                     if name in result:
                         writer.write_array(name, result[name])
-                writer.write_array("stats_feature_net", np.array(net_name(feature_net)))
+                name, weights = net_identity(feature_net)
+                writer.write_array("stats_feature_net", np.array(name))
+                writer.write_array("stats_feature_weights", np.array(weights))
         return result
     finally:
         src.close()
@@ -219,6 +228,7 @@ def make_reference_batch(
 
 def create_argparser():
     parser = argparse.ArgumentParser(
+        prog="make_reference_batch.py",
         description="Build an ADM-style reference batch (arr_0 plus FID statistics)."
     )
     parser.add_argument("source", help="a folder of images or an npz with NHWC uint8 images")
@@ -248,13 +258,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.path.isdir(args.source) and args.image_size is None:
         parser.error("--image_size is required for a folder of images")
-    device = args.device or default_device()
     try:
+        device = resolve_device(args.device)
         net = None
         if not args.no_stats:
-            net = load_feature_net(
-                args.feature_net, device=device, inception_path=args.inception_path
-            )
+            net = load_cli_feature_net(args.feature_net, device, args.inception_path)
         result = make_reference_batch(
             args.source,
             args.out,
@@ -267,8 +275,8 @@ def main(argv=None):
             key=args.key,
             channels=args.channels,
         )
-    except (FileNotFoundError, BatchFormatError, ImportError) as exc:
-        raise SystemExit(f"error: {exc}")
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(f"wrote {result['num_images']} images to {args.out}", file=sys.stderr)
     return result
 

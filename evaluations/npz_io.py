@@ -16,22 +16,36 @@ from guided_diffusion.atomic_io import temporary_path
 
 IMAGE_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# The feature network the statistics were computed with: its name and a digest of its weights
+# (feature_nets.net_identity), written by make_reference_batch.py.
+STATS_IDENTITY_KEYS = ("stats_feature_net", "stats_feature_weights")
 
 
 class BatchFormatError(ValueError):
     """An npz batch that is not laid out the way the evaluator needs it."""
 
 
+# How to turn the usual float sample layouts into what ADM's sample scripts save.
+UINT8_HINT = (
+    "convert floats in [0, 1] with (x * 255).round().clip(0, 255).astype(np.uint8), floats in "
+    "[-1, 1] with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)"
+)
+
+
 def check_image_layout(shape, dtype, path, key=IMAGE_KEY, channels=(3,)):
     """
     Check the header of an image array (before any data is read).
 
+    Only uint8 is accepted, as ADM's sample scripts save it: a float array is ambiguous ([0, 1],
+    [-1, 1] or [0, 255]), and guessing wrong gives a plausible-looking but meaningless FID.
+
     :param channels: the channel counts the feature network accepts, or None for any.
     """
     dtype = np.dtype(dtype)
-    if dtype.kind not in "uif":
+    if dtype != np.uint8:
         raise BatchFormatError(
-            f"{path}: '{key}' has dtype {dtype}; expected uint8 images with values in [0, 255]"
+            f"{path}: '{key}' has dtype {dtype}; the evaluator takes uint8 NHWC images with "
+            f"values 0..255 as ADM saves them: {UINT8_HINT}"
         )
     if len(shape) != 4:
         raise BatchFormatError(
@@ -49,21 +63,6 @@ def check_image_layout(shape, dtype, path, key=IMAGE_KEY, channels=(3,)):
         )
     if shape[1] < 1 or shape[2] < 1:
         raise BatchFormatError(f"{path}: '{key}' has empty images of shape {tuple(shape[1:])}")
-
-
-def check_image_values(batch, path, start, key=IMAGE_KEY):
-    """
-    Check pixel values of one batch. uint8 needs no check; other dtypes must already hold
-    pixel values, which catches the common slip of saving samples in [-1, 1].
-    """
-    if batch.dtype == np.uint8 or batch.size == 0:
-        return
-    lo, hi = batch.min(), batch.max()
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0 and hi <= 255):
-        raise BatchFormatError(
-            f"{path}: '{key}' has values outside [0, 255] (min {lo}, max {hi}) in images "
-            f"{start}..{start + len(batch) - 1}; expected uint8 pixel values in [0, 255]"
-        )
 
 
 class NpzImageReader:
@@ -149,7 +148,6 @@ class NpzImageReader:
                 )
             batch = np.frombuffer(data, dtype=self.dtype).reshape((count,) + self.shape[1:])
         self.index += count
-        check_image_values(batch, self.path, start, self.key)
         return batch
 
     def iter_batches(self, batch_size):
@@ -197,10 +195,22 @@ def read_image_header(path, key=IMAGE_KEY, channels=(3,)):
 def read_stats(path):
     """
     Return the precomputed FID statistics of a reference batch as a dict with the keys of
-    STATS_KEYS present in the file (possibly empty). Only those members are read.
+    STATS_KEYS and STATS_IDENTITY_KEYS present in the file (possibly empty), and whether it
+    holds images (`has_images`). Only those members are read.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise BatchFormatError(
+            f"{path}: not an npz file (expected a zip archive as written by np.savez)"
+        )
     with np.load(path, allow_pickle=False) as obj:
-        return {k: np.asarray(obj[k]) for k in STATS_KEYS if k in obj.files}
+        stats = {k: np.asarray(obj[k]) for k in STATS_KEYS if k in obj.files}
+        for key in STATS_IDENTITY_KEYS:
+            if key in obj.files:
+                stats[key] = str(obj[key])
+        stats["has_images"] = IMAGE_KEY in obj.files
+    return stats
 
 
 class NpzWriter:

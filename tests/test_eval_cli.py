@@ -4,6 +4,7 @@ feature network loaded from a Python file (the --feature_net plug-in path).
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ import torch
 from evaluations import evaluator as evaluator_cli
 from evaluations import make_reference_batch as make_ref_cli
 from evaluations.evaluator import Evaluator
-from evaluations.feature_nets import load_feature_net
+from evaluations.feature_nets import load_feature_net, net_identity, net_name
 from evaluations.frechet import frechet_distance
 from evaluations.inception_score import inception_score
+from evaluations.kid import kernel_inception_distance
 from evaluations.precision_recall import compute_prec_recall
 
 TINY_NET = '''
@@ -26,9 +28,9 @@ from evaluations.feature_nets import FeatureNet
 class TinyNet(FeatureNet):
     name = "tiny-test-net"
 
-    def __init__(self):
+    def __init__(self, seed=0):
         super().__init__()
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
         self.register_buffer("proj", torch.randn(3 * 4 * 4, 12, generator=g))
         self.register_buffer("head", torch.randn(12, 6, generator=g))
 
@@ -42,6 +44,11 @@ class TinyNet(FeatureNet):
 
 def build():
     return TinyNet()
+
+
+def build_retrained():
+    # Same name and feature dimension, other weights: only the weights digest tells them apart.
+    return TinyNet(seed=1)
 '''
 
 
@@ -69,7 +76,10 @@ def _direct_results(net, ref, sample):
         np.mean(a, 0), np.cov(a, rowvar=False), np.mean(b, 0), np.cov(b, rowvar=False)
     )
     precision, recall = compute_prec_recall(ref_pool, pool, progress=False)
+    kid_mean, kid_std = kernel_inception_distance(ref_pool, pool)
     return {
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
         "inception_score": inception_score(logits),
         "fid": fd(pool, ref_pool),
         "sfid": fd(sp, ref_sp),
@@ -94,34 +104,121 @@ def test_evaluator_cli_prints_adm_lines_and_writes_json(tmp_path, tiny_spec, cap
     evaluator_cli.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     labels = [line.split(": ")[0] for line in lines]
-    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall", "KID"]
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     expected = _direct_results(load_feature_net(tiny_spec), ref, sample)
     for key, value in expected.items():
         assert results[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert lines[1] == f"FID: {results['fid']}"
+    assert lines[5] == f"KID: {results['kid_mean']} ± {results['kid_std']}"
     assert (results["num_ref"], results["num_samples"]) == (40, 27)
     assert results["feature_net"] == "tiny-test-net"
     assert results["fid"] > 0.01 and 0 < results["precision"] <= 1
 
 
-def test_reference_statistics_in_the_npz_are_used(tmp_path, tiny_spec):
+def _fid_against(net, sample, mu, sigma):
+    pool = net(torch.from_numpy(sample).float())[0].numpy()
+    return frechet_distance(np.mean(pool, 0), np.cov(pool, rowvar=False), mu, sigma)
+
+
+def test_reference_statistics_of_the_same_network_are_used(tmp_path, tiny_spec):
     ref, sample = _images(20, 8, seed=3), _images(20, 8, seed=4)
+    net = load_feature_net(tiny_spec)
+    name, weights = net_identity(net)
     mu, sigma = np.full(12, 0.5), np.eye(12) * 0.1
+    np.savez(tmp_path / "ref.npz", ref, mu=mu, sigma=sigma, stats_feature_net=name,
+             stats_feature_weights=weights)
+    np.savez(tmp_path / "sample.npz", sample)
+    results = Evaluator(net, progress=False).evaluate(
+        tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
+    )
+    assert results["fid"] == pytest.approx(_fid_against(net, sample, mu, sigma), rel=1e-6)
+    assert results["notes"] == []
+
+    np.savez(tmp_path / "ref.npz", ref, mu=np.zeros(5), sigma=np.eye(5), stats_feature_net=name,
+             stats_feature_weights=weights)
+    with pytest.raises(ValueError, match="stored statistics 'mu' have shape \\(5,\\) but the feature network gives 12-d"):
+        Evaluator(net, progress=False).evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz")
+
+
+def test_reference_statistics_without_identity_are_recomputed(tmp_path, tiny_spec, capsys):
+    ref, sample = _images(20, 8, seed=3), _images(20, 8, seed=4)
+    mu, sigma = np.full(12, 0.5), np.eye(12) * 0.1  # not the statistics of ref's images
     np.savez(tmp_path / "ref.npz", ref, mu=mu, sigma=sigma)
     np.savez(tmp_path / "sample.npz", sample)
     net = load_feature_net(tiny_spec)
     results = Evaluator(net, progress=False).evaluate(
         tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
     )
-    pool = net(torch.from_numpy(sample).float())[0].numpy()
-    expected = frechet_distance(np.mean(pool, 0), np.cov(pool, rowvar=False), mu, sigma)
+    ref_pool = net(torch.from_numpy(ref).float())[0].numpy()
+    expected = _fid_against(net, sample, ref_pool.mean(0), np.cov(ref_pool, rowvar=False))
     assert results["fid"] == pytest.approx(expected, rel=1e-6)
+    err = capsys.readouterr().err
+    assert "do not record the feature network" in err and "recomputed them from its 20 images" in err
+    assert len(results["notes"]) == 1
 
-    np.savez(tmp_path / "ref.npz", ref, mu=np.zeros(5), sigma=np.eye(5))
-    with pytest.raises(ValueError, match="stored statistics 'mu' have shape \\(5,\\) but the feature network gives 12-d"):
-        Evaluator(net, progress=False).evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz")
+    # ADM's own reference batches: statistics from the TensorFlow graph, no identity recorded.
+    trusting = Evaluator(net, progress=False, use_stored_stats=True)
+    results = trusting.evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False)
+    assert results["fid"] == pytest.approx(_fid_against(net, sample, mu, sigma), rel=1e-6)
+
+
+def test_statistics_of_another_network_of_the_same_dimension_are_not_used(tmp_path, tiny_spec, capsys):
+    ref, sample = _images(20, 8, seed=3), _images(20, 8, seed=4)
+    np.savez(tmp_path / "source.npz", ref)
+    np.savez(tmp_path / "sample.npz", sample)
+    make_ref_cli.main([str(tmp_path / "source.npz"), str(tmp_path / "ref.npz"),
+                       "--feature_net", tiny_spec, "--device", "cpu"])
+    other = load_feature_net(tiny_spec.replace(":build", ":build_retrained"))
+    assert net_name(other) == "tiny-test-net"
+    results = Evaluator(other, progress=False, use_stored_stats=True).evaluate(
+        tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
+    )
+    ref_pool = other(torch.from_numpy(ref).float())[0].numpy()
+    expected = _fid_against(other, sample, ref_pool.mean(0), np.cov(ref_pool, rowvar=False))
+    assert results["fid"] == pytest.approx(expected, rel=1e-6)
+    _, own_weights = net_identity(load_feature_net(tiny_spec))
+    _, other_weights = net_identity(other)
+    assert own_weights != other_weights
+    err = capsys.readouterr().err
+    assert f"computed with feature network 'tiny-test-net' (weights {own_weights}), not 'tiny-test-net' (weights {other_weights}); recomputed" in err
+
+    # Statistics only (no images to recompute from): refused in one line, exit status 2.
+    with np.load(tmp_path / "ref.npz") as obj:
+        np.savez(tmp_path / "stats_only.npz", **{k: obj[k] for k in obj.files if k != "arr_0"})
+    argv = [str(tmp_path / "stats_only.npz"), str(tmp_path / "sample.npz"), "--no_cache", "--device", "cpu"]
+    with pytest.raises(SystemExit) as info:
+        evaluator_cli.main(argv + ["--feature_net", tiny_spec.replace(":build", ":build_retrained")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no 'arr_0' images to recompute them from" in err
+    # With the network they came from, FID and sFID come from them; precision/recall are n/a.
+    results = evaluator_cli.main(argv + ["--feature_net", tiny_spec])
+    direct = _direct_results(load_feature_net(tiny_spec), ref, sample)
+    assert results["fid"] == pytest.approx(direct["fid"], rel=1e-5)
+    assert results["sfid"] == pytest.approx(direct["sfid"], rel=1e-5)
+    assert results["precision"] is None and results["kid_mean"] is None
+    out = capsys.readouterr().out
+    assert "Precision: n/a" in out and "KID: n/a" in out
+
+
+def test_reference_of_another_image_size_gives_a_warning(tmp_path, tiny_spec, capsys):
+    np.savez(tmp_path / "ref.npz", _images(10, 32, seed=3))
+    np.savez(tmp_path / "sample.npz", _images(10, 16, seed=4))
+    results = Evaluator(load_feature_net(tiny_spec), progress=False).evaluate(
+        tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
+    )
+    err = capsys.readouterr().err.splitlines()
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 1 and "reference images are 32x32 but samples are 16x16" in warnings[0]
+    assert results["notes"] == warnings
+
+    np.savez(tmp_path / "ref.npz", _images(10, 16, seed=3))
+    Evaluator(load_feature_net(tiny_spec), progress=False).evaluate(
+        tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
+    )
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_reference_activations_are_cached(tmp_path, tiny_spec):
@@ -137,6 +234,12 @@ def test_reference_activations_are_cached(tmp_path, tiny_spec):
     np.testing.assert_array_equal(cached.pool, acts.pool)
     np.testing.assert_array_equal(cached.spatial, acts.spatial)
 
+    # A network of the same name with other weights does not reuse them.
+    other = load_feature_net(tiny_spec.replace(":build", ":build_retrained"))
+    retrained = Evaluator(other, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
+    retrained.read_activations(tmp_path / "ref.npz", use_cache=True)
+    assert retrained.embedded_batches == 3
+
     # A rewritten batch file is embedded again.
     np.savez(tmp_path / "ref.npz", _images(12, 8, seed=6))
     third = Evaluator(net, batch_size=4, cache_dir=tmp_path / "cache", progress=False)
@@ -144,12 +247,15 @@ def test_reference_activations_are_cached(tmp_path, tiny_spec):
     assert third.embedded_batches == 3
 
 
-def test_evaluator_cli_reports_bad_batches(tmp_path, tiny_spec):
+def test_evaluator_cli_reports_bad_batches(tmp_path, tiny_spec, capsys):
     np.savez(tmp_path / "ref.npz", _images(10, 8, seed=7))
     np.savez(tmp_path / "sample.npz", images=_images(10, 8, seed=8))
     argv = [str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--feature_net", tiny_spec]
-    with pytest.raises(SystemExit, match="error: .*sample.npz: no 'arr_0' array in the npz"):
+    with pytest.raises(SystemExit) as info:
         evaluator_cli.main(argv + ["--no_cache"])
+    assert info.value.code == 2
+    assert re.fullmatch(r".*: error: .*sample.npz: no 'arr_0' array in the npz \(found: images\)\n",
+                        capsys.readouterr().err)
 
 
 def test_make_reference_batch_from_a_folder(tmp_path, tiny_spec):
@@ -209,3 +315,92 @@ def test_make_reference_batch_from_an_npz_subset(tmp_path, tiny_spec):
     assert results["fid"] == pytest.approx(0, abs=1e-6)
     assert results["sfid"] == pytest.approx(0, abs=1e-6)
     assert (results["precision"], results["recall"]) == (1.0, 1.0)
+
+
+def _cli_error(argv, capsys):
+    """Run the evaluator CLI expecting a usage error: (exit status, stderr)."""
+    with pytest.raises(SystemExit) as info:
+        evaluator_cli.main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--device", "gpu0"], "--device 'gpu0' is not a torch device; pass cpu, cuda or cuda:N"),
+        (["--feature_net", "nonsense"], "unknown feature network 'nonsense'"),
+        (["--fast_gpu", "--device", "cpu"], "--fast_gpu speeds up CUDA only; drop it for --device cpu"),
+        (["--feature_net", "no_such_module_xyz:build"], "--feature_net 'no_such_module_xyz:build' cannot be loaded"),
+    ],
+)
+def test_cli_usage_errors_are_one_line(tmp_path, capsys, flags, message):
+    np.savez(tmp_path / "ref.npz", _images(6, 8, seed=1))
+    np.savez(tmp_path / "sample.npz", _images(6, 8, seed=2))
+    code, err = _cli_error([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--no_cache"] + flags, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("evaluator.py: error: ")
+    assert message in err
+
+
+def test_cli_refuses_cuda_without_cuda(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    np.savez(tmp_path / "ref.npz", _images(6, 8, seed=1))
+    np.savez(tmp_path / "sample.npz", _images(6, 8, seed=2))
+    for cli in (evaluator_cli, make_ref_cli):
+        args = ["--device", "cuda"] + (["--no_cache"] if cli is evaluator_cli else [])
+        with pytest.raises(SystemExit) as info:
+            cli.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")] + args)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1
+        assert "--device cuda: CUDA is not available here" in err and "pass --device cpu" in err
+
+
+def test_cli_float_samples_are_refused_with_the_conversion(tmp_path, capsys, tiny_spec):
+    # Floats in [0, 1] once gave FID ~1263 and exit status 0.
+    np.savez(tmp_path / "ref.npz", _images(6, 8, seed=1))
+    np.savez(tmp_path / "sample.npz", _images(6, 8, seed=2) / np.float32(255))
+    code, err = _cli_error([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--no_cache",
+                            "--feature_net", tiny_spec], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "sample.npz: 'arr_0' has dtype float32" in err
+    assert "(x * 255).round().clip(0, 255).astype(np.uint8)" in err
+
+
+def test_cli_wrong_or_corrupt_inception_weights_are_one_line(tmp_path, capsys):
+    from evaluations.inception import FIDInceptionV3
+
+    np.savez(tmp_path / "ref.npz", _images(6, 8, seed=1))
+    np.savez(tmp_path / "sample.npz", _images(6, 8, seed=2))
+    argv = [str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--no_cache", "--device", "cpu"]
+    # Something like torchvision's Inception-v3: an aux head and a 1000-way fc.
+    state = {k: v for k, v in FIDInceptionV3().state_dict().items() if "Mixed_7c" not in k}
+    state.update({"AuxLogits.fc.weight": torch.zeros(1000, 768), "fc.weight": torch.zeros(1000, 2048)})
+    torch.save(state, tmp_path / "wrong.pth")
+    code, err = _cli_error(argv + ["--inception_path", str(tmp_path / "wrong.pth")], capsys)
+    assert code == 2 and err.count("\n") == 1 and len(err) < 800
+    assert f"{tmp_path}/wrong.pth: not the pt_inception-2015-12-05-6726825d.pth weights" in err
+    # Mixed_7c has 9 convs x 5 tensors; plus 1 unexpected key and 1 of another shape.
+    assert "47 keys do not match the 472 expected: 45 missing (" in err
+    assert "1 unexpected (AuxLogits.fc.weight); 1 of another shape (fc.weight)" in err
+
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage" * 100)
+    code, err = _cli_error(argv + ["--inception_path", str(tmp_path / "corrupt.pth")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path}/corrupt.pth: not the pt_inception-2015-12-05-6726825d.pth weights" in err
+    assert "torch.load cannot read it" in err
+
+
+def test_cli_errors_have_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "ref.npz", _images(6, 8, seed=1))
+    np.savez(tmp_path / "sample.npz", _images(6, 8, seed=2))
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not really a zip")
+    proc = subprocess.run(
+        [sys.executable, evaluator_cli.__file__, str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"),
+         "--no_cache", "--device", "cpu", "--inception_path", str(tmp_path / "corrupt.pth")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "corrupt.pth: not the pt_inception-2015-12-05-6726825d.pth weights" in proc.stderr

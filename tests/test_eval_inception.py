@@ -152,7 +152,7 @@ def test_weights_file_loads_strict_without_num_batches_tracked():
     for key, value in state.items():
         assert torch.equal(network.state_dict()[key], value), key
 
-    with pytest.raises(RuntimeError, match=f"do not match the FID Inception-v3 layout of {WEIGHTS_FILENAME}"):
+    with pytest.raises(ValueError, match=f"not the {WEIGHTS_FILENAME} weights .*: 1 keys do not match the 472 expected: 1 unexpected \\(AuxLogits.fc.weight\\)$"):
         load_inception_state_dict(FIDInceptionV3(), {**state, "AuxLogits.fc.weight": torch.zeros(1)})
 
 
@@ -185,7 +185,7 @@ def test_missing_weights_give_one_message_naming_the_file(tmp_path, monkeypatch)
 
 @pytest.fixture(scope="module")
 def inception_run():
-    net = random_inception_feature_net(seed=0)
+    net = random_inception_feature_net(seed=0, fast=False)  # the reference network, hooked
     taps = {}
     hooks = [
         net.network.Conv2d_1a_3x3.register_forward_hook(lambda m, i, o: taps.update(input=i[0])),
@@ -267,3 +267,28 @@ def test_feature_net_specs(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a TorchScript module"):
         load_feature_net(str(tmp_path / "junk.pt"))
+
+
+def test_feature_nets_does_not_import_the_networks():
+    # inception.py imports FeatureNet from feature_nets.py; the reverse goes through the
+    # BUILTIN_NETS registry (resolved on use), so there is no import cycle.
+    import ast
+    import subprocess
+    import sys
+
+    from evaluations import feature_nets
+
+    tree = ast.parse(open(feature_nets.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "") + ":" + ",".join(a.name for a in node.names))
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert not [name for name in imported if "inception" in name], imported
+    code = (
+        "import sys, evaluations.feature_nets as f; assert 'evaluations.inception' not in sys.modules; "
+        "import evaluations.inception as i; assert i.FeatureNet is f.FeatureNet"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert feature_nets.BUILTIN_NETS["inception"] == "evaluations.inception:load_inception_feature_net"
