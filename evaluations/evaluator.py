@@ -37,7 +37,6 @@ from evaluations.feature_nets import (
     net_channels,
     net_identity,
     net_logits,
-    net_name,
 )
 from evaluations.frechet import FIDStatistics, compute_statistics
 from evaluations.inception_score import inception_score

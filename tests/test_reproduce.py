@@ -187,7 +187,7 @@ def test_end_to_end_writes_metrics_and_table(first_run, world):
         assert record["flags"]["pag_scale"] == scale and record["flags"]["seed"] == 3
         assert record["flags"]["model_path"] == str(world / "tiny.pt")
         assert record["feature_net"] == f"{world / 'tiny_net.py'}:build"
-        assert set(record["metrics"]) == {"inception_score", "fid", "sfid", "precision", "recall"}
+        assert set(record["metrics"]) == {"inception_score", "fid", "sfid", "precision", "recall", "kid_mean"}
         assert all(isinstance(v, float) and np.isfinite(v) for v in record["metrics"].values())
         assert record["timing"]["sampling_seconds"] > 0
         with np.load(record["sample_batch"]) as data:
@@ -210,6 +210,7 @@ def test_end_to_end_writes_metrics_and_table(first_run, world):
     assert pag_cells[5:] == [
         f"{guided['inception_score']:.2f}", "3.25", f"{guided['fid']:.2f}", "12.50",
         f"{guided['sfid']:.2f}", "–", f"{guided['precision']:.3f}", "–", f"{guided['recall']:.3f}", "0.500",
+        f"{guided['kid_mean']:.4f}", "–",
     ]
     assert plain_cells[6] == "–"
     assert "Published figures: Table 9 of a made-up paper." in table
@@ -361,8 +362,8 @@ def test_metadata_and_published_parsing(tmp_path):
     assert parse_published("FID=26.21, sFID=6.35, is=39.70, Precision=0.61, Recall=0.63", "x") == {
         "fid": 26.21, "sfid": 6.35, "inception_score": 39.70, "precision": 0.61, "recall": 0.63
     }
-    with pytest.raises(ReproduceError, match=r"x: '# published:' item 'KID=3' is not NAME=NUMBER with NAME one of IS"):
-        parse_published("FID=1, KID=3", "x")
+    with pytest.raises(ReproduceError, match=r"x: '# published:' item 'CLIP=3' is not NAME=NUMBER with NAME one of IS"):
+        parse_published("FID=1, CLIP=3", "x")
     with pytest.raises(ReproduceError, match=r"value 'abc' of FID is not a number"):
         parse_published("FID=abc", "x")
     path = tmp_path / "r.cfg"
@@ -377,11 +378,11 @@ def test_metadata_and_published_parsing(tmp_path):
 
 def test_render_table_without_published_has_no_paper_columns():
     entry = dict(config="a", title="t", steps="DDIM-25", guidance="PAG: scale 3.0, layers 'middle'", num_samples=4,
-                 metrics=dict(inception_score=1.0, fid=2.0, sfid=None, precision=0.5, recall=0.25),
+                 metrics=dict(inception_score=1.0, fid=2.0, sfid=None, precision=0.5, recall=0.25, kid_mean=0.125),
                  published=None, source=None, status="done")
     text = render_table([entry])
     assert "(paper)" not in text
-    assert "| `a` | t | DDIM-25 | PAG: scale 3.0, layers 'middle' | 4 | 1.00 | 2.00 | – | 0.500 | 0.250 |" in text
+    assert "| `a` | t | DDIM-25 | PAG: scale 3.0, layers 'middle' | 4 | 1.00 | 2.00 | – | 0.500 | 0.250 | 0.1250 |" in text
 
 
 # --- the shipped configs ----------------------------------------------------------------------------------------
