@@ -16,9 +16,76 @@ def resolve_checkpoint(path, flag, what, kind):
             f"{flag} is required: pass the {what} checkpoint (a .pt file whose architecture matches the model "
             f"flags), e.g. {flag} models/64x64_{kind}.pt"
         )
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder, not a file; pass the path of the {what} checkpoint (.pt)")
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path!r}: no such file; pass the path of an existing {what} checkpoint (.pt)")
     return path
+
+
+def resolve_output_folder(path, flag):
+    """
+    Refuse an output folder that cannot be one (an existing file, or a folder under a file) before anything runs.
+    """
+    if not path:
+        return path
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "is an existing file" if probe == os.path.abspath(path) else f"lies under the file {probe!r}"
+        raise UsageError(f"{flag} {path!r} {where}, not a folder; pass a folder for the outputs")
+    return path
+
+
+def read_checkpoint(path, flag, what):
+    """
+    The state dict in a checkpoint file, read by rank 0 and broadcast (every rank must call this together), or a
+    UsageError naming the file and what is wrong with it: unreadable (truncated, empty, not a PyTorch file) or not
+    a state dict (e.g. a training checkpoint that wraps one).
+    """
+    from . import dist_util
+
+    try:
+        state = dist_util.load_state_dict(path, map_location="cpu")
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UsageError(
+            f"{flag} {path!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); the file may "
+            f"be truncated or not a .pt file: pass the {what} checkpoint itself, or download it again"
+        ) from None
+    if isinstance(state, dict) and state and all(hasattr(v, "shape") for v in state.values()):
+        return state
+    raise UsageError(f"{flag} {path!r} holds {_describe_object(state)}, not a state dict of the {what}{_unwrap_hint(state)}")
+
+
+def _describe_object(obj):
+    if isinstance(obj, dict):
+        if not obj:
+            return "an empty dict"
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) + (", ..." if len(obj) > 6 else "")
+        return f"a dict with keys {keys}"
+    return f"a {type(obj).__name__}"
+
+
+def _unwrap_hint(obj):
+    # A training checkpoint often wraps the weights with other state; say which entry holds them.
+    if not isinstance(obj, dict):
+        return ""
+    nested = [
+        k for k, v in obj.items() if isinstance(v, dict) and v and all(hasattr(t, "shape") for t in v.values())
+    ]
+    if len(nested) != 1:
+        return ""
+    return (
+        f"; its {nested[0]!r} entry looks like the weights: save that entry alone "
+        f"(torch.save(torch.load(path)[{nested[0]!r}], new_path)) and pass the new file"
+    )
 
 
 def load_for_sampling(module, path, flag, what, use_fp16, device):
@@ -26,9 +93,7 @@ def load_for_sampling(module, path, flag, what, use_fp16, device):
     Load a checkpoint into a model or classifier (every rank together: dist_util reads it on rank 0 and
     broadcasts it), then move it to `device`, convert it to fp16 if asked and put it in eval mode, as ADM does.
     """
-    from . import dist_util
-
-    state = dist_util.load_state_dict(path, map_location="cpu")
+    state = read_checkpoint(path, flag, what)
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:

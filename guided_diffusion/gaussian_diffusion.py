@@ -844,7 +844,8 @@ def _timestep_indices(num_timesteps, progress):
         # Imported lazily so that sampling without a progress bar never needs tqdm.
         from tqdm.auto import tqdm
 
-        indices = tqdm(indices)
+        # leave=False: inside a run's bar over samples, the bar of one batch's steps goes when the batch is done.
+        indices = tqdm(indices, desc="diffusion steps", unit="step", leave=False, dynamic_ncols=True)
     return indices
 
 

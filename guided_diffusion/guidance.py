@@ -34,6 +34,34 @@ def parse_interval(text, diffusion_steps, flag):
     return lo, hi
 
 
+def sampled_timesteps(diffusion):
+    """
+    The original timesteps a (possibly respaced) diffusion visits, in increasing order.
+    """
+    timestep_map = getattr(diffusion, "timestep_map", None)
+    if timestep_map is None:
+        return list(range(diffusion.num_timesteps))
+    return sorted(int(t) for t in timestep_map)
+
+
+def check_interval_is_sampled(interval, diffusion, flag):
+    """
+    Refuse an interval that none of the sampled timesteps falls in: the method would silently do nothing.
+    """
+    if interval is None:
+        return
+    steps = sampled_timesteps(diffusion)
+    lo, hi = interval
+    if not any(lo <= t <= hi for t in steps):
+        below = [t for t in steps if t < lo]
+        above = [t for t in steps if t > hi]
+        nearest = ", ".join(str(t) for t in (below[-1:] + above[:1]))
+        raise UsageError(
+            f"{flag} '{lo},{hi}' contains none of the {len(steps)} timesteps this respacing samples (nearest: "
+            f"{nearest}), so guidance would never act; widen the interval or change --timestep_respacing"
+        )
+
+
 def model_time_range(interval, args):
     """
     An interval of original timesteps as the model sees them: with --rescale_timesteps the model is called with
@@ -66,10 +94,10 @@ class GuidanceFlags:
     def enabled(self, args):
         raise NotImplementedError
 
-    def check_model(self, args, model):
+    def check_model(self, args, model, diffusion):
         """
-        Reject flag values that do not fit the built model (e.g. a layer it lacks), also when the method is off,
-        so a typo never goes unnoticed.
+        Reject flag values that do not fit the built model and its diffusion (e.g. a layer the model lacks, an
+        interval no sampled step falls in), also when the method is off, so a typo never goes unnoticed.
         """
 
     def wrap(self, model, diffusion, args):
@@ -102,13 +130,16 @@ class PAGFlags(GuidanceFlags):
     def enabled(self, args):
         return args.pag_scale != 0
 
-    def check_model(self, args, model):
+    def check_model(self, args, model, diffusion):
         from .pag import resolve_layers
 
         try:
             resolve_layers(model, args.pag_layers)
         except ValueError as exc:
             raise UsageError(f"--pag_layers {args.pag_layers!r}: {exc}") from None
+        if self.enabled(args):
+            interval = parse_interval(args.pag_interval, args.diffusion_steps, "--pag_interval")
+            check_interval_is_sampled(interval, diffusion, "--pag_interval")
 
     def t_range(self, args):
         """
@@ -166,7 +197,7 @@ def guide_model(model, diffusion, args, log=None):
     :param log: called with one line per enabled method.
     """
     for method in GUIDANCE_METHODS:
-        method.check_model(args, model)
+        method.check_model(args, model, diffusion)
     guided = model
     for method in GUIDANCE_METHODS:
         if method.enabled(args):

@@ -1,16 +1,17 @@
 """
-Image output of the sampling scripts: model output to uint8 images, and a PNG grid to look at.
+Image output of the sampling scripts: model output to uint8 images, and a grid of the first samples to look at,
+written by Pillow in the format its file name asks for (.png, .jpg, ...).
 """
 
+import io
 import math
 import os
-import struct
-import zlib
 
 import numpy as np
 import torch as th
 
 from .atomic_io import atomic_write
+from .errors import UsageError
 
 # The grid written by --grid shows at most this many of the first samples.
 GRID_MAX_IMAGES = 64
@@ -42,31 +43,6 @@ def image_grid(images, padding=2):
     return grid
 
 
-def png_bytes(image):
-    """
-    Encode a uint8 HWC image (C = 1, 3 or 4) as PNG, with zlib alone, so that no imaging library is needed.
-    """
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    height, width, channels = image.shape
-    color_type = {1: 0, 3: 2, 4: 6}[channels]
-
-    def chunk(kind, data):
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    # Every scanline starts with filter type 0 (none).
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, -1)], axis=1)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-        + chunk(b"IEND", b"")
-    )
-
-
 def enlarge_small(images, min_size=32, target=64):
     """
     Nearest-neighbour enlarge images smaller than min_size pixels to about target pixels, so a grid of 16x16
@@ -79,8 +55,39 @@ def enlarge_small(images, min_size=32, target=64):
     return images.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
+def grid_format(path):
+    """
+    The Pillow format name a grid file's extension asks for, or a UsageError naming the ones that work.
+    """
+    from PIL import Image
+
+    Image.init()
+    extension = os.path.splitext(path)[1].lower()
+    fmt = Image.EXTENSION.get(extension)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(
+            f"--grid {path!r}: cannot tell the image format from {extension or 'a name without an extension'}; "
+            "end the name with .png or .jpg"
+        )
+    return fmt
+
+
+def image_bytes(image, fmt="PNG"):
+    """
+    Encode a uint8 HWC image (C = 1 or 3) in the given Pillow format.
+    """
+    from PIL import Image
+
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def save_grid(path, images):
-    data = png_bytes(image_grid(enlarge_small(images)))
+    data = image_bytes(image_grid(enlarge_small(images)), grid_format(path))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))

@@ -191,6 +191,16 @@ def log(*args, level=INFO):
     get_current().log(*args, level=level)
 
 
+def log_to_files(*lines):
+    """
+    Write lines to the text log files only, not stdout: for lines already printed before the logger's folder was
+    configured.
+    """
+    for fmt in get_current().output_formats:
+        if isinstance(fmt, HumanOutputFormat) and fmt.own_file:
+            fmt.writeseq([str(line) for line in lines])
+
+
 def debug(*args):
     log(*args, level=DEBUG)
 

@@ -199,6 +199,15 @@ def _stop_after():
     return int(value)
 
 
+def grid_path(grid, out_dir):
+    """
+    Where --grid goes: a bare file name into the run's own output folder, a path as given.
+    """
+    if grid and not os.path.dirname(grid):
+        return os.path.join(out_dir, grid)
+    return grid
+
+
 def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, comm=None):
     """
     Sample indices 0 .. args.num_samples - 1 with all ranks, resumably, and write the final .npz.
@@ -260,12 +269,13 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
             error = f"{exc}; delete {parts_dir} and rerun"
         else:
             save_npz_atomic(final_path, arrays)
-            if args.grid:
-                save_grid(args.grid, arrays[0][:GRID_MAX_IMAGES])
+            grid = grid_path(args.grid, out_dir)
+            if grid:
+                save_grid(grid, arrays[0][:GRID_MAX_IMAGES])
             shutil.rmtree(parts_dir)
             logger.log(f"saving to {final_path}")
-            if args.grid:
-                logger.log(f"grid of the first samples in {args.grid}")
+            if grid:
+                logger.log(f"grid of the first samples in {grid}")
     _all_ok(comm, error)
     comm.Barrier()
     return final_path

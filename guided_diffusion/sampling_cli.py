@@ -11,16 +11,22 @@ A script is then:
         model, guided, diffusion = build_guided_model(args, run, create_model_and_diffusion, ...)
         def sample_batch(start, end, generators): ...   # the script's own part
         return finish_run("image_sample", args, run, args.image_size, sample_batch)
+
+Nothing is written before the run samples: every flag is checked and every checkpoint read first, so a run that
+fails on bad input leaves no output folder behind. Until then messages go to stdout (rank 0) and are copied into
+log.txt once the folder exists.
 """
 
+import os
+import sys
 from types import SimpleNamespace
 
 from . import dist_util, logger
-from .checkpoints import load_for_sampling, resolve_checkpoint
+from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_folder
 from .errors import UsageError
 from .flag_files import FlagFileArgumentParser
 from .guidance import check_guidance_args, guidance_defaults, guide_model
-from .image_output import to_uint8_images
+from .image_output import grid_format, to_uint8_images
 from .random_streams import PerSampleNoise
 from .run_store import mpi_comm, run_record, run_sampling
 from .script_util import add_dict_to_argparser, args_to_dict
@@ -39,8 +45,9 @@ def exit_with_usage_error(parser, exc):
 def sampling_defaults():
     """
     Flags every sampling script has: ADM's (clip_denoised, num_samples, batch_size, use_ddim) and ours: the seed,
-    an optional PNG grid and an optional output folder (default: the logger's folder, $OPENAI_LOGDIR or a fresh
-    temporary folder, as in ADM).
+    an optional grid image of the first samples (--grid NAME.png: a bare file name goes into the output folder)
+    and an optional output folder (default: the logger's folder, $OPENAI_LOGDIR or a fresh temporary folder, as in
+    ADM).
     """
     return dict(
         clip_denoised=True,
@@ -68,7 +75,8 @@ def create_sampling_argparser(description, defaults):
 
 def run_main(parser, sample, argv=None, args=None):
     """
-    Parse the flags (unless `args` is given) and call sample(args); a UsageError becomes one error line.
+    Parse the flags (unless `args` is given) and call sample(args); a UsageError becomes one error line, Ctrl-C
+    one line saying how to resume.
     """
     if args is None:
         args = parser.parse_args(argv)
@@ -76,6 +84,13 @@ def run_main(parser, sample, argv=None, args=None):
         return sample(args)
     except UsageError as exc:
         exit_with_usage_error(parser, exc)
+    except KeyboardInterrupt:
+        if mpi_comm().rank == 0:
+            sys.stderr.write(
+                f"\n{parser.prog}: interrupted. Finished batches are kept: rerun the same command (same output "
+                "folder) to resume where it stopped.\n"
+            )
+        raise SystemExit(130) from None
 
 
 def check_sampling_args(args):
@@ -85,6 +100,8 @@ def check_sampling_args(args):
         raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     if args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.grid:
+        grid_format(args.grid)
 
 
 def check_diffusion_args(args):
@@ -139,9 +156,11 @@ def configure_logger(out_dir, comm):
     """
     from . import logger
 
+    # Sampling logs no key-value pairs, so ADM's default progress.csv would stay empty: leave it out.
+    formats = os.environ.get("OPENAI_LOG_FORMAT", "stdout,log").split(",")
     folder = None
     if comm.rank == 0:
-        logger.configure(dir=out_dir or None)
+        logger.configure(dir=out_dir or None, format_strs=formats)
         folder = logger.get_dir()
     folder = comm.bcast(folder, root=0)
     if comm.rank != 0:
@@ -151,13 +170,14 @@ def configure_logger(out_dir, comm):
 
 def start_run(args, checkpoints, kind="diffusion", check=None):
     """
-    Check every flag that can be checked without loading anything, resolve the checkpoints, then set up the
-    logger's folder (one for all ranks) and the device. Nothing is written before every check has passed.
+    Check every flag that can be checked without loading anything and resolve the checkpoints. Creates nothing:
+    the output folder is made by finish_run, once the models have loaded.
 
     :param checkpoints: {flag name: what it holds}, e.g. {"model_path": "diffusion model"}; --model_path's
                         example file name uses `kind`, the others' "classifier".
-    :param check: the script's own checks, check(args) -> anything (kept as run.checked), run before the folder.
-    :return: a namespace with comm, out_dir, device, paths ({flag name: checkpoint path}) and checked.
+    :param check: the script's own checks, check(args) -> anything (kept as run.checked).
+    :return: a namespace with comm, device, paths ({flag name: checkpoint path}), checked, progress (whether this
+             rank shows progress bars) and notes (the messages said before the log folder exists).
     """
     check_sampling_args(args)
     check_guidance_args(args)
@@ -167,10 +187,26 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
         flag: resolve_checkpoint(getattr(args, flag), f"--{flag}", what, kind if flag == "model_path" else "classifier")
         for flag, what in checkpoints.items()
     }
+    resolve_output_folder(args.out_dir, "--out_dir")
     # No torch.distributed group is needed: ranks share work through files and MPI alone.
     comm = mpi_comm()
-    out_dir = configure_logger(args.out_dir, comm)
-    return SimpleNamespace(comm=comm, out_dir=out_dir, device=dist_util.dev(), paths=paths, checked=checked)
+    return SimpleNamespace(
+        comm=comm, device=dist_util.dev(), paths=paths, checked=checked, progress=comm.rank == 0, notes=[]
+    )
+
+
+def say(run, message):
+    """
+    A log line before the output folder exists: printed by rank 0 now, copied into log.txt by finish_run.
+    """
+    run.notes.append(message)
+    if run.comm.rank == 0:
+        print(message, flush=True)
+
+
+def load_checkpoint(run, module, flag, what, use_fp16):
+    say(run, f"loading {what} from {run.paths[flag]}...")
+    return load_for_sampling(module, run.paths[flag], f"--{flag}", what, use_fp16, run.device)
 
 
 def create_from_flags(create, defaults, args):
@@ -189,17 +225,19 @@ def build_guided_model(args, run, create, defaults, what="diffusion model"):
     --model_path and wrap the model in the guidance the flags ask for.
     :return: (model, guided model, diffusion).
     """
-    logger.log(f"creating {what} and diffusion...")
+    say(run, f"creating {what} and diffusion...")
     model, diffusion = create_from_flags(create, defaults, args)
-    guided = guide_model(model, diffusion, args, log=logger.log)
-    load_for_sampling(model, run.paths["model_path"], "--model_path", what, args.use_fp16, run.device)
+    guided = guide_model(model, diffusion, args, log=lambda line: say(run, line))
+    load_checkpoint(run, model, "model_path", what, args.use_fp16)
     return model, guided, diffusion
 
 
-def sample_images(diffusion, model_fn, args, generators, image_size, model_kwargs, cond_fn=None, device=None):
+def sample_images(
+    diffusion, model_fn, args, generators, image_size, model_kwargs, cond_fn=None, device=None, progress=False
+):
     """
     Run ADM's sampler (DDIM with --use_ddim, else ancestral) on one batch whose random draws all come from the
-    samples' own generators. :return: uint8 NHWC images.
+    samples' own generators. :param progress: show a bar over the diffusion steps. :return: uint8 NHWC images.
     """
     noise = PerSampleNoise(generators)
     shape = (len(generators), 3, image_size, image_size)
@@ -212,6 +250,7 @@ def sample_images(diffusion, model_fn, args, generators, image_size, model_kwarg
         cond_fn=cond_fn,
         model_kwargs=model_kwargs,
         device=device,
+        progress=progress,
         noise_fn=noise,
     )
     return to_uint8_images(sample)
@@ -225,11 +264,13 @@ def finish_run(script, args, run, image_size, sample_batch, input_flags=()):
                         fingerprints, so a resumed run cannot mix outputs of two different inputs.
     :return: the path of the final .npz.
     """
+    out_dir = configure_logger(args.out_dir, run.comm)
+    logger.log_to_files(*run.notes)
     logger.log("sampling...")
     path = run_sampling(
         script=script,
         args=args,
-        out_dir=run.out_dir,
+        out_dir=out_dir,
         image_shape=(image_size, image_size, 3),
         sample_batch=sample_batch,
         record=run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags)),

@@ -29,6 +29,21 @@ def _attention_blocks(keys):
     return sorted({k.rsplit(".qkv.", 1)[0] for k in keys if ".qkv." in k and not k.startswith("out.")})
 
 
+def _uses_scale_shift(sd):
+    """
+    Whether a state dict's residual blocks use scale-shift norm, read off the first block alone: its embedding
+    projection gives 2 * out_channels values with it, out_channels without. Comparing this within each state dict
+    keeps a changed --num_channels from passing for a changed --use_scale_shift_norm.
+    """
+    for key in sorted(sd):
+        if key.endswith(".emb_layers.1.weight"):
+            conv = key[: -len("emb_layers.1.weight")] + "in_layers.2.weight"
+            if conv in sd:
+                emb_width, conv_width = _shape(sd[key])[0], _shape(sd[conv])[0]
+                return emb_width == 2 * conv_width
+    return None
+
+
 def suggest_flags(model_sd, ckpt_sd):
     """
     Return a list of human-readable hints, most likely first, naming the flags that explain the mismatch.
@@ -39,8 +54,17 @@ def suggest_flags(model_sd, ckpt_sd):
     def mismatch(key):
         return key in model_sd and key in ckpt_sd and _shape(model_sd[key]) != _shape(ckpt_sd[key])
 
+    if "time_embed.0.weight" not in ckpt_keys or "input_blocks.0.0.weight" not in ckpt_keys:
+        # Every ADM U-Net and classifier has these; without them no flag can make the checkpoint fit.
+        shown = ", ".join(sorted(ckpt_keys)[:4]) or "none"
+        hints.append(
+            "the checkpoint is not an ADM model or classifier state dict (it lacks time_embed.0.weight and "
+            f"input_blocks.0.0.weight; its keys start: {shown})"
+        )
+        return hints
+
     model_is_classifier = not any(k.startswith("output_blocks.") for k in model_keys)
-    ckpt_is_classifier = bool(ckpt_keys) and not any(k.startswith("output_blocks.") for k in ckpt_keys)
+    ckpt_is_classifier = not any(k.startswith("output_blocks.") for k in ckpt_keys)
     if ckpt_is_classifier and not model_is_classifier:
         hints.append(
             "this is a classifier checkpoint (it has no output_blocks): load it with create_classifier "
@@ -96,14 +120,11 @@ def suggest_flags(model_sd, ckpt_sd):
                 f"input blocks, the flags give {len(model_inputs)})"
             )
 
-    if any(".emb_layers.1.weight" in k and mismatch(k) for k in model_keys):
-        key = next(k for k in model_keys if ".emb_layers.1.weight" in k and mismatch(k))
-        got, want = _shape(ckpt_sd[key])[0], _shape(model_sd[key])[0]
+    ckpt_ss, model_ss = _uses_scale_shift(ckpt_sd), _uses_scale_shift(model_sd)
+    if None not in (ckpt_ss, model_ss) and ckpt_ss != model_ss:
         flag = "--classifier_use_scale_shift_norm" if model_is_classifier else "--use_scale_shift_norm"
-        if got == 2 * want:
-            hints.append(f"{flag} True (the embedding projections are twice as wide in the checkpoint)")
-        elif want == 2 * got:
-            hints.append(f"{flag} False (the embedding projections are half as wide in the checkpoint)")
+        hints.append(f"{flag} {ckpt_ss} (the checkpoint's embedding projections are "
+                     f"{'twice as' if ckpt_ss else 'as'} wide as its residual blocks' channels)")
 
     updown_ckpt = any(re.search(r"\.\d+\.0\.in_layers", k) for k in ckpt_keys if ".op." not in k)
     op_ckpt = any(k.endswith(".op.weight") for k in ckpt_keys)

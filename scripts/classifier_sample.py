@@ -10,9 +10,7 @@ import math
 import torch as th
 import torch.nn.functional as F
 
-from guided_diffusion import logger
 from guided_diffusion import sampling_cli as cli
-from guided_diffusion.checkpoints import load_for_sampling
 from guided_diffusion.errors import UsageError
 from guided_diffusion.random_streams import draw_labels
 from guided_diffusion.script_util import (
@@ -47,12 +45,8 @@ def sample(args):
     )
     _, guided, diffusion = cli.build_guided_model(args, run, create_model_and_diffusion, model_and_diffusion_defaults)
 
-    logger.log("loading classifier...")
     classifier = cli.create_from_flags(create_classifier, classifier_defaults, args)
-    load_for_sampling(
-        classifier, run.paths["classifier_path"], "--classifier_path", "classifier", args.classifier_use_fp16,
-        run.device,
-    )
+    cli.load_checkpoint(run, classifier, "classifier_path", "classifier", args.classifier_use_fp16)
 
     def cond_fn(x, t, y=None):
         # The gradient of log p(y | x_t), scaled: condition_mean() shifts the mean along it.
@@ -72,7 +66,7 @@ def sample(args):
         classes = draw_labels(generators, NUM_CLASSES).to(run.device)
         images = cli.sample_images(
             diffusion, model_fn, args, generators, args.image_size, {"y": classes}, cond_fn=cond_fn,
-            device=run.device,
+            device=run.device, progress=run.progress,
         )
         return [images, classes.cpu().numpy()]
 

@@ -71,7 +71,9 @@ def sample(args):
         if args.class_cond:
             classes = draw_labels(generators, NUM_CLASSES).to(run.device)
             model_kwargs["y"] = classes
-        images = cli.sample_images(diffusion, guided, args, generators, args.image_size, model_kwargs, device=run.device)
+        images = cli.sample_images(
+            diffusion, guided, args, generators, args.image_size, model_kwargs, device=run.device, progress=run.progress
+        )
         if args.class_cond:
             return [images, classes.cpu().numpy()]
         return [images]

@@ -73,7 +73,9 @@ def sample(args):
         model_kwargs = {"low_res": low_res.permute(0, 3, 1, 2).contiguous().to(run.device)}
         if args.class_cond:
             model_kwargs["y"] = th.from_numpy(base_labels[which]).long().to(run.device)
-        images = cli.sample_images(diffusion, guided, args, generators, args.large_size, model_kwargs, device=run.device)
+        images = cli.sample_images(
+            diffusion, guided, args, generators, args.large_size, model_kwargs, device=run.device, progress=run.progress
+        )
         return [images]
 
     return cli.finish_run("super_res_sample", args, run, args.large_size, sample_batch, input_flags=("base_samples",))

@@ -8,12 +8,11 @@ the time) and as subprocesses for the MPI test.
 """
 
 import importlib.util
+import io
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch as th
 from guided_diffusion import run_store
 from guided_diffusion.errors import UsageError
 from guided_diffusion.guidance import PAGFlags, parse_interval
-from guided_diffusion.image_output import image_grid, png_bytes, to_uint8_images
+from guided_diffusion.image_output import image_bytes, image_grid, to_uint8_images
 from guided_diffusion.random_streams import PerSampleNoise, sample_generator
 from guided_diffusion.respace import space_timesteps
 from guided_diffusion.run_store import missing_batches
@@ -242,24 +241,12 @@ def test_missing_batches_cuts_each_gap_separately():
     assert missing_batches(4, [(0, 4)], 2) == []
 
 
-def _read_png(data):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * 3)
-    assert (rows[:, 0] == 0).all()
-    return rows[:, 1:].reshape(height, width, 3)
+def _read_image(data, fmt="PNG"):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == fmt
+        return np.asarray(image.convert("RGB"))
 
 
 def test_png_grid_layout():
@@ -270,7 +257,7 @@ def test_png_grid_layout():
     np.testing.assert_array_equal(grid[2:6, 2:8], images[0])
     np.testing.assert_array_equal(grid[8:12, 10:16], images[4])
     assert not grid[8:12, 18:24].any()
-    np.testing.assert_array_equal(_read_png(png_bytes(grid)), grid)
+    np.testing.assert_array_equal(_read_image(image_bytes(grid)), grid)
 
 
 def test_parse_pag_interval():
@@ -288,14 +275,14 @@ def test_parse_pag_interval():
 def test_pag_interval_follows_rescaled_timesteps():
     pytest.importorskip("guided_diffusion.pag")
     args = model_and_diffusion_defaults()
-    args.update(TINY)
-    model, _ = create_model_and_diffusion(**args)
+    args.update(TINY, timestep_respacing="")
+    model, diffusion = create_model_and_diffusion(**args)
     ns = SimpleNamespace(pag_scale=1.0, pag_layers="middle", pag_interval="10,20", diffusion_steps=100)
     pag_flags = PAGFlags()
     for rescale, expected in ((False, (10, 20)), (True, (100.0, 200.0))):
         # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
         args = SimpleNamespace(**vars(ns), rescale_timesteps=rescale)
-        pag_flags.check_model(args, model)
+        pag_flags.check_model(args, model, diffusion)
         assert pag_flags.t_range(args) == expected
 
 
@@ -325,10 +312,8 @@ def test_image_sample_outputs_and_grid(image_sample, ckpt, tmp_path):
     assert not os.path.exists(tmp_path / "samples_5x32x32x3_parts")
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
-    data = grid_path.read_bytes()
-    width, height = struct.unpack(">II", data[16:24])
-    assert data[12:16] == b"IHDR" and (width, height) == (3 * 34 + 2, 2 * 34 + 2)
-    grid = _read_png(data)
+    grid = _read_image(grid_path.read_bytes())
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
     np.testing.assert_array_equal(grid[2:34, 2:34], out["arr_0"][0])
     np.testing.assert_array_equal(grid[36:68, 36:68], out["arr_0"][4])
 
@@ -360,7 +345,7 @@ def test_ddim_sampling(image_sample, ckpt, tmp_path):
     assert np.abs(ancestral["arr_0"].astype(int) - ddim["arr_0"]).mean() > 1
 
 
-def test_pag_scale_zero_and_out_of_range_interval_equal_plain_run(image_sample, ckpt, tmp_path):
+def test_pag_scale_zero_equals_plain_run_and_intervals_act(image_sample, ckpt, tmp_path):
     common = dict(model_path=ckpt.uncond, num_samples=3, batch_size=3, seed=1)
     plain = run_main(image_sample, tiny_flags(out_dir=tmp_path / "plain", **common))
     zero = run_main(
@@ -368,12 +353,6 @@ def test_pag_scale_zero_and_out_of_range_interval_equal_plain_run(image_sample, 
     )
     np.testing.assert_array_equal(plain["arr_0"], zero["arr_0"])
 
-    assert sorted(space_timesteps(100, "5")) == [0, 25, 50, 74, 99]
-    # No sampled timestep lies in 1..24, so PAG never acts.
-    idle = run_main(
-        image_sample, tiny_flags(out_dir=tmp_path / "idle", pag_scale=3.0, pag_interval="1,24", **common)
-    )
-    np.testing.assert_array_equal(plain["arr_0"], idle["arr_0"])
 
     guided = run_main(image_sample, tiny_flags(out_dir=tmp_path / "pag", pag_scale=3.0, **common))
     late = run_main(
@@ -477,20 +456,85 @@ BAD_IMAGE_SAMPLE_FLAGS = [
     (dict(num_samples=0), "--num_samples must be positive, got 0"),
     (dict(batch_size=-2), "--batch_size must be positive, got -2"),
     (dict(class_cond=True), "--class_cond False"),
+    (dict(pag_scale=3.0, pag_interval="1,24"), "--pag_interval '1,24' contains none of the 5 timesteps"),
+    (dict(grid="grid.xyz"), "--grid 'grid.xyz': cannot tell the image format from .xyz"),
+    (dict(model_path="."), "--model_path '.' is a folder, not a file"),
 ]
 
 
 @pytest.mark.parametrize("bad, message", BAD_IMAGE_SAMPLE_FLAGS)
 def test_image_sample_rejects_bad_flags(image_sample, ckpt, tmp_path, capsys, bad, message):
-    values = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path)
+    values = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path / "run")
     values.update(bad)
     with pytest.raises(SystemExit) as rejected:
         image_sample.main(tiny_flags(**values))
     assert rejected.value.code == 2
     err = capsys.readouterr().err
-    assert ": error: " in err
+    assert err.count(": error: ") == 1
     assert message in err
-    assert not (tmp_path / "samples_2x32x32x3.npz").exists()
+    # A run that never sampled leaves no output folder (nor log.txt) behind.
+    assert not (tmp_path / "run").exists()
+
+
+def _bad_checkpoints(folder, good):
+    data = open(good, "rb").read()
+    files = {
+        "truncated.pt": data[: len(data) // 2],
+        "empty.pt": b"",
+        "text.pt": b"not a checkpoint\n",
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    th.save({"model": th.load(good), "step": 7}, folder / "wrapped.pt")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("truncated.pt", "is not a readable PyTorch checkpoint"),
+        ("empty.pt", "is not a readable PyTorch checkpoint"),
+        ("text.pt", "is not a readable PyTorch checkpoint"),
+        ("wrapped.pt", "holds a dict with keys 'model', 'step', not a state dict of the diffusion model; its 'model'"),
+    ],
+)
+def test_unreadable_checkpoints_get_one_line_and_no_output_folder(image_sample, ckpt, tmp_path, capsys, name, message):
+    bad = _bad_checkpoints(tmp_path, ckpt.uncond) / name
+    with pytest.raises(SystemExit) as rejected:
+        image_sample.main(tiny_flags(model_path=bad, num_samples=2, batch_size=2, out_dir=tmp_path / "run"))
+    assert rejected.value.code == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(error_lines) == 1 and str(bad) in error_lines[0] and message in error_lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(image_sample, ckpt, tmp_path, capsys):
+    existing = tmp_path / "taken"
+    existing.write_text("")
+    for out_dir, message in ((existing, "is an existing file"), (existing / "sub", "lies under the file")):
+        with pytest.raises(SystemExit):
+            image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=out_dir))
+        assert f"--out_dir {str(out_dir)!r} {message}" in capsys.readouterr().err
+
+
+def test_grid_format_follows_its_name_and_bare_names_go_in_the_run_folder(image_sample, ckpt, tmp_path, monkeypatch):
+    common = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2)
+    out = run_main(image_sample, tiny_flags(out_dir=tmp_path / "a", grid=tmp_path / "g.jpg", **common))
+    jpeg = (tmp_path / "g.jpg").read_bytes()
+    assert jpeg[:3] == b"\xff\xd8\xff"  # a JPEG, not PNG bytes under a .jpg name
+    grid = _read_image(jpeg, "JPEG")
+    # Lossy, but the first tile is the first sample rather than the second.
+    tile = grid[2:34, 2:34].astype(int)
+    assert np.abs(tile - out["arr_0"][0]).mean() < np.abs(tile - out["arr_0"][1]).mean()
+    # A bare file name lands in the run's own folder, not the working directory.
+    monkeypatch.chdir(tmp_path)
+    run_main(image_sample, tiny_flags(out_dir=tmp_path / "b", grid="grid.png", **common))
+    assert (tmp_path / "b" / "grid.png").exists() and not (tmp_path / "grid.png").exists()
+    # Sampling logs no key-value pairs: no always-empty progress.csv beside log.txt.
+    assert (tmp_path / "b" / "log.txt").exists() and not (tmp_path / "b" / "progress.csv").exists()
+    assert "creating diffusion model and diffusion" in (tmp_path / "b" / "log.txt").read_text()
 
 
 # --- classifier_sample.py -------------------------------------------------------------------------------------

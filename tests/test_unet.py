@@ -191,6 +191,25 @@ def test_classifier_checkpoint_given_to_unet():
         model.load_state_dict(classifier.state_dict())
 
 
+def test_num_channels_mismatch_names_no_other_flag():
+    # Doubling --num_channels doubles every width, which once passed for a scale-shift-norm mismatch.
+    ckpt = tiny_model().state_dict()
+    with pytest.raises(RuntimeError) as err:
+        tiny_model(num_channels=64).load_state_dict(ckpt)
+    msg = str(err.value)
+    assert "Most likely wrong flag: --num_channels 32" in msg
+    assert "scale_shift" not in msg
+
+
+def test_wrapped_training_checkpoint_is_not_called_a_classifier():
+    wrapped = {"model": tiny_model().state_dict(), "step": 7}
+    with pytest.raises(RuntimeError) as err:
+        tiny_model().load_state_dict(wrapped)
+    msg = str(err.value)
+    assert "classifier checkpoint" not in msg
+    assert "not an ADM model or classifier state dict" in msg and "model, step" in msg
+
+
 def test_non_strict_load_still_possible():
     model = tiny_model()
     sd = model.state_dict()
