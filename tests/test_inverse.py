@@ -6,6 +6,7 @@ layout against our create_model, and the error messages.
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -587,3 +588,119 @@ def test_dps_ffhq_state_dict_loads_strict():
     # PAG's blocks on this model: attention at 16 x 16, two heads of 64 channels each.
     names = [n for n, m in model.named_modules() if type(m).__name__ == "AttentionBlock"]
     assert "middle_block.1" in names and len(names) == 4
+
+
+# --- scripts/inverse_sample.py ------------------------------------------------------------------------------------
+
+SCRIPT_MODEL = dict(
+    image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+    diffusion_steps=100, timestep_respacing="3",
+)
+
+
+@pytest.fixture(scope="module")
+def inverse_script(tmp_path_factory):
+    import importlib.util
+    import os
+
+    from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("_inverse_sample", os.path.join(root, "scripts", "inverse_sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path_factory.mktemp("inverse")
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **SCRIPT_MODEL})
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    torch.save(model.state_dict(), folder / "model.pt")
+    ys, xs = np.mgrid[0:16, 0:16]
+    images = np.stack([np.stack([(ys * 16 + k * 40) % 256, (xs * 16) % 256, np.full((16, 16), 30 * k)], -1)
+                       for k in range(4)]).astype(np.uint8)
+    np.savez(folder / "data.npz", images)
+    return SimpleNamespace(module=module, model=str(folder / "model.pt"), data=str(folder / "data.npz"), images=images)
+
+
+def _script_flags(**values):
+    out = []
+    for key, value in {**SCRIPT_MODEL, **values}.items():
+        out += [f"--{key}", str(value)]
+    return out
+
+
+def test_inverse_sample_outputs_draw_order_and_batch_independence(inverse_script, tmp_path):
+    from guided_diffusion.image_output import to_uint8_images
+
+    common = dict(
+        model_path=inverse_script.model, data_dir=inverse_script.data, num_samples=3, task="inpainting",
+        mask_type="box", mask_len_range="4,7", mask_margin="2,2", dps_scale=0.5, pag_scale=1.0, pag_layers="middle",
+        seed=5,
+    )
+    path = inverse_script.module.main(_script_flags(batch_size=2, out_dir=tmp_path / "a", **common))
+    with np.load(path) as data:
+        recon, meas, truth = data["arr_0"], data["arr_1"], data["arr_2"]
+    assert recon.shape == meas.shape == truth.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(truth, inverse_script.images[:3])
+    # Image i's first draw seeds its mask, the next ones are its measurement noise: rebuild them independently.
+    for i in range(3):
+        gen = sample_generator(5, i)
+        seed = int(torch.randint(2**31 - 1, (), generator=gen))
+        mask = dps_box_mask(seed, 16, (4, 7), (2, 2))
+        x = torch.from_numpy(truth[i : i + 1]).float().permute(0, 3, 1, 2) / 127.5 - 1
+        y = x * mask + torch.randn((3, 16, 16), generator=gen)[None] * 0.05
+        np.testing.assert_array_equal(meas[i : i + 1], to_uint8_images(y.clamp(-1, 1)))
+    grid = tmp_path / "a" / "grid.png"
+    from PIL import Image
+
+    with Image.open(grid) as im:
+        assert im.size == (3 * (64 + 2) + 2, 3 * (64 + 2) + 2)  # 3 rows of (measurement | recon | truth)
+    # The batch size does not change what image i becomes.
+    again = inverse_script.module.main(_script_flags(batch_size=1, out_dir=tmp_path / "b", **common))
+    with np.load(again) as data:
+        assert np.abs(data["arr_0"].astype(int) - recon).max() <= 1
+        np.testing.assert_array_equal(data["arr_1"], meas)
+
+
+def test_inverse_sample_super_resolution_measurements(inverse_script, tmp_path):
+    path = inverse_script.module.main(_script_flags(
+        model_path=inverse_script.model, data_dir=inverse_script.data, num_samples=2, batch_size=2,
+        task="super_resolution", scale_factor=2, out_dir=tmp_path / "sr", grid="",
+    ))
+    with np.load(path) as data:
+        assert data["arr_0"].shape == (2, 16, 16, 3) and data["arr_1"].shape == (2, 8, 8, 3)
+    assert not (tmp_path / "sr" / "grid.png").exists()
+
+
+def _bad_inputs(tmp_path, inverse_script):
+    np.save(tmp_path / "mask8.npy", np.ones((8, 8)))
+    np.savez(tmp_path / "small.npz", inverse_script.images[:, :8, :8])
+    (tmp_path / "empty").mkdir()
+    return [
+        (dict(task="deblur"), "--task 'deblur' is unknown; choose one of gaussian_blur, motion_blur, super_resolution"),
+        (dict(task="inpainting", mask_path=tmp_path / "mask8.npy"), "is 8x8 but the images are 16x16"),
+        (dict(data_dir=tmp_path / "small.npz"), "is 8x8 pixels but the model (--image_size 16) needs 16x16"),
+        (dict(data_dir=tmp_path / "empty"), "holds no image files"),
+        (dict(data_dir=tmp_path / "nothing"), "no such folder or file"),
+        (dict(task="super_resolution", scale_factor=3), "scale_factor 3 does not divide the image size 16 x 16"),
+        (dict(task="inpainting", mask_type="circle"), "--mask_type 'circle' is unknown"),
+        (dict(task="inpainting", mask_len_range="12,15"), "does not fit an image of 16 pixels"),
+        (dict(task="gaussian_blur", kernel_size=61), "kernel_size 61 needs images larger than 30 pixels"),
+        (dict(use_ddim=True), "--use_ddim True is not supported"),
+        (dict(num_samples=9), "--num_samples 9 is more than the 4 images"),
+    ]
+
+
+def test_inverse_sample_bad_input_one_message_nothing_written(inverse_script, tmp_path, capsys):
+    for bad, message in _bad_inputs(tmp_path, inverse_script):
+        values = dict(model_path=inverse_script.model, data_dir=inverse_script.data, out_dir=tmp_path / "run")
+        values.update(bad)
+        with pytest.raises(SystemExit) as rejected:
+            inverse_script.module.main(_script_flags(**values))
+        assert rejected.value.code == 2, bad
+        err = capsys.readouterr().err
+        assert err.count(": error: ") == 1 and message in err, (bad, err)
+        assert not (tmp_path / "run").exists()
