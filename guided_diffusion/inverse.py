@@ -124,6 +124,11 @@ def motion_kernel(kernel_size, intensity, rng=None):
     from PIL import Image, ImageDraw, ImageFilter
 
     kernel_size = _positive_int(kernel_size, "kernel_size")
+    if int(2 * (2 * kernel_size) ** 2) ** 0.5 < 150:
+        raise ValueError(
+            f"motion blur kernel_size {kernel_size} is too small for the trajectory construction (its path is drawn "
+            "int(diagonal / 150) pixels wide, 0 below 54); use kernel_size >= 54, or pass kernel= a 2-D kernel"
+        )
     if isinstance(intensity, bool) or not isinstance(intensity, numbers.Real) or not 0 <= intensity <= 1:
         raise ValueError(f"motion blur intensity must be a number in [0, 1], got {intensity!r}")
     rng = _rng(rng)
@@ -138,8 +143,6 @@ def motion_kernel(kernel_size, intensity, rng=None):
     canvas = canvas.resize((kernel_size, kernel_size), resample=lanczos).convert("L")
     kernel = np.asarray(canvas, dtype=np.float32)
     total = kernel.sum()
-    if total == 0:
-        raise ValueError(f"motion blur kernel_size {kernel_size} is too small to draw a path; use at least 8")
     return th.from_numpy(kernel / total)
 
 

@@ -253,6 +253,8 @@ def test_bad_input_messages():
         sr.forward(random_images(1, 64))
     with pytest.raises(ValueError, match="motion blur intensity must be a number in \\[0, 1\\]"):
         create_operator("motion_blur", kernel_size=61, intensity=3.0)
+    with pytest.raises(ValueError, match="kernel_size 9 is too small for the trajectory construction"):
+        create_operator("motion_blur", kernel_size=9, intensity=0.5)
     with pytest.raises(ValueError, match="kernel_size 61 needs images larger than 30 pixels"):
         create_operator("gaussian_blur", kernel_size=61, intensity=3.0).forward(random_images(1, 16))
 
