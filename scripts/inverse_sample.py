@@ -123,7 +123,10 @@ def build_operator(args):
     """
     operator = _operator_from_flags(args)
     try:
-        operator.measurement_shape((1, 3, args.image_size, args.image_size))
+        probe = operator
+        if isinstance(operator, InpaintingOperator) and operator.mask is None:
+            probe = copy.copy(operator).set_mask(operator.new_mask(0))
+        probe.measurement_shape((1, 3, args.image_size, args.image_size))
     except ValueError as exc:
         raise UsageError(f"--task {args.task}: {exc}") from None
     return operator
@@ -164,7 +167,6 @@ def _operator_from_flags(args):
             image_size=args.image_size,
             margin=_numbers(args.mask_margin, "--mask_margin", 2, int),
         )
-        op.new_mask(0)  # a mask option that cannot fit the images fails here, not mid-run
         return op
     except ValueError as exc:
         if isinstance(exc, UsageError):
