@@ -6,10 +6,11 @@ setup(
     description="ADM (guided-diffusion) with Perturbed-Attention Guidance",
     packages=["guided_diffusion", "evaluations"],
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "scipy", "blobfile", "mpi4py", "tqdm"],
+    install_requires=["torch", "numpy", "scipy", "blobfile", "mpi4py", "tqdm", "Pillow"],
     extras_require={
         # mpich is the MPI that pip can install, so `mpiexec` works without a system MPI.
         "mpi": ["mpich"],
-        "test": ["pytest"],
+        # scikit-learn: the test that rebuilds datasets/digits16.npz from its bundled digits.
+        "test": ["pytest", "scikit-learn"],
     },
 )

@@ -8,3 +8,31 @@ class UsageError(ValueError):
     A flag value or input file the scripts cannot run with; the message says which flag or file and what to pass
     instead.
     """
+
+
+def exit_with_usage_error(parser, exc):
+    """
+    Print a UsageError as argparse prints its own errors, without the long usage text (ADM's scripts have dozens
+    of flags) and once per run rather than once per MPI rank; exit with status 2.
+    """
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.rank == 0:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    raise SystemExit(2)
+
+
+def check_data_dir(path, flag="--data_dir"):
+    """
+    Refuse a missing or nonexistent training-data path before anything is set up.
+    """
+    import os
+
+    if not path:
+        raise UsageError(
+            f"{flag} is required: pass a folder of images (class = file name prefix before '_') or an .npz with "
+            "uint8 NHWC images in arr_0 and optional labels in arr_1 (e.g. datasets/digits16.npz)"
+        )
+    if "://" not in path and not os.path.exists(path):
+        raise UsageError(f"{flag} {path!r}: no such file or folder")
+    return path

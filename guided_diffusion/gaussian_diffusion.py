@@ -422,7 +422,7 @@ class GaussianDiffusion:
         :param model_kwargs: extra keyword arguments for the model.
         :param device: where to create the samples; by default the device of
                        the model's parameters (or of `noise`, or the CPU).
-        :param progress: if True, show a tqdm progress bar.
+        :param progress: if True, show a tqdm progress bar; a dict gives tqdm options (e.g. leave=False).
         :param noise_fn: if not None, noise_fn(x) returns the per-step noise
                          (a tensor like x) in place of th.randn_like(x), e.g.
                          to give every sample its own random stream. Called
@@ -844,8 +844,10 @@ def _timestep_indices(num_timesteps, progress):
         # Imported lazily so that sampling without a progress bar never needs tqdm.
         from tqdm.auto import tqdm
 
-        # leave=False: inside a run's bar over samples, the bar of one batch's steps goes when the batch is done.
-        indices = tqdm(indices, desc="diffusion steps", unit="step", leave=False, dynamic_ncols=True)
+        options = dict(desc="diffusion steps", unit="step", dynamic_ncols=True)
+        if isinstance(progress, dict):
+            options.update(progress)
+        indices = tqdm(indices, **options)
     return indices
 
 

@@ -23,23 +23,13 @@ from types import SimpleNamespace
 
 from . import dist_util, logger
 from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_folder
-from .errors import UsageError
+from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
 from .flag_files import FlagFileArgumentParser
 from .guidance import check_guidance_args, guidance_defaults, guide_model
 from .image_output import grid_format, to_uint8_images
 from .random_streams import PerSampleNoise
 from .run_store import mpi_comm, run_record, run_sampling
 from .script_util import add_dict_to_argparser, args_to_dict
-
-
-def exit_with_usage_error(parser, exc):
-    """
-    Print a UsageError as argparse prints its own errors, without the long usage text (ADM's scripts have dozens
-    of flags) and once per run rather than once per MPI rank; exit with status 2.
-    """
-    if mpi_comm().rank == 0:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    raise SystemExit(2)
 
 
 def sampling_defaults():
@@ -250,7 +240,8 @@ def sample_images(
         cond_fn=cond_fn,
         model_kwargs=model_kwargs,
         device=device,
-        progress=progress,
+        # Inside the run's bar over samples, a batch's bar over steps goes away when the batch is done.
+        progress={"leave": False} if progress else False,
         noise_fn=noise,
     )
     return to_uint8_images(sample)

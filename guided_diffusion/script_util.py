@@ -55,6 +55,9 @@ def classifier_defaults():
         classifier_use_scale_shift_norm=True,  # False
         classifier_resblock_updown=True,  # False
         classifier_pool="attention",
+        # Ours, for classifiers of other sizes and label sets (e.g. the 16x16 digits): "" and 1000 are ADM's.
+        classifier_channel_mult="",
+        classifier_num_classes=NUM_CLASSES,
     )
 
 
@@ -145,7 +148,7 @@ def create_model_and_diffusion(
     return model, diffusion
 
 
-def parse_channel_mult(channel_mult, image_size, defaults=DEFAULT_CHANNEL_MULTS):
+def parse_channel_mult(channel_mult, image_size, defaults=DEFAULT_CHANNEL_MULTS, flag="--channel_mult"):
     """
     "1,2,2" -> (1, 2, 2); "" -> ADM's choice for image_size, or a clear error for a size it has no choice for.
     """
@@ -156,13 +159,13 @@ def parse_channel_mult(channel_mult, image_size, defaults=DEFAULT_CHANNEL_MULTS)
             return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
         except ValueError:
             raise ValueError(
-                f"channel_mult must be comma-separated numbers such as '1,2,2', got {channel_mult!r}"
+                f"{flag} must be comma-separated numbers such as '1,2,2', got {channel_mult!r}"
             ) from None
     if image_size not in defaults:
         sizes = ", ".join(str(s) for s in sorted(defaults))
         raise ValueError(
             f"unsupported image size: {image_size}. Sizes with a built-in channel_mult: {sizes}; "
-            f"for other sizes give --channel_mult explicitly (e.g. --channel_mult 1,2,2 for 32x32)"
+            f"for other sizes give {flag} explicitly (e.g. {flag} 1,2,2 for 32x32 or 16x16)"
         )
     return defaults[image_size]
 
@@ -244,6 +247,8 @@ def create_classifier_and_diffusion(
     predict_xstart,
     rescale_timesteps,
     rescale_learned_sigmas,
+    classifier_channel_mult="",
+    classifier_num_classes=NUM_CLASSES,
 ):
     classifier = create_classifier(
         image_size,
@@ -254,6 +259,8 @@ def create_classifier_and_diffusion(
         classifier_use_scale_shift_norm,
         classifier_resblock_updown,
         classifier_pool,
+        classifier_channel_mult=classifier_channel_mult,
+        classifier_num_classes=classifier_num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -277,15 +284,19 @@ def create_classifier(
     classifier_use_scale_shift_norm,
     classifier_resblock_updown,
     classifier_pool,
+    classifier_channel_mult="",
+    classifier_num_classes=NUM_CLASSES,
 ):
-    channel_mult = parse_channel_mult("", image_size, CLASSIFIER_CHANNEL_MULTS)
+    channel_mult = parse_channel_mult(
+        classifier_channel_mult, image_size, CLASSIFIER_CHANNEL_MULTS, flag="--classifier_channel_mult"
+    )
     attention_ds = parse_attention_resolutions(classifier_attention_resolutions, image_size)
 
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
-        out_channels=1000,
+        out_channels=classifier_num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_ds,
         channel_mult=channel_mult,

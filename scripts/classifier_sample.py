@@ -29,6 +29,10 @@ def main(argv=None):
 def check_classifier_args(args):
     if not math.isfinite(args.classifier_scale):
         raise UsageError(f"--classifier_scale must be a finite number, got {args.classifier_scale}")
+    if not 1 <= args.classifier_num_classes <= NUM_CLASSES:
+        raise UsageError(
+            f"--classifier_num_classes must be between 1 and {NUM_CLASSES}, got {args.classifier_num_classes}"
+        )
     if not args.classifier_path:
         raise UsageError(
             f"--classifier_scale {args.classifier_scale} needs a classifier: pass its checkpoint with "
@@ -63,7 +67,7 @@ def sample(args):
         return guided(x, t, y=y if args.class_cond else None)
 
     def sample_batch(start, end, generators):
-        classes = draw_labels(generators, NUM_CLASSES).to(run.device)
+        classes = draw_labels(generators, args.classifier_num_classes).to(run.device)
         images = cli.sample_images(
             diffusion, model_fn, args, generators, args.image_size, {"y": classes}, cond_fn=cond_fn,
             device=run.device, progress=run.progress,

@@ -43,7 +43,11 @@ CHECKPOINT_FLAGS = ("model_path", "classifier_path")
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [options] CONFIG [CONFIG ...] [-- SAMPLER FLAGS ...]",
+        description=__doc__.strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="config names, paths or globs ('digits16_*')")
     parser.add_argument("--ref_batch", help="reference batch for every row (default: the config's ref_batch)")
     parser.add_argument("--num_samples", type=int, help="samples per row (default: the config's)")
@@ -55,6 +59,11 @@ def create_argparser():
     parser.add_argument("--inception_path", help="Inception weights (see evaluations/README.md)")
     parser.add_argument("--model_dir", help="folder holding the checkpoints the configs name")
     parser.add_argument("--keep_going", action="store_true", help="go on with the other rows after an error")
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated sampling seeds, e.g. 0,1,2: each row is sampled and evaluated once per seed (in "
+        "results/<row>/seed<k>/) and the table gives the mean and standard deviation over them",
+    )
     parser.add_argument("--config_dir", default=CONFIG_DIR, help="where names and globs are looked up")
     return parser
 
@@ -80,7 +89,7 @@ def parse_sampler_flags(row, tokens):
         raise ReproduceError(f"row {row.name}: its flags do not parse with {row.script} (see the message above)")
 
 
-def sampler_command(row, opts, extra, missing=None):
+def sampler_command(row, opts, extra, missing=None, subfolder=""):
     """
     (command, parsed flags, output folder) for sampling one row; missing checkpoints are noted in `missing`.
     """
@@ -88,7 +97,7 @@ def sampler_command(row, opts, extra, missing=None):
     for flag in ("out_dir",):
         if f"--{flag}" in extra:
             raise ReproduceError(f"--{flag} cannot be passed to the sampler: reproduce.py sets it (--results)")
-    out_dir = os.path.join(os.path.abspath(opts.results), row.name)
+    out_dir = os.path.join(os.path.abspath(opts.results), row.name, *([subfolder] if subfolder else []))
     first = parse_sampler_flags(row, ["@" + row.path, *extra])
     tokens = ["@" + row.path, *extra]
     for flag in CHECKPOINT_FLAGS:
@@ -148,11 +157,28 @@ def load_net(spec, opts, _cache={}):
 
 def run_row(row, opts, extra):
     """
-    Sample, evaluate and record one row. :return: (parsed sampler flags, metrics record, status text).
+    Sample, evaluate and record one row, once per --seeds seed if given.
+    :return: (parsed sampler flags, list of metrics records, status text).
+    """
+    if not opts.seeds:
+        args, record, status = run_one(row, opts, extra)
+        return args, [record], status
+    records, statuses = [], []
+    for seed in opts.seeds:
+        log(f"  seed {seed}")
+        args, record, status = run_one(row, opts, [*extra, "--seed", str(seed)], subfolder=f"seed{seed}")
+        records.append(record)
+        statuses.append(status)
+    return args, records, "cached" if set(statuses) == {"cached"} else "done"
+
+
+def run_one(row, opts, extra, subfolder=""):
+    """
+    Sample, evaluate and record one row with one set of sampler flags. :return: (flags, metrics record, status).
     """
     # Every missing file of the row in one message, before any time goes into sampling.
     missing = []
-    command, args, out_dir = sampler_command(row, opts, extra, missing)
+    command, args, out_dir = sampler_command(row, opts, extra, missing, subfolder)
     if opts.ref_batch:
         ref_batch = os.path.abspath(opts.ref_batch)
     else:
@@ -229,6 +255,15 @@ def main(argv=None):
         parser.error(f"--mpi must be at least 1, got {opts.mpi}")
     if opts.num_samples is not None and opts.num_samples < 1:
         parser.error(f"--num_samples must be positive, got {opts.num_samples}")
+    if opts.seeds is not None:
+        try:
+            opts.seeds = [int(seed) for seed in opts.seeds.split(",")]
+        except ValueError:
+            parser.error(f"--seeds must be comma-separated integers such as 0,1,2, got {opts.seeds!r}")
+        if len(set(opts.seeds)) != len(opts.seeds) or min(opts.seeds) < 0:
+            parser.error(f"--seeds must be distinct non-negative integers, got {opts.seeds}")
+        if "--seed" in extra:
+            parser.error("--seed after `--` conflicts with --seeds: give the seeds with --seeds only")
     try:
         rows = select_configs(opts.configs, opts.config_dir)
     except ReproduceError as exc:
@@ -245,8 +280,8 @@ def main(argv=None):
             continue
         log(f"[{index + 1}/{len(rows)}] {row.name}: {row.title}")
         try:
-            args, record, status = run_row(row, opts, extra)
-            entries.append(table_row(row, args, record, status))
+            args, records, status = run_row(row, opts, extra)
+            entries.append(table_row(row, args, records, status))
         except ReproduceError as exc:
             log(f"error: {exc}")
             failures.append(row.name)
@@ -261,5 +296,16 @@ def main(argv=None):
     return 0
 
 
+def run_command_line(argv=None):
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            "\nreproduce.py: interrupted. Finished rows and finished sample batches are kept: rerun the same command "
+            "to resume where it stopped.\n"
+        )
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command_line())

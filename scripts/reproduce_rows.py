@@ -277,10 +277,38 @@ def _number(value, digits):
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def table_row(row, args, metrics_record, status):
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return math.fsum(values) / len(values) if values else None
+
+
+def _std(values):
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    mean = _mean(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _with_spread(value, spread, digits):
+    if spread is None or value is None:
+        return _number(value, digits)
+    return f"{value:.{digits}f} ± {spread:.{digits}f}"
+
+
+def table_row(row, args, metrics_records, status):
     """
-    One entry of table.json: what the row is and what it gave (metrics None when it was not evaluated).
+    One entry of table.json: what the row is and what it gave (metrics None when it was not evaluated). With
+    several records (one per seed) the metrics are their means, metrics_std their sample standard deviations
+    (ddof 1) and per_seed each seed's figures.
     """
+    records = list(metrics_records or [])
+    metrics, metrics_std, per_seed = None, None, None
+    if records:
+        metrics = {key: _mean([r["metrics"].get(key) for r in records]) for key, _, _ in METRICS}
+    if len(records) > 1:
+        metrics_std = {key: _std([r["metrics"].get(key) for r in records]) for key, _, _ in METRICS}
+        per_seed = {str(r["flags"].get("seed")): r["metrics"] for r in records}
     return {
         "config": row.name,
         "title": row.title,
@@ -288,7 +316,10 @@ def table_row(row, args, metrics_record, status):
         "pag_scale": args.pag_scale if args is not None else None,
         "pag_layers": args.pag_layers if args is not None and args.pag_scale > 0 else None,
         "num_samples": args.num_samples if args is not None else None,
-        "metrics": metrics_record["metrics"] if metrics_record else None,
+        "metrics": metrics,
+        "metrics_std": metrics_std,
+        "seeds": sorted(int(k) for k in per_seed) if per_seed else None,
+        "per_seed": per_seed,
         "published": row.published or None,
         "source": row.source or None,
         "status": status,
@@ -320,12 +351,17 @@ def render_table(entries):
             e["pag_layers"] or "–",
             str(e["num_samples"]),
         ]
+        spread = e.get("metrics_std") or {}
         for key, _, digits in METRICS:
-            cells.append(_number(e["metrics"].get(key), digits))
+            cells.append(_with_spread(e["metrics"].get(key), spread.get(key), digits))
             if with_paper:
                 cells.append(_number((e["published"] or {}).get(key), digits))
         lines.append("| " + " | ".join(cells) + " |")
     out = ["# Results", "", *lines, ""]
+    seeded = sorted({tuple(e["seeds"]) for e in entries if e.get("seeds")})
+    if seeded:
+        seeds = "; ".join(", ".join(str(s) for s in group) for group in seeded)
+        out += [f"Figures are mean ± sample standard deviation over seeds {seeds}.", ""]
     sources = sorted({e["source"] for e in entries if e["published"] and e["source"]})
     if sources:
         out += ["Published figures: " + "; ".join(sources) + ".", ""]

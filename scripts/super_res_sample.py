@@ -31,6 +31,8 @@ def load_base_samples(args):
             "--base_samples is required: pass the .npz of low-resolution samples to upsample "
             f"(e.g. the samples_Nx{args.small_size}x{args.small_size}x3.npz written by image_sample.py)"
         )
+    if os.path.isdir(args.base_samples):
+        raise UsageError(f"--base_samples {args.base_samples!r} is a folder, not a file; pass the .npz of samples")
     if not os.path.isfile(args.base_samples):
         raise UsageError(f"--base_samples {args.base_samples!r}: no such file")
     with np.load(args.base_samples) as data:

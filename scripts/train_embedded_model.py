@@ -1,8 +1,10 @@
 """
 Reproduce the embedded default model (models/digits16.pt) from scratch.
 
-Builds the digits dataset from scikit-learn, trains with scripts/image_train.py and configs/digits16_train.cfg
-(fixed seed), then copies the final EMA weights to --out and writes a JSON record of the run beside them.
+Trains on the shipped digits dataset (datasets/digits16.npz, built from scikit-learn's digits by
+scripts/make_digits_dataset.py; scikit-learn is not needed here) with scripts/image_train.py and
+configs/digits16_train.cfg (fixed seed), then copies the final EMA weights to --out and writes a JSON record of the
+run beside them.
 Rerunning the same command resumes from the last checkpoint in --work_dir.
 """
 
@@ -17,14 +19,13 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, REPO)
 
-from make_digits_dataset import load_digits_images  # noqa: E402
-
-from guided_diffusion.atomic_io import save_npz_atomic  # noqa: E402
+from guided_diffusion.atomic_io import atomic_write, write_json_atomic  # noqa: E402
 from guided_diffusion.flag_files import config_flags  # noqa: E402
 
 TRAIN_CONFIG = os.path.join(REPO, "configs", "digits16_train.cfg")
+DATASET = os.path.join(REPO, "datasets", "digits16.npz")
 
 
 def latest_checkpoint(work_dir):
@@ -46,13 +47,16 @@ def main():
     parser.add_argument("--work_dir", default=os.path.join(REPO, "results", "digits16_train"))
     parser.add_argument("--out", default=os.path.join(REPO, "models", "digits16.pt"))
     parser.add_argument("--steps", type=int, default=None, help="override lr_anneal_steps (for a quick check)")
+    parser.add_argument("--data", default=DATASET, help="training images (default: the shipped digits npz)")
     args = parser.parse_args()
+    if not os.path.isfile(args.data):
+        parser.error(
+            f"--data {args.data!r}: no such file; the digits dataset ships as {os.path.relpath(DATASET)} "
+            "(rebuild it with `python scripts/make_digits_dataset.py`, which needs scikit-learn)"
+        )
 
     os.makedirs(args.work_dir, exist_ok=True)
-    data = os.path.join(args.work_dir, "digits16.npz")
-    if not os.path.exists(data):
-        images, labels = load_digits_images(16)
-        save_npz_atomic(data, {"arr_0": images, "arr_1": labels}, compressed=True)
+    data = args.data
 
     flags = config_flags(TRAIN_CONFIG)
     steps = args.steps or int(flags["lr_anneal_steps"])
@@ -72,9 +76,8 @@ def main():
     if not os.path.exists(ema):
         raise FileNotFoundError(f"training ended without {ema}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    shutil.copyfile(ema, tmp)
-    os.replace(tmp, args.out)
+    with open(ema, "rb") as src:
+        atomic_write(args.out, lambda dst: shutil.copyfileobj(src, dst))
 
     record_path = os.path.splitext(args.out)[0] + ".json"
     record = {}
@@ -91,9 +94,7 @@ def main():
         checkpoint=os.path.basename(args.out),
         torch_threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
     )
-    with open(record_path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(record_path + ".tmp", record_path)
+    write_json_atomic(record_path, record)
     print(json.dumps(record, indent=2))
 
 

@@ -95,6 +95,26 @@ def test_shipped_dataset_is_the_sklearn_digits():
     np.testing.assert_array_equal(rebuilt_labels, labels)
 
 
+def test_train_embedded_model_needs_no_scikit_learn(tmp_path):
+    # The dataset ships in datasets/; retraining must work where scikit-learn cannot be imported.
+    blocker = tmp_path / "blocked"
+    (blocker / "sklearn").mkdir(parents=True)
+    (blocker / "sklearn" / "__init__.py").write_text("raise ImportError('scikit-learn is blocked in this test')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), REPO_ROOT, env.get("PYTHONPATH", "")])
+    out = tmp_path / "model.pt"
+    res = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", "train_embedded_model.py"), "--steps", "1",
+         "--work_dir", str(tmp_path / "work"), "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    state = torch.load(out)
+    assert "time_embed.0.weight" in state
+    with open(tmp_path / "model.json") as f:
+        assert json.load(f)["steps"] == 1
+
+
 def test_digits_feature_net_classifies_the_data():
     from evaluations.digits_net import load_digits_net
     from evaluations.feature_nets import embed_batch

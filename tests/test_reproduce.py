@@ -451,3 +451,50 @@ def test_every_row_config_is_found_by_name():
     for name in available_configs():
         if name.startswith(("adm256_", "digits16_")) and "ref_batch" in read_metadata(resolve_config(name)):
             assert select_configs([name])[0].name == name
+
+
+def test_help_shows_the_whole_description_and_the_sampler_flags_form(reproduce):
+    text = reproduce.create_argparser().format_help()
+    assert "[-- SAMPLER FLAGS ...]" in text.splitlines()[0]
+    # The description is whole, not cut after its first line.
+    assert "interrupted row resumes where it stopped. See docs/reproduce.md." in text
+    assert "python scripts/reproduce.py 'adm256_*' --mpi 8 -- --batch_size 32" in text
+
+
+def test_ctrl_c_says_how_to_resume(reproduce, monkeypatch, capsys):
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce, "main", interrupted)
+    assert reproduce.run_command_line([]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_seeds_give_mean_and_spread(reproduce, world):
+    results = world / "results_seeds"
+    status, out, _ = run(reproduce, world, "tiny_plain", "--seeds", "0,1,2", "--results", str(results))
+    assert status == 0, out
+    per_seed = [json.loads((results / "tiny_plain" / f"seed{k}" / "metrics.json").read_text()) for k in range(3)]
+    assert [r["flags"]["seed"] for r in per_seed] == [0, 1, 2]
+    fids = np.array([r["metrics"]["fid"] for r in per_seed])
+    assert len(set(fids.tolist())) == 3  # other seeds, other samples
+    entry = json.loads((results / "table.json").read_text())["rows"][0]
+    assert entry["seeds"] == [0, 1, 2]
+    assert entry["metrics"]["fid"] == pytest.approx(fids.mean())
+    assert entry["metrics_std"]["fid"] == pytest.approx(fids.std(ddof=1))
+    table = (results / "table.md").read_text()
+    assert f"{fids.mean():.2f} ± {fids.std(ddof=1):.2f}" in table
+    assert "mean ± sample standard deviation over seeds 0, 1, 2" in table
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+        (["--seeds", "1,1"], "--seeds must be distinct non-negative integers"),
+        (["--seeds", "0,1", "--", "--seed", "4"], "--seed after `--` conflicts with --seeds"),
+    ],
+)
+def test_bad_seeds_are_refused(reproduce, world, argv, message):
+    status, _, err = run(reproduce, world, "tiny_plain", *argv)
+    assert status == 2 and message in err

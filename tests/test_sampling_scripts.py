@@ -537,6 +537,21 @@ def test_grid_format_follows_its_name_and_bare_names_go_in_the_run_folder(image_
     assert "creating diffusion model and diffusion" in (tmp_path / "b" / "log.txt").read_text()
 
 
+def test_ctrl_c_says_how_to_resume(image_sample, ckpt, tmp_path, capsys, monkeypatch):
+    from guided_diffusion import sampling_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling_cli, "sample_images", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path / "run"))
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted. Finished batches are kept: rerun the same command" in err
+    assert "Traceback" not in err
+
+
 # --- classifier_sample.py -------------------------------------------------------------------------------------
 
 
@@ -632,6 +647,7 @@ def test_super_res_sample_with_pag(super_res_sample, sr_files, tmp_path):
     [
         (dict(base_samples=""), "--base_samples is required: pass the .npz of low-resolution samples"),
         (dict(base_samples="none.npz"), "--base_samples 'none.npz': no such file"),
+        (dict(base_samples="."), "--base_samples '.' is a folder, not a file"),
         ("base64", "arr_0 must hold uint8 images shaped (N, 32, 32, 3) to match --small_size 32"),
     ],
 )
