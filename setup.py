@@ -10,7 +10,8 @@ setup(
     extras_require={
         # mpich is the MPI that pip can install, so `mpiexec` works without a system MPI.
         "mpi": ["mpich"],
-        # scikit-learn: the test that rebuilds datasets/digits16.npz from its bundled digits.
-        "test": ["pytest", "scikit-learn"],
+        # scikit-learn: the test that rebuilds datasets/digits16.npz from its bundled digits; scikit-image: the
+        # test that holds our PSNR/SSIM to its reference implementation.
+        "test": ["pytest", "scikit-learn", "scikit-image"],
     },
 )

@@ -291,13 +291,29 @@ class PAGGuidedModel:
             plain, perturbed = self._batched_pass(x, t, model_kwargs, rows)
         return self._combine(x, plain, perturbed, rows)
 
-    def _two_passes(self, x, t, model_kwargs, rows):
-        n = x.shape[0]
+    def plain_and_guided(self, x, t, **model_kwargs):
+        """
+        (unperturbed output, guided output) of one call, for samplers that need both, such as DPS taking its
+        measurement gradient through the unperturbed x0 (see inverse.py). The perturbed branch runs without
+        autograd: gradients reach the model through the unperturbed branch only, at no extra backward cost.
+        """
+        rows = self.guided_rows(t, x.shape[0])
         plain = self.model(x, t, **model_kwargs)
+        if rows is None:
+            return plain, plain
+        with th.no_grad():
+            perturbed = self._perturbed_pass(x, t, model_kwargs, rows)
+        return plain, self._combine(x, plain, perturbed, rows)
+
+    def _two_passes(self, x, t, model_kwargs, rows):
+        plain = self.model(x, t, **model_kwargs)
+        return plain, self._perturbed_pass(x, t, model_kwargs, rows)
+
+    def _perturbed_pass(self, x, t, model_kwargs, rows):
+        n = x.shape[0]
         kwargs = {k: _take_rows(v, rows, n) for k, v in model_kwargs.items()}
         with perturb_attention(self.model, self.layers, self.perturbation):
-            perturbed = self.model(_take_rows(x, rows, n), _take_rows(t, rows, n), **kwargs)
-        return plain, perturbed
+            return self.model(_take_rows(x, rows, n), _take_rows(t, rows, n), **kwargs)
 
     def _batched_pass(self, x, t, model_kwargs, rows):
         n = x.shape[0]

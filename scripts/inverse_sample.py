@@ -1,0 +1,289 @@
+"""
+Solve noisy inverse problems y = A(x) + n on a set of images with Diffusion Posterior Sampling (DPS, Chung et al.
+2023), optionally with Perturbed-Attention Guidance or any other guidance flag of guided_diffusion/guidance.py.
+The tasks, their parameters and the sampler follow the DPS reference code (see docs/inverse.md and
+guided_diffusion/inverse.py): --task gaussian_blur, motion_blur, super_resolution or inpainting, Gaussian
+measurement noise --sigma, DPS's step size --dps_scale, DDPM over the diffusion's (respaced) steps.
+
+The images come from --data_dir: a folder of image files (sorted by path) or an .npz whose arr_0 holds uint8 NHWC
+images; they must already have the model's size. Image i's mask (inpainting with --mask_type), its measurement
+noise and its sampling noise come from its own random stream, seeded by --seed and i only, so a run gives the
+same reconstructions with any --batch_size or number of MPI ranks. Output (resumable, like image_sample.py): one
+.npz with arr_0 the reconstructions, arr_1 the measurements (uint8, clipped to [-1, 1]; at the low resolution for
+super_resolution) and arr_2 the ground truth, all NHWC uint8; and a PNG grid (--grid) whose rows are
+measurement | reconstruction | ground truth for the first images.
+"""
+
+import copy
+import os
+
+import numpy as np
+import torch as th
+
+from guided_diffusion import sampling_cli as cli
+from guided_diffusion.atomic_io import atomic_write
+from guided_diffusion.errors import UsageError
+from guided_diffusion.image_output import grid_format, image_bytes, to_uint8_images
+from guided_diffusion.inverse import (
+    GRADIENT_THROUGH,
+    MASK_TYPES,
+    OPERATORS,
+    InpaintingOperator,
+    add_measurement_noise,
+    create_operator,
+    dps_sample_loop,
+)
+from guided_diffusion.random_streams import PerSampleNoise
+from guided_diffusion.run_store import grid_path, mpi_comm
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+# DPS's intensity for each blur when --intensity is left empty (its configs: gaussian 3.0, motion 0.5).
+DEFAULT_INTENSITY = {"gaussian_blur": 3.0, "motion_blur": 0.5}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
+GRID_ROWS = 8
+
+
+def main(argv=None):
+    return cli.run_main(create_argparser(), sample, argv)
+
+
+def _numbers(text, flag, count, kind):
+    try:
+        values = [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise UsageError(f"{flag} {text!r} is malformed: expected {count} comma-separated numbers")
+    return tuple(values)
+
+
+def load_images(args):
+    """
+    The ground-truth images of --data_dir, uint8 NHWC, checked against --image_size.
+    """
+    path = args.data_dir
+    if not path:
+        raise UsageError("--data_dir is required: a folder of images or an .npz whose arr_0 holds uint8 NHWC images")
+    if os.path.isfile(path):
+        if not path.endswith(".npz"):
+            raise UsageError(f"--data_dir {path!r} is a file but not an .npz; pass a folder of images or an .npz")
+        with np.load(path) as data:
+            if "arr_0" not in data.files:
+                raise UsageError(f"--data_dir {path!r} has no arr_0 (the images)")
+            images = data["arr_0"]
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise UsageError(f"--data_dir {path!r}: arr_0 must hold uint8 images shaped (N, H, W, 3), got {images.dtype} {images.shape}")
+        names = [f"{path}[{i}]" for i in range(len(images))]
+    elif os.path.isdir(path):
+        from PIL import Image
+
+        files = []
+        for root, _, found in os.walk(path):
+            files += [os.path.join(root, f) for f in found if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+        files.sort()
+        images, names = [], []
+        for f in files:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
+            names.append(f)
+        if not images:
+            raise UsageError(f"--data_dir {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        sizes = {im.shape for im in images}
+        if len(sizes) == 1:
+            images = np.stack(images)
+    else:
+        raise UsageError(f"--data_dir {path!r}: no such folder or file")
+    if len(images) == 0:
+        raise UsageError(f"--data_dir {path!r} holds no images")
+    want = (args.image_size, args.image_size, 3)
+    for name, image in zip(names, images):
+        if image.shape != want:
+            raise UsageError(
+                f"{name} is {image.shape[1]}x{image.shape[0]} pixels but the model (--image_size {args.image_size}) "
+                f"needs {args.image_size}x{args.image_size}: resize or crop the images first"
+            )
+    return np.asarray(images)
+
+
+def load_array_file(path, flag):
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r}: no such file")
+    if path.endswith(".npy"):
+        return np.load(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+
+
+def build_operator(args):
+    """
+    The task's operator from the flags (DPS's names and parameters), checked on the images' shape before anything
+    is loaded.
+    """
+    operator = _operator_from_flags(args)
+    try:
+        probe = operator
+        if isinstance(operator, InpaintingOperator) and operator.mask is None:
+            probe = copy.copy(operator).set_mask(operator.new_mask(0))
+        probe.measurement_shape((1, 3, args.image_size, args.image_size))
+    except ValueError as exc:
+        raise UsageError(f"--task {args.task}: {exc}") from None
+    return operator
+
+
+def _operator_from_flags(args):
+    if args.task not in OPERATORS:
+        raise UsageError(f"--task {args.task!r} is unknown; choose one of {', '.join(OPERATORS)}")
+    intensity = args.intensity.strip()
+    try:
+        if args.task in ("gaussian_blur", "motion_blur"):
+            intensity = float(intensity) if intensity else DEFAULT_INTENSITY[args.task]
+            if args.task == "gaussian_blur":
+                return create_operator("gaussian_blur", kernel_size=args.kernel_size, intensity=intensity)
+            kernel = None
+            if args.kernel_path:
+                kernel = load_array_file(args.kernel_path, "--kernel_path").astype(np.float32)
+            return create_operator(
+                "motion_blur", kernel_size=args.kernel_size, intensity=intensity, kernel=kernel, seed=args.kernel_seed
+            )
+        if args.task == "super_resolution":
+            return create_operator("super_resolution", in_shape=args.image_size, scale_factor=args.scale_factor)
+        if args.mask_path:
+            mask = load_array_file(args.mask_path, "--mask_path")
+            if mask.shape != (args.image_size, args.image_size):
+                raise UsageError(
+                    f"--mask_path {args.mask_path!r} is {mask.shape[1] if mask.ndim > 1 else mask.shape}x"
+                    f"{mask.shape[0]} but the images are {args.image_size}x{args.image_size}"
+                )
+            return create_operator("inpainting", mask=th.from_numpy(np.round(mask)).float())
+        if args.mask_type not in MASK_TYPES:
+            raise UsageError(f"--mask_type {args.mask_type!r} is unknown; choose one of {', '.join(MASK_TYPES)}")
+        op = create_operator(
+            "inpainting",
+            mask_type=args.mask_type,
+            mask_len_range=_numbers(args.mask_len_range, "--mask_len_range", 2, int),
+            mask_prob_range=_numbers(args.mask_prob_range, "--mask_prob_range", 2, float),
+            image_size=args.image_size,
+            margin=_numbers(args.mask_margin, "--mask_margin", 2, int),
+        )
+        return op
+    except ValueError as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"--task {args.task}: {exc}") from None
+
+
+def check_args(args):
+    if args.use_ddim:
+        raise UsageError("--use_ddim True is not supported: DPS takes its measurement step on the ancestral (DDPM) sampler")
+    if args.class_cond:
+        raise UsageError("inverse_sample.py runs unconditional models (--class_cond False), as DPS does")
+    if args.gradient_through not in GRADIENT_THROUGH:
+        raise UsageError(f"--gradient_through must be one of {', '.join(GRADIENT_THROUGH)}, got {args.gradient_through!r}")
+    if not args.sigma >= 0:
+        raise UsageError(f"--sigma (the measurement noise) must be >= 0, got {args.sigma}")
+    if not np.isfinite(args.dps_scale):
+        raise UsageError(f"--dps_scale must be a finite number, got {args.dps_scale}")
+    if args.grid:
+        grid_format(args.grid)
+    return build_operator(args)
+
+
+def sample(args):
+    images = load_images(args)
+    if args.num_samples <= 0:
+        args.num_samples = len(images)
+    elif args.num_samples > len(images):
+        raise UsageError(f"--num_samples {args.num_samples} is more than the {len(images)} images in --data_dir")
+    run = cli.start_run(args, checkpoints={"model_path": "diffusion model"}, check=check_args)
+    operator = run.checked.to(run.device)
+    _, guided, diffusion = cli.build_guided_model(args, run, create_model_and_diffusion, model_and_diffusion_defaults)
+    cli.say(run, f"DPS: {describe_task(args, operator)}, step size {args.dps_scale}, noise sigma {args.sigma}")
+
+    def sample_batch(start, end, generators):
+        truth = th.from_numpy(images[start:end]).float().permute(0, 3, 1, 2).to(run.device) / 127.5 - 1
+        op = operator
+        if isinstance(operator, InpaintingOperator) and operator.mask_type is not None:
+            # The image's first draw seeds its mask (numpy draws, as DPS's mask generator makes them).
+            seeds = [int(th.randint(2**31 - 1, (), generator=g)) for g in generators]
+            op = copy.copy(operator).set_mask(th.cat([operator.new_mask(s) for s in seeds]).to(run.device))
+        measurement = add_measurement_noise(op.forward(truth), args.sigma, generators)
+        noise = PerSampleNoise(generators)
+        x_T = noise.draw(tuple(truth.shape), run.device)
+        recon = dps_sample_loop(
+            diffusion, guided, x_T, measurement, op, args.dps_scale, progress=run.progress, noise_fn=noise,
+            clip_denoised=args.clip_denoised, gradient_through=args.gradient_through,
+        )
+        return [to_uint8_images(recon), to_uint8_images(measurement.clamp(-1, 1)), images[start:end]]
+
+    grid = args.grid
+    run_args = copy.copy(args)
+    run_args.grid = ""  # the grid of (measurement | reconstruction | ground truth) rows is written below
+    path = cli.finish_run("inverse_sample", run_args, run, args.image_size, sample_batch, input_flags=("data_dir",))
+    if grid and mpi_comm().rank == 0:
+        out = grid_path(grid, os.path.dirname(path))
+        with np.load(path) as data:
+            write_triplet_grid(out, data["arr_1"][:GRID_ROWS], data["arr_0"][:GRID_ROWS], data["arr_2"][:GRID_ROWS])
+        cli.logger.log(f"grid (measurement | reconstruction | ground truth) in {out}")
+    return path
+
+
+def describe_task(args, operator):
+    if args.task in ("gaussian_blur", "motion_blur"):
+        return f"{args.task} (kernel {operator.kernel_size}x{operator.kernel_size}, intensity {operator.intensity})"
+    if args.task == "super_resolution":
+        return f"super_resolution x{operator.scale_factor}"
+    if operator.mask_type is None:
+        return f"inpainting with the mask of {args.mask_path}"
+    return f"inpainting, {operator.mask_type} masks"
+
+
+def write_triplet_grid(path, measurements, recons, truths, padding=2):
+    """
+    One row per image: the measurement (nearest-upsampled to the image size), the reconstruction, the truth.
+    """
+    n, h, w, c = recons.shape
+    if measurements.shape[1] != h:
+        factor = h // measurements.shape[1]
+        measurements = measurements.repeat(factor, axis=1).repeat(factor, axis=2)
+    scale = max(1, 64 // h)  # small images are enlarged so they can be looked at
+    grid = np.zeros((n * (h * scale + padding) + padding, 3 * (w * scale + padding) + padding, c), np.uint8)
+    for i in range(n):
+        for j, image in enumerate((measurements[i], recons[i], truths[i])):
+            image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+            top, left = padding + i * (h * scale + padding), padding + j * (w * scale + padding)
+            grid[top : top + h * scale, left : left + w * scale] = image
+    data = image_bytes(grid, grid_format(path))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def create_argparser():
+    defaults = dict(
+        model_path="",
+        data_dir="",
+        task="gaussian_blur",
+        kernel_size=61,
+        intensity="",
+        kernel_seed=0,
+        kernel_path="",
+        scale_factor=4,
+        mask_type="box",
+        mask_len_range="128,129",
+        mask_prob_range="0.3,0.7",
+        mask_margin="16,16",
+        mask_path="",
+        sigma=0.05,
+        dps_scale=1.0,
+        gradient_through="plain",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    parser = cli.create_sampling_argparser(__doc__, defaults)
+    # All of --data_dir unless fewer are asked for; the grid is on by default.
+    parser.set_defaults(num_samples=0, grid="grid.png")
+    return parser
+
+
+if __name__ == "__main__":
+    main()
