@@ -26,7 +26,6 @@ from guided_diffusion.flag_files import CONFIG_DIR  # noqa: E402
 from guided_diffusion.atomic_io import write_json_atomic, write_text_atomic  # noqa: E402
 from reproduce_rows import (  # noqa: E402
     FREE_FLAGS,
-    METRICS,
     ReproduceError,
     file_identity,
     how_to_get,
@@ -105,6 +104,11 @@ def sampler_command(row, opts, extra, missing=None, subfolder=""):
         if value:
             path = resolve_checkpoint(row, flag, value, opts, f"--{flag}" in extra, missing)
             tokens += [f"--{flag}", path]
+    data_dir = getattr(first, "data_dir", "")
+    if row.restoration and data_dir and not os.path.isabs(data_dir) and not os.path.exists(data_dir):
+        # Configs name the shipped data relative to the repository, like the checkpoints.
+        if os.path.exists(os.path.join(REPO, data_dir)):
+            tokens += ["--data_dir", os.path.join(REPO, data_dir)]
     if opts.num_samples is not None:
         tokens += ["--num_samples", str(opts.num_samples)]
     tokens += ["--out_dir", out_dir]
@@ -179,11 +183,21 @@ def run_one(row, opts, extra, subfolder=""):
     # Every missing file of the row in one message, before any time goes into sampling.
     missing = []
     command, args, out_dir = sampler_command(row, opts, extra, missing, subfolder)
-    if opts.ref_batch:
+    if row.restoration:
+        # Scored against the ground truth the sampler saves beside its reconstructions (arr_2).
+        ref_batch = None
+        if args.num_samples <= 0:
+            raise ReproduceError(f"row {row.name}: give --num_samples (the number of images to restore)")
+        if not os.path.exists(args.data_dir):
+            missing.append(
+                f"the images to restore are not at --data_dir {args.data_dir}: put them there (a folder of images "
+                "or an npz; see docs/inverse.md) or pass --data_dir after `--`"
+            )
+    elif opts.ref_batch:
         ref_batch = os.path.abspath(opts.ref_batch)
     else:
         ref_batch = os.path.join(REPO, row.meta["ref_batch"])
-    if not os.path.isfile(ref_batch):
+    if ref_batch is not None and not os.path.isfile(ref_batch):
         missing.append(
             f"reference batch {os.path.basename(ref_batch)} not found at {ref_batch}. "
             f"{how_to_get(row, 'ref_batch_source')}put it there, or pass --ref_batch PATH."
@@ -202,7 +216,7 @@ def run_one(row, opts, extra, subfolder=""):
 
     checkpoints = [f for f in CHECKPOINT_FLAGS if getattr(args, f, "")]
     sampling = run_record(row.script[:-3], args, checkpoint_flags=checkpoints)
-    key = {"sampling": sampling, "ref_batch": file_identity(ref_batch), "feature_net": spec}
+    key = {"sampling": sampling, "ref_batch": file_identity(ref_batch) if ref_batch else None, "feature_net": spec}
     metrics_path = os.path.join(out_dir, "metrics.json")
     old = read_json(metrics_path)
     if old and old.get("key") == key:
@@ -210,16 +224,8 @@ def run_one(row, opts, extra, subfolder=""):
         return args, old, "cached"
 
     sampling_seconds, sample_batch = sample_row(row, command, args, out_dir, sampling)
-    from evaluations.evaluator import Evaluator, default_cache_dir
-    from evaluations.npz_io import BatchFormatError
-
-    log(f"  evaluating against {ref_batch} with feature network {spec}")
     start = time.time()
-    evaluator = Evaluator(net, device=opts.device or "cpu", batch_size=opts.batch_size, cache_dir=default_cache_dir())
-    try:
-        results = evaluator.evaluate(ref_batch, sample_batch, log=lambda m: log("  " + m))
-    except (BatchFormatError, FileNotFoundError, ValueError) as exc:
-        raise ReproduceError(f"row {row.name}: evaluation failed: {exc}") from None
+    results = evaluate_row(row, net, opts, ref_batch, sample_batch, spec)
     record = {
         "config": row.name,
         "config_path": row.path,
@@ -231,7 +237,7 @@ def run_one(row, opts, extra, subfolder=""):
         "sample_batch": sample_batch,
         "ref_batch": ref_batch,
         "feature_net": spec,
-        "metrics": {k: results.get(k) for k, _, _ in METRICS},
+        "metrics": {k: results.get(k) for k, _, _ in row.metrics},
         "published": row.published or None,
         "source": row.source or None,
         "timing": {
@@ -242,8 +248,34 @@ def run_one(row, opts, extra, subfolder=""):
         "key": key,
     }
     write_json_atomic(metrics_path, record)
-    log("  " + ", ".join(f"{label} {results.get(k)}" for k, label, _ in METRICS))
+    log("  " + ", ".join(f"{label} {results.get(k)}" for k, label, _ in row.metrics))
     return args, record, "done"
+
+
+def evaluate_row(row, net, opts, ref_batch, sample_batch, spec):
+    """
+    The row's figures: the evaluator's against the reference batch, or for an inverse-problem row PSNR, SSIM,
+    FID and KID of the reconstructions (arr_0) against their ground truth (arr_2).
+    """
+    from evaluations.npz_io import BatchFormatError
+
+    device = opts.device or "cpu"
+    if row.restoration:
+        import numpy as np
+
+        from evaluations.restoration import restoration_metrics
+
+        log(f"  scoring the reconstructions against their ground truth with feature network {spec}")
+        with np.load(sample_batch) as data:
+            return restoration_metrics(data["arr_2"], data["arr_0"], feature_net=net, device=device)
+    from evaluations.evaluator import Evaluator, default_cache_dir
+
+    log(f"  evaluating against {ref_batch} with feature network {spec}")
+    evaluator = Evaluator(net, device=device, batch_size=opts.batch_size, cache_dir=default_cache_dir())
+    try:
+        return evaluator.evaluate(ref_batch, sample_batch, log=lambda m: log("  " + m))
+    except (BatchFormatError, FileNotFoundError, ValueError) as exc:
+        raise ReproduceError(f"row {row.name}: evaluation failed: {exc}") from None
 
 
 def main(argv=None):

@@ -55,7 +55,20 @@ METRICS = (
     ("kid_mean", "KID", 4),
 )
 
-SUPPORTED_SCRIPTS = ("image_sample.py", "classifier_sample.py")
+# The figures of inverse-problem rows (inverse_sample.py): reconstructions against their own ground truth.
+RESTORATION_METRICS = (
+    ("psnr", "PSNR", 2),
+    ("ssim", "SSIM", 3),
+    ("lpips", "LPIPS", 3),
+    ("fid", "FID", 2),
+    ("kid_mean", "KID", 4),
+)
+
+# The script whose rows are scored as restorations; its ground truth comes with its samples, so its rows need no
+# '# ref_batch:' line (a '# title:' line marks a row, as bases have none).
+INVERSE_SCRIPT = "inverse_sample.py"
+
+SUPPORTED_SCRIPTS = ("image_sample.py", "classifier_sample.py", "inverse_sample.py")
 
 # Flags that do not change the samples, left out of the records compared (as in the samplers' resumable runs).
 FREE_FLAGS = FLAGS_FREE_ON_RESUME
@@ -95,7 +108,7 @@ def parse_published(text, where):
     """
     'FID=26.2, IS=39.7' -> {"fid": 26.2, "inception_score": 39.7}; labels as in METRICS, case-insensitive.
     """
-    labels = {label.lower(): key for key, label, _ in METRICS}
+    labels = {label.lower(): key for key, label, _ in METRICS + RESTORATION_METRICS}
     out = {}
     for item in text.split(","):
         item = item.strip()
@@ -104,7 +117,7 @@ def parse_published(text, where):
         label, sep, value = item.partition("=")
         key = labels.get(label.strip().lower())
         if not sep or key is None:
-            names = ", ".join(label for _, label, _ in METRICS)
+            names = ", ".join(dict.fromkeys(label for _, label, _ in METRICS + RESTORATION_METRICS))
             raise ReproduceError(f"{where}: '# published:' item {item!r} is not NAME=NUMBER with NAME one of {names}")
         try:
             number = float(value)
@@ -130,6 +143,8 @@ class RowConfig:
         self.feature_net = meta.get("feature_net") or "inception"
         self.published = parse_published(meta.get("published", ""), path)
         self.source = meta.get("source", "")
+        self.restoration = self.script == INVERSE_SCRIPT
+        self.metrics = RESTORATION_METRICS if self.restoration else METRICS
 
 
 def config_name(path):
@@ -137,14 +152,18 @@ def config_name(path):
     return base[: -len(".cfg")] if base.endswith(".cfg") else base
 
 
+def _is_row_meta(meta):
+    return "ref_batch" in meta or (meta.get("script") == INVERSE_SCRIPT and "title" in meta)
+
+
 def is_row(path):
-    return "ref_batch" in read_metadata(path)
+    return _is_row_meta(read_metadata(path))
 
 
 def load_row(path):
     meta = read_metadata(path)
     name = config_name(path)
-    if "ref_batch" not in meta:
+    if not _is_row_meta(meta):
         raise ReproduceError(
             f"config {name} ({path}) is not a table row: it has no '# ref_batch:' line (shared bases such as "
             "adm256_model are included by rows, not run)"
@@ -308,9 +327,9 @@ def table_row(row, args, metrics_records, status):
     records = list(metrics_records or [])
     metrics, metrics_std, per_seed = None, None, None
     if records:
-        metrics = {key: _mean([r["metrics"].get(key) for r in records]) for key, _, _ in METRICS}
+        metrics = {key: _mean([r["metrics"].get(key) for r in records]) for key, _, _ in row.metrics}
     if len(records) > 1:
-        metrics_std = {key: _std([r["metrics"].get(key) for r in records]) for key, _, _ in METRICS}
+        metrics_std = {key: _std([r["metrics"].get(key) for r in records]) for key, _, _ in row.metrics}
         per_seed = {str(r["flags"].get("seed")): r["metrics"] for r in records}
     return {
         "config": row.name,
@@ -318,6 +337,7 @@ def table_row(row, args, metrics_records, status):
         "steps": steps_label(args) if args is not None else None,
         "pag_scale": args.pag_scale if args is not None else None,
         "pag_layers": args.pag_layers if args is not None and args.pag_scale != 0 else None,
+        "kind": "restoration" if row.restoration else "generation",
         "guidance": guidance_label(args) if args is not None else None,
         "num_samples": args.num_samples if args is not None else None,
         "metrics": metrics,
@@ -337,23 +357,19 @@ def guidance_label(args):
     return describe_guidance(args).replace(", interval all", "")
 
 
-def render_table(entries):
+def _metric_table(entries, metrics):
     """
-    Markdown: one line per evaluated row, ours and (where any row carries them) the published figures side by
-    side; rows without metrics are listed under the table with the reason.
+    The markdown lines of one table: a line per evaluated entry, with the published figures beside ours when any
+    entry carries them.
     """
     with_paper = any(e["published"] for e in entries)
     header = ["Config", "Title", "Steps", "Guidance", "N"]
-    for _, label, _ in METRICS:
+    for _, label, _ in metrics:
         header.append(label)
         if with_paper:
             header.append(f"{label} (paper)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    missing = []
     for e in entries:
-        if e["metrics"] is None:
-            missing.append(e)
-            continue
         cells = [
             f"`{e['config']}`",
             e["title"],
@@ -362,11 +378,30 @@ def render_table(entries):
             str(e["num_samples"]),
         ]
         spread = e.get("metrics_std") or {}
-        for key, _, digits in METRICS:
+        for key, _, digits in metrics:
             cells.append(_with_spread(e["metrics"].get(key), spread.get(key), digits))
             if with_paper:
                 cells.append(_number((e["published"] or {}).get(key), digits))
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_table(entries):
+    """
+    Markdown: one line per evaluated row, ours and (where any row carries them) the published figures side by
+    side, generation rows and inverse-problem rows in separate tables; rows without metrics are listed under the
+    tables with the reason.
+    """
+    missing = [e for e in entries if e["metrics"] is None]
+    generation = [e for e in entries if e["metrics"] is not None and e.get("kind") != "restoration"]
+    restoration = [e for e in entries if e["metrics"] is not None and e.get("kind") == "restoration"]
+    lines = []
+    if generation or not restoration:
+        lines += _metric_table(generation, METRICS)
+    if restoration:
+        if lines:
+            lines += ["", "Inverse problems (reconstructions against their ground truth):", ""]
+        lines += _metric_table(restoration, RESTORATION_METRICS)
     out = ["# Results", "", *lines, ""]
     seeded = sorted({tuple(e["seeds"]) for e in entries if e.get("seeds")})
     if seeded:
