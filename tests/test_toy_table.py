@@ -63,3 +63,24 @@ def test_reduced_digits_inverse_table(tmp_path):
     assert figures["digits16_inverse_box_inpainting"] != figures["digits16_inverse_box_inpainting_pag"]
     table = (results / "table.md").read_text()
     assert "| Config | Title | Steps | Guidance | N | PSNR | SSIM | LPIPS | FID | KID |" in table
+
+
+def test_reduced_sag_and_perturbation_rows_over_seeds(tmp_path):
+    # The new toy families (SAG, a random perturbation kind) through reproduce.py, each over two seeds.
+    results = tmp_path / "results"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, os.path.join(REPO_ROOT, "scripts", "reproduce.py"),
+        "digits16_sag", "digits16_kind_mask", "--seeds", "0,1",
+        "--num_samples", "12", "--results", str(results), "--device", "cpu",
+        "--", "--timestep_respacing", "5", "--batch_size", "12",
+    ]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {e["config"]: e for e in json.loads((results / "table.json").read_text())["rows"]}
+    assert rows["digits16_sag"]["guidance"].startswith("SAG: scale")
+    assert "perturbation mask" in rows["digits16_kind_mask"]["guidance"]
+    for entry in rows.values():
+        assert entry["seeds"] == [0, 1] and entry["metrics_std"]["fid"] is not None
+        fids = [entry["per_seed"][s]["fid"] for s in ("0", "1")]
+        assert entry["metrics"]["fid"] == sum(fids) / 2 and fids[0] != fids[1]
