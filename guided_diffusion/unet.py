@@ -762,6 +762,9 @@ class UNetModel(StateDictCheckMixin, nn.Module):
         self.input_blocks.apply(convert_module_to_f16)
         self.middle_block.apply(convert_module_to_f16)
         self.output_blocks.apply(convert_module_to_f16)
+        # The torso's input is cast to self.dtype; keeping it in step lets a model built without use_fp16 be
+        # converted (ADM sets it only from the constructor flag, and such a model fails on its first conv).
+        self.dtype = th.float16
 
     def convert_to_fp32(self):
         """
@@ -770,6 +773,7 @@ class UNetModel(StateDictCheckMixin, nn.Module):
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
         self.output_blocks.apply(convert_module_to_f32)
+        self.dtype = th.float32
 
     def embed(self, timesteps, y=None):
         """
