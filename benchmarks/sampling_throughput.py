@@ -134,7 +134,10 @@ def build(args):
     flags, scale, layers = run_flags(args)
     device = th.device(args.device)
     th.manual_seed(args.seed)
-    model, diffusion = create_model_and_diffusion(**flags)
+    try:
+        model, diffusion = create_model_and_diffusion(**flags)
+    except ValueError as exc:
+        raise SystemExit(f"cannot build the model and a DDIM {args.steps}-step sampler: {exc}") from None
     randomize_zero_layers(model)
     model.to(device).eval()
     if args.use_fp16:
