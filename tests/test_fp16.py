@@ -1,0 +1,172 @@
+"""
+Half-precision sampling (ADM's --use_fp16): the torso really runs in float16, the parts ADM keeps in float32 stay
+there, and the model, both attention backends and the PAG wrapper agree with the float32 model up to float16
+rounding. On the CPU these run where torch has float16 kernels; the CUDA versions skip without a GPU.
+"""
+
+import pytest
+import torch as th
+
+from guided_diffusion import script_util as su
+from guided_diffusion import unet
+from guided_diffusion.pag import PAGGuidedModel
+
+from test_attention_backends import model_inputs, random_model
+
+needs_cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="CUDA is not available")
+
+
+def _cpu_half_kernels():
+    try:
+        x = th.randn(1, 4, 8, 8, dtype=th.float16)
+        th.nn.Conv2d(4, 4, 3).half()(x)
+        q = th.randn(1, 2, 8, 4, dtype=th.float16)
+        if unet.SDPA_AVAILABLE:
+            th.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.5)
+        th.einsum("bct,bcs->bts", q[0], q[0])
+    except (RuntimeError, NotImplementedError) as exc:
+        return str(exc)
+    return None
+
+
+_NO_HALF = _cpu_half_kernels()
+needs_cpu_half = pytest.mark.skipif(
+    _NO_HALF is not None, reason=f"this torch has no CPU float16 kernels for the U-Net: {_NO_HALF}"
+)
+
+
+def half_pair(use_new_attention_order, device="cpu", **overrides):
+    """
+    The same random tiny U-Net twice: in float32, and converted as ADM's --use_fp16 does.
+    """
+    full = random_model(use_new_attention_order, **overrides).to(device)
+    half = random_model(use_new_attention_order, **overrides).to(device)
+    half.convert_to_fp16()
+    return full, half
+
+
+def attention_dtypes(model):
+    seen = []
+    hooks = [
+        module.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
+        for module in model.modules()
+        if isinstance(module, (unet.QKVAttention, unet.QKVAttentionLegacy))
+    ]
+    return seen, hooks
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def test_convert_to_fp16_converts_the_torso_and_keeps_dtype_in_step():
+    # Built without use_fp16: ADM's flag only set the torso's input dtype, so converting alone used to fail.
+    model = random_model(False)
+    assert model.dtype == th.float32
+    model.convert_to_fp16()
+    assert model.dtype == th.float16
+    for name, module in model.named_modules():
+        if isinstance(module, (th.nn.Conv1d, th.nn.Conv2d)) and name.split(".")[0] in (
+            "input_blocks", "middle_block", "output_blocks"
+        ):
+            assert module.weight.dtype == th.float16, name
+    assert model.time_embed[0].weight.dtype == th.float32
+    assert model.label_emb.weight.dtype == th.float32
+    assert model.out[2].weight.dtype == th.float32
+    assert all(m.weight.dtype == th.float32 for m in model.modules() if isinstance(m, th.nn.GroupNorm))
+    model.convert_to_fp32()
+    assert model.dtype == th.float32
+    assert all(p.dtype == th.float32 for p in model.parameters())
+
+
+@needs_cpu_half
+@pytest.mark.parametrize("use_new_attention_order", [False, True])
+@pytest.mark.parametrize("backend", ["einsum", "sdpa"])
+def test_cpu_half_forward_runs_in_half_and_matches_float32(use_new_attention_order, backend):
+    if backend == "sdpa" and not unet.SDPA_AVAILABLE:
+        pytest.skip("this torch has no sdpa with a scale argument")
+    full, half = half_pair(use_new_attention_order)
+    # 16x16 inputs (the model is built for 32): CPU float16 convolutions are slow.
+    x, t, y = model_inputs(batch_size=2, size=16)
+    seen, hooks = attention_dtypes(half)
+    with th.no_grad(), unet.attention_backend(backend):
+        expected = full(x, t, y=y)
+        out = half(x, t, y=y)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 7 and all(pair == (th.float16, th.float16) for pair in seen)
+    assert out.dtype == th.float32
+    assert th.isfinite(out).all()
+    assert relative_error(out, expected) < 1e-2
+
+
+@needs_cpu_half
+def test_einsum_softmax_runs_in_float32_for_half_input(monkeypatch):
+    # ADM casts the attention logits to float32 for the softmax; logits that overflow a float16 softmax's exp
+    # sum must still give a proper distribution.
+    calls = []
+    real = th.softmax
+
+    def recording(input, *args, **kwargs):
+        calls.append(input.dtype)
+        return real(input, *args, **kwargs)
+
+    monkeypatch.setattr(unet.th, "softmax", recording)
+    qkv = th.randn(2, 3 * 2 * 8, 16).half()
+    with unet.attention_backend("einsum"):
+        out = unet.QKVAttentionLegacy(2)(qkv)
+        unet.QKVAttention(2)(qkv)
+    assert calls == [th.float32, th.float32]
+    assert out.dtype == th.float16
+
+
+@needs_cpu_half
+def test_cpu_half_pag_wrapper_all_modes_agree():
+    full, half = half_pair(False)
+    x, t, y = model_inputs(batch_size=3, size=8)
+    layers = "input_blocks.5.1,middle_block.1,output_blocks.3.1"
+    with th.no_grad():
+        with unet.attention_backend("einsum"):
+            expected = PAGGuidedModel(full, 3.0, layers, batched=False)(x, t, y=y)
+        outputs = {}
+        for name, kwargs in [("two-pass", dict(batched=False)), ("batched", dict(share_prefix=False)),
+                             ("shared", dict())]:
+            outputs[name] = PAGGuidedModel(half, 3.0, layers, **kwargs)(x, t, y=y)
+    for name, out in outputs.items():
+        assert out.dtype == th.float32, name
+        assert relative_error(out, expected) < 2e-2, name
+    # One model, one precision: the three ways see the same float16 activations up to the batch composition.
+    assert relative_error(outputs["shared"], outputs["batched"]) < 1e-3
+    assert relative_error(outputs["shared"], outputs["two-pass"]) < 1e-2
+
+
+@needs_cpu_half
+def test_cpu_half_ddim_pag_sampling_runs():
+    full, half = half_pair(False)
+    diffusion = su.create_gaussian_diffusion(learn_sigma=True, timestep_respacing="ddim2")
+    noise = th.randn(2, 3, 8, 8, generator=th.Generator().manual_seed(4))
+    kwargs = dict(model_kwargs={"y": th.tensor([3, 4])}, noise=noise, clip_denoised=True)
+    with th.no_grad():
+        expected = diffusion.ddim_sample_loop(PAGGuidedModel(full, 3.0, "middle"), (2, 3, 8, 8), **kwargs)
+        sample = diffusion.ddim_sample_loop(PAGGuidedModel(half, 3.0, "middle"), (2, 3, 8, 8), **kwargs)
+    assert sample.dtype == th.float32
+    assert (sample - expected).abs().max().item() < 5e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("use_new_attention_order", [False, True])
+@pytest.mark.parametrize("backend", ["einsum", "sdpa"])
+def test_cuda_half_forward_and_pag_match_float32(use_new_attention_order, backend):
+    full, half = half_pair(use_new_attention_order, device="cuda", num_head_channels=16)
+    x, t, y = (value.cuda() for value in model_inputs(batch_size=4))
+    seen, hooks = attention_dtypes(half)
+    with th.no_grad(), unet.attention_backend(backend):
+        expected = full(x, t, y=y)
+        out = half(x, t, y=y)
+        guided_full = PAGGuidedModel(full, 3.0, "all", batched=False)(x, t, y=y)
+        guided_half = PAGGuidedModel(half, 3.0, "all")(x, t, y=y)
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(pair == (th.float16, th.float16) for pair in seen)
+    assert relative_error(out, expected) < 1e-2
+    assert relative_error(guided_half, guided_full) < 2e-2
