@@ -1039,6 +1039,8 @@ class EncoderUNetModel(StateDictCheckMixin, nn.Module):
         """
         self.input_blocks.apply(convert_module_to_f16)
         self.middle_block.apply(convert_module_to_f16)
+        # As in UNetModel: the torso's input is cast to self.dtype.
+        self.dtype = th.float16
 
     def convert_to_fp32(self):
         """
@@ -1046,6 +1048,7 @@ class EncoderUNetModel(StateDictCheckMixin, nn.Module):
         """
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
+        self.dtype = th.float32
 
     def forward(self, x, timesteps):
         """

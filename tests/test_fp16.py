@@ -79,6 +79,19 @@ def test_convert_to_fp16_converts_the_torso_and_keeps_dtype_in_step():
     assert all(p.dtype == th.float32 for p in model.parameters())
 
 
+def test_classifier_convert_to_fp16_keeps_dtype_in_step():
+    from guided_diffusion.script_util import classifier_defaults, create_classifier
+
+    classifier = create_classifier(**{**classifier_defaults(), "image_size": 32, "classifier_width": 32,
+                                      "classifier_depth": 1, "classifier_attention_resolutions": "8",
+                                      "classifier_channel_mult": "1,2,2"})
+    classifier.convert_to_fp16()
+    assert classifier.dtype == th.float16
+    assert classifier.input_blocks[0][0].weight.dtype == th.float16
+    classifier.convert_to_fp32()
+    assert classifier.dtype == th.float32
+
+
 @needs_cpu_half
 @pytest.mark.parametrize("use_new_attention_order", [False, True])
 @pytest.mark.parametrize("backend", ["einsum", "sdpa"])
