@@ -36,3 +36,15 @@ def check_data_dir(path, flag="--data_dir"):
     if "://" not in path and not os.path.exists(path):
         raise UsageError(f"{flag} {path!r}: no such file or folder")
     return path
+
+
+def check_training_data(parser, args):
+    """
+    The training scripts' data checks (--data_dir, and --val_data_dir where the script has it), as one error line.
+    """
+    try:
+        check_data_dir(args.data_dir)
+        if getattr(args, "val_data_dir", ""):
+            check_data_dir(args.val_data_dir, "--val_data_dir")
+    except UsageError as exc:
+        exit_with_usage_error(parser, exc)

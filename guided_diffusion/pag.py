@@ -18,11 +18,10 @@ classifier guidance all follow from the guided output without changes to the dif
 
 import contextlib
 import math
-import numbers
 
 import torch as th
 
-from .perturbations import is_identity, make_perturbation
+from .perturbations import is_identity, make_perturbation, real_number
 from .unet import AttentionBlock, SuperResModel, UNetModel
 
 # Layer aliases: alias -> prefix of the module names it selects.
@@ -175,16 +174,7 @@ def check_scale(scale, method):
     """
     A guidance scale as a float: any finite real number (a one-element tensor too).
     """
-    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, th.Tensor)):
-        raise ValueError(f"{method} scale must be a real number, got {scale!r}")
-    if th.is_tensor(scale):
-        if scale.numel() != 1:
-            raise ValueError(f"{method} scale must be a single number, got a tensor of shape {tuple(scale.shape)}")
-        scale = scale.item()
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{method} scale must be finite, got {scale}")
-    return scale
+    return real_number(scale, f"{method} scale")
 
 
 def check_t_range(t_range):

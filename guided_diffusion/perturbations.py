@@ -169,17 +169,24 @@ _CLASSES = {
 }
 
 
-def _real(kind, name, value):
+def real_number(value, what):
+    """
+    A float from a real number or a one-element tensor, finite, or a ValueError that starts with `what`.
+    """
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, th.Tensor)):
-        raise ValueError(f"perturbation {kind!r}: {name} must be a real number, got {value!r}")
+        raise ValueError(f"{what} must be a real number, got {value!r}")
     if th.is_tensor(value):
         if value.numel() != 1:
-            raise ValueError(f"perturbation {kind!r}: {name} must be a single number, got shape {tuple(value.shape)}")
+            raise ValueError(f"{what} must be a single number, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"perturbation {kind!r}: {name} must be finite, got {value}")
+        raise ValueError(f"{what} must be finite, got {value}")
     return value
+
+
+def _real(kind, name, value):
+    return real_number(value, f"perturbation {kind!r}: {name}")
 
 
 def _check_param(kind, name, value):

@@ -13,7 +13,7 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import UsageError, check_data_dir, exit_with_usage_error
+from guided_diffusion.errors import check_training_data
 from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
@@ -31,12 +31,7 @@ from guided_diffusion.train_util import log_loss_dict, parse_resume_step_from_fi
 def main():
     parser = create_argparser()
     args = parser.parse_args()
-    try:
-        check_data_dir(args.data_dir)
-        if getattr(args, "val_data_dir", ""):
-            check_data_dir(args.val_data_dir, "--val_data_dir")
-    except UsageError as exc:
-        exit_with_usage_error(parser, exc)
+    check_training_data(parser, args)
 
     dist_util.setup_dist()
     logger.configure()
