@@ -277,7 +277,8 @@ class SAGFlags(GuidanceFlags):
         if self.enabled(args) and args.pag_scale != 0:
             raise UsageError(
                 "--sag_scale and --pag_scale cannot both be set: SAG reads the attention map of the plain model "
-                "and does not guide a PAG-guided one; run them separately"
+                f"and does not guide a PAG-guided one; add --pag_scale 0 (now {args.pag_scale:g}, e.g. from a config "
+                "such as the embedded default's) to sample with SAG alone"
             )
 
     def map_heads_flag(self, args):
