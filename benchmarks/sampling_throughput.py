@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch as th
 
@@ -43,6 +42,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     model_and_diffusion_defaults,
     str2bool,
 )
+from pag_overhead import timed  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
 
 DEVICE_DEFAULTS = {
     "cpu": dict(image_size=64, num_channels=64, steps=2, batch_size=2, repeats=3, warmup=1),
@@ -177,16 +177,6 @@ def sample(diffusion, fn, backend, noise, kwargs, channels_last=False):
     x = noise.contiguous(memory_format=th.channels_last) if channels_last else noise
     with th.no_grad(), unet.attention_backend(backend):
         return diffusion.ddim_sample_loop(fn, tuple(x.shape), noise=x, model_kwargs=kwargs, clip_denoised=True)
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        th.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        th.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def _status_kib(field):
