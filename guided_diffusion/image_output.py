@@ -25,12 +25,13 @@ def to_uint8_images(sample):
     return sample.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def image_grid(images, padding=2):
+def image_grid(images, padding=2, ncol=None):
     """
-    uint8 NHWC images -> one uint8 HWC image: a near-square grid, `padding` black pixels around every image.
+    uint8 NHWC images -> one uint8 HWC image: a grid filled row by row, `ncol` images wide (default: near-square),
+    `padding` black pixels around every image.
     """
     count, height, width, channels = images.shape
-    ncol = math.ceil(math.sqrt(count))
+    ncol = ncol or math.ceil(math.sqrt(count))
     nrow = math.ceil(count / ncol)
     grid = np.zeros(
         (nrow * (height + padding) + padding, ncol * (width + padding) + padding, channels), dtype=np.uint8
@@ -86,8 +87,19 @@ def image_bytes(image, fmt="PNG"):
     return buffer.getvalue()
 
 
-def save_grid(path, images):
-    data = image_bytes(image_grid(enlarge_small(images)), grid_format(path))
+def first_samples(arrays):
+    """
+    What --grid shows of a run's output arrays (arr_0, arr_1, ...): the first samples of arr_0.
+    """
+    return arrays[0][:GRID_MAX_IMAGES]
+
+
+def save_grid(path, images, ncol=None, min_size=32):
+    """
+    Write a grid of uint8 NHWC images (enlarged when smaller than min_size pixels) atomically, in the format
+    path's extension asks for.
+    """
+    data = image_bytes(image_grid(enlarge_small(images, min_size=min_size), ncol=ncol), grid_format(path))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))

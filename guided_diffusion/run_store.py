@@ -19,7 +19,7 @@ import numpy as np
 
 from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic
 from .errors import UsageError
-from .image_output import GRID_MAX_IMAGES, save_grid
+from .image_output import first_samples, save_grid
 from .random_streams import sample_generator
 
 # Set to a positive integer k, a run stops (exit status 3) after each rank has finished k batches: an interrupted
@@ -208,13 +208,20 @@ def grid_path(grid, out_dir):
     return grid
 
 
-def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, comm=None):
+def _write_first_samples(path, arrays):
+    save_grid(path, first_samples(arrays))
+    return "the first samples"
+
+
+def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, comm=None, write_grid=None):
     """
     Sample indices 0 .. args.num_samples - 1 with all ranks, resumably, and write the final .npz.
 
     :param sample_batch: sample_batch(start, end, generators) -> list of numpy arrays with end - start rows
                          each (arr_0, arr_1, ... of the output), generators being the samples' own generators.
     :param record: run_record(...) of this run, checked against the work folder's on resumption.
+    :param write_grid: write_grid(path, arrays) writes the --grid image from the output arrays and returns what it
+                       shows, for the log; default: a grid of the first samples.
     :return: the path of the final .npz (on every rank).
     """
     from tqdm.auto import tqdm
@@ -271,11 +278,11 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
             save_npz_atomic(final_path, arrays)
             grid = grid_path(args.grid, out_dir)
             if grid:
-                save_grid(grid, arrays[0][:GRID_MAX_IMAGES])
+                shown = (write_grid or _write_first_samples)(grid, arrays)
             shutil.rmtree(parts_dir)
             logger.log(f"saving to {final_path}")
             if grid:
-                logger.log(f"grid of the first samples in {grid}")
+                logger.log(f"grid of {shown} in {grid}")
     _all_ok(comm, error)
     comm.Barrier()
     return final_path

@@ -247,12 +247,13 @@ def sample_images(
     return to_uint8_images(sample)
 
 
-def finish_run(script, args, run, image_size, sample_batch, input_flags=()):
+def finish_run(script, args, run, image_size, sample_batch, input_flags=(), write_grid=None):
     """
     Sample every index with all ranks, resumably, and write the final .npz (see run_store.run_sampling).
 
     :param input_flags: flags naming input files besides the checkpoints (e.g. base_samples) that the run record
                         fingerprints, so a resumed run cannot mix outputs of two different inputs.
+    :param write_grid: how the script draws its --grid from the output arrays (default: the first samples).
     :return: the path of the final .npz.
     """
     out_dir = configure_logger(args.out_dir, run.comm)
@@ -266,6 +267,7 @@ def finish_run(script, args, run, image_size, sample_batch, input_flags=()):
         sample_batch=sample_batch,
         record=run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags)),
         comm=run.comm,
+        write_grid=write_grid,
     )
     logger.log("sampling complete")
     return path

@@ -21,9 +21,8 @@ import numpy as np
 import torch as th
 
 from guided_diffusion import sampling_cli as cli
-from guided_diffusion.atomic_io import atomic_write
 from guided_diffusion.errors import UsageError
-from guided_diffusion.image_output import grid_format, image_bytes, to_uint8_images
+from guided_diffusion.image_output import save_grid, to_uint8_images
 from guided_diffusion.inverse import (
     GRADIENT_THROUGH,
     MASK_TYPES,
@@ -34,7 +33,6 @@ from guided_diffusion.inverse import (
     dps_sample_loop,
 )
 from guided_diffusion.random_streams import PerSampleNoise
-from guided_diffusion.run_store import grid_path, mpi_comm
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 # DPS's intensity for each blur when --intensity is left empty (its configs: gaussian 3.0, motion 0.5).
@@ -185,8 +183,6 @@ def check_args(args):
         raise UsageError(f"--sigma (the measurement noise) must be >= 0, got {args.sigma}")
     if not np.isfinite(args.dps_scale):
         raise UsageError(f"--dps_scale must be a finite number, got {args.dps_scale}")
-    if args.grid:
-        grid_format(args.grid)
     return build_operator(args)
 
 
@@ -217,16 +213,10 @@ def sample(args):
         )
         return [to_uint8_images(recon), to_uint8_images(measurement.clamp(-1, 1)), images[start:end]]
 
-    grid = args.grid
-    run_args = copy.copy(args)
-    run_args.grid = ""  # the grid of (measurement | reconstruction | ground truth) rows is written below
-    path = cli.finish_run("inverse_sample", run_args, run, args.image_size, sample_batch, input_flags=("data_dir",))
-    if grid and mpi_comm().rank == 0:
-        out = grid_path(grid, os.path.dirname(path))
-        with np.load(path) as data:
-            write_triplet_grid(out, data["arr_1"][:GRID_ROWS], data["arr_0"][:GRID_ROWS], data["arr_2"][:GRID_ROWS])
-        cli.logger.log(f"grid (measurement | reconstruction | ground truth) in {out}")
-    return path
+    return cli.finish_run(
+        "inverse_sample", args, run, args.image_size, sample_batch, input_flags=("data_dir",),
+        write_grid=write_triplet_grid,
+    )
 
 
 def describe_task(args, operator):
@@ -239,24 +229,19 @@ def describe_task(args, operator):
     return f"inpainting, {operator.mask_type} masks"
 
 
-def write_triplet_grid(path, measurements, recons, truths, padding=2):
+def write_triplet_grid(path, arrays):
     """
-    One row per image: the measurement (nearest-upsampled to the image size), the reconstruction, the truth.
+    One row per image of the first GRID_ROWS: the measurement (nearest-upsampled to the image size), the
+    reconstruction, the truth; images under 64 pixels are enlarged so they can be looked at.
     """
-    n, h, w, c = recons.shape
-    if measurements.shape[1] != h:
-        factor = h // measurements.shape[1]
+    recons, measurements, truths = (a[:GRID_ROWS] for a in arrays)
+    size = recons.shape[1]
+    if measurements.shape[1] != size:
+        factor = size // measurements.shape[1]
         measurements = measurements.repeat(factor, axis=1).repeat(factor, axis=2)
-    scale = max(1, 64 // h)  # small images are enlarged so they can be looked at
-    grid = np.zeros((n * (h * scale + padding) + padding, 3 * (w * scale + padding) + padding, c), np.uint8)
-    for i in range(n):
-        for j, image in enumerate((measurements[i], recons[i], truths[i])):
-            image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-            top, left = padding + i * (h * scale + padding), padding + j * (w * scale + padding)
-            grid[top : top + h * scale, left : left + w * scale] = image
-    data = image_bytes(grid, grid_format(path))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: f.write(data))
+    rows = np.stack([measurements, recons, truths], axis=1).reshape(-1, *recons.shape[1:])
+    save_grid(path, rows, ncol=3, min_size=64)
+    return "(measurement | reconstruction | ground truth) rows"
 
 
 def create_argparser():

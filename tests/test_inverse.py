@@ -659,6 +659,11 @@ def test_inverse_sample_outputs_draw_order_and_batch_independence(inverse_script
 
     with Image.open(grid) as im:
         assert im.size == (3 * (64 + 2) + 2, 3 * (64 + 2) + 2)  # 3 rows of (measurement | recon | truth)
+        pixels = np.asarray(im.convert("RGB"))
+    for i in range(3):
+        for j, image in enumerate((meas[i], recon[i], truth[i])):
+            top, left = 2 + i * 66, 2 + j * 66
+            np.testing.assert_array_equal(pixels[top : top + 64 : 4, left : left + 64 : 4], image)
     # The batch size does not change what image i becomes.
     again = inverse_script.module.main(_script_flags(batch_size=1, out_dir=tmp_path / "b", **common))
     with np.load(again) as data:
