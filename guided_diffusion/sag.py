@@ -35,7 +35,7 @@ from .gaussian_diffusion import ModelMeanType
 from .pag import _take_rows, check_scale, check_t_range, guided_rows, resolve_layers
 from .perturbations import gaussian_blur2d
 from .respace import SpacedDiffusion
-from .unet import QKVAttention
+from .unet import QKVAttention, QKVAttentionLegacy
 
 # The official attention_masking's torchvision GaussianBlur(kernel_size=31, sigma=blur_sigma).
 SAG_BLUR_KERNEL = 31
@@ -77,22 +77,14 @@ def capture_qkv(block):
 
 def attention_map(qkv, num_heads, legacy=True):
     """
-    softmax(q^T k / sqrt(C)) of a block's qkv [N x 3*H*C x T] as [N x H x T x T], in qkv's dtype.
+    softmax(q^T k / sqrt(C)) of a block's qkv [N x 3*H*C x T] as [N x H x T x T], in qkv's dtype, computed as the
+    U-Net's own attention computes it.
 
     :param legacy: the qkv layout: heads first, then q, k, v (QKVAttentionLegacy), or q, k, v first.
     """
-    bs, width, length = qkv.shape
-    if width % (3 * num_heads) != 0:
-        raise ValueError(f"qkv width {width} does not split into 3 x {num_heads} heads")
-    ch = width // (3 * num_heads)
-    if legacy:
-        q, k, _ = qkv.reshape(bs * num_heads, 3 * ch, length).split(ch, dim=1)
-    else:
-        q, k, _ = (part.reshape(bs * num_heads, ch, length) for part in qkv.chunk(3, dim=1))
-    scale = ch ** -0.25
-    weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
-    return weight.reshape(bs, num_heads, length, length)
+    if qkv.shape[1] % (3 * num_heads) != 0:
+        raise ValueError(f"qkv width {qkv.shape[1]} does not split into 3 x {num_heads} heads")
+    return (QKVAttentionLegacy if legacy else QKVAttention)(num_heads).weights(qkv)
 
 
 def attention_mask(weight, spatial, image_size):

@@ -354,15 +354,24 @@ class AttentionBlock(nn.Module):
         return out
 
 
-def _attend_heads(q, k, v, bs, length, logits_fn, weights_fn, capture):
+def _attention_map(q, k, logits_fn=None):
     """
-    softmax(q^T k / sqrt(C)) applied to v, per head ([N*H x C x T] each), with the map's hooks of attend_with_map.
+    ADM's attention map softmax(q^T k / sqrt(C)) per head ([N*H x C x T] each -> [N*H x T x T]), the softmax in
+    float32; logits_fn, if given, changes the scaled logits first.
     """
+    # Scaling q and k separately by ch**-1/4 keeps float16 products in range.
     scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
     if logits_fn is not None:
         weight = logits_fn(weight)
-    weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return th.softmax(weight.float(), dim=-1).type(weight.dtype)
+
+
+def _attend_heads(q, k, v, bs, length, logits_fn=None, weights_fn=None, capture=None):
+    """
+    ADM's einsum attention per head ([N*H x C x T] each), with the map's hooks of attend_with_map.
+    """
+    weight = _attention_map(q, k, logits_fn)
     if weights_fn is not None:
         weight = weights_fn(weight)
     if capture is not None:
@@ -486,46 +495,56 @@ def count_flops_attn(model, _x, y):
     model.total_ops += th.DoubleTensor([matmul_ops])
 
 
-class QKVAttentionLegacy(nn.Module):
+class _HeadAttention(nn.Module):
     """
-    QKV attention with the heads split before q, k and v (the layout of most released checkpoints).
+    What both qkv layouts share: the attention kernels (see ATTENTION_BACKENDS), V alone for an identity map, and
+    the map written out. A subclass says how its layout splits into per-head q, k and v.
     """
 
     def __init__(self, n_heads):
         super().__init__()
         self.n_heads = n_heads
 
+    def _head_width(self, qkv):
+        assert qkv.shape[1] % (3 * self.n_heads) == 0
+        return qkv.shape[1] // (3 * self.n_heads)
+
     def _split(self, qkv):
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return q, k, v, ch
+        """
+        (q, k, v), each [N*H x C x T].
+        """
+        raise NotImplementedError
+
+    def _sdpa_view(self, qkv):
+        """
+        The [3 x N x H x C x T] view of qkv that _sdpa takes.
+        """
+        raise NotImplementedError
 
     def forward(self, qkv):
         """
-        :param qkv: an [N x (H * 3 * C) x T] tensor of Qs, Ks and Vs.
+        :param qkv: an [N x (3 * H * C) x T] tensor of Qs, Ks and Vs, in the subclass's layout.
         :return: an [N x (H * C) x T] tensor after attention.
         """
-        bs, _, length = qkv.shape
-        q, k, v, ch = self._split(qkv)
         if resolved_attention_backend() == "sdpa":
-            # Per head, the channels hold q, k and v in turn.
-            return _sdpa(qkv.reshape(bs, self.n_heads, 3, ch, length).permute(2, 0, 1, 3, 4))
-        # Scaling q and k separately by ch**-1/4 keeps float16 products in range.
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
-        weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = th.einsum("bts,bcs->bct", weight, v)
-        return a.reshape(bs, -1, length)
+            return _sdpa(self._sdpa_view(qkv))
+        bs, _, length = qkv.shape
+        return _attend_heads(*self._split(qkv), bs, length)
 
     def values(self, qkv):
         """
         The output attention would give with an identity attention map: V, in the output layout.
         """
         bs, _, length = qkv.shape
-        v = self._split(qkv)[2]
-        return v.reshape(bs, -1, length)
+        return self._split(qkv)[2].reshape(bs, -1, length)
+
+    def weights(self, qkv):
+        """
+        The attention map (ADM's einsum formulation), [N x H x T x T].
+        """
+        bs, _, length = qkv.shape
+        q, k, _ = self._split(qkv)
+        return _attention_map(q, k).reshape(bs, self.n_heads, length, length)
 
     def attend_with_map(self, qkv, logits_fn=None, weights_fn=None, capture=None):
         """
@@ -536,68 +555,49 @@ class QKVAttentionLegacy(nn.Module):
         :param capture: called with the map that is applied to V.
         :return: an [N x (H * C) x T] tensor, as forward().
         """
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attend_heads(q, k, v, bs, length, logits_fn, weights_fn, capture)
+        bs, _, length = qkv.shape
+        return _attend_heads(*self._split(qkv), bs, length, logits_fn, weights_fn, capture)
 
     @staticmethod
     def count_flops(model, _x, y):
         return count_flops_attn(model, _x, y)
 
 
-class QKVAttention(nn.Module):
+class QKVAttentionLegacy(_HeadAttention):
+    """
+    QKV attention with the heads split before q, k and v (the layout of most released checkpoints).
+    """
+
+    def _split(self, qkv):
+        bs, _, length = qkv.shape
+        ch = self._head_width(qkv)
+        return qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+
+    def _sdpa_view(self, qkv):
+        # Per head, the channels hold q, k and v in turn.
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs, self.n_heads, 3, self._head_width(qkv), length).permute(2, 0, 1, 3, 4)
+
+
+class QKVAttention(_HeadAttention):
     """
     QKV attention with q, k and v split before the heads (use_new_attention_order, and the classifier's pool).
     """
 
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
+    def _split(self, qkv):
+        bs, _, length = qkv.shape
+        ch = self._head_width(qkv)
+        return tuple(part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
 
-    def forward(self, qkv):
-        """
-        :param qkv: an [N x (3 * H * C) x T] tensor of Qs, Ks and Vs.
-        :return: an [N x (H * C) x T] tensor after attention.
-        """
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        if resolved_attention_backend() == "sdpa":
-            # All the qs, then all the ks, then all the vs, each split into heads.
-            return _sdpa(qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(0, 1))
-        q, k, v = qkv.chunk(3, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = th.einsum(
-            "bct,bcs->bts",
-            (q * scale).view(bs * self.n_heads, ch, length),
-            (k * scale).view(bs * self.n_heads, ch, length),
-        )
-        weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = th.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
-        return a.reshape(bs, -1, length)
+    def _sdpa_view(self, qkv):
+        # All the qs, then all the ks, then all the vs, each split into heads.
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs, 3, self.n_heads, self._head_width(qkv), length).transpose(0, 1)
 
     def values(self, qkv):
-        """
-        The output attention would give with an identity attention map: V, in the output layout.
-        """
-        assert qkv.shape[1] % (3 * self.n_heads) == 0
+        # V is already in the output layout: a view, no copy.
+        self._head_width(qkv)
         return qkv.chunk(3, dim=1)[2]
-
-    def attend_with_map(self, qkv, logits_fn=None, weights_fn=None, capture=None):
-        """
-        Attention with its map written out; see QKVAttentionLegacy.attend_with_map.
-        """
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
-        return _attend_heads(q, k, v, bs, length, logits_fn, weights_fn, capture)
-
-    @staticmethod
-    def count_flops(model, _x, y):
-        return count_flops_attn(model, _x, y)
 
 
 def _build_encoder(
