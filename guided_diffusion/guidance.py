@@ -318,7 +318,7 @@ class SAGFlags(GuidanceFlags):
         if not self.enabled(args) and args.sag_layer == OFFICIAL_SAG_LAYER:
             return
         if self.enabled(args):
-            self.wrap(model, diffusion, args)
+            # The layer, heads and model are checked by SAGGuidedModel itself when guide_model wraps the model.
             interval = parse_interval(args.sag_interval, args.diffusion_steps, "--sag_interval")
             check_interval_is_sampled(interval, diffusion, "--sag_interval")
             return
