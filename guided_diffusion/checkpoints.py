@@ -59,9 +59,13 @@ def read_checkpoint(path, flag, what):
             f"{flag} {path!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); the file may "
             f"be truncated or not a .pt file: pass the {what} checkpoint itself, or download it again"
         ) from None
-    if isinstance(state, dict) and state and all(hasattr(v, "shape") for v in state.values()):
+    if _is_state_dict(state):
         return state
     raise UsageError(f"{flag} {path!r} holds {_describe_object(state)}, not a state dict of the {what}{_unwrap_hint(state)}")
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
 
 
 def _describe_object(obj):
@@ -77,9 +81,7 @@ def _unwrap_hint(obj):
     # A training checkpoint often wraps the weights with other state; say which entry holds them.
     if not isinstance(obj, dict):
         return ""
-    nested = [
-        k for k, v in obj.items() if isinstance(v, dict) and v and all(hasattr(t, "shape") for t in v.values())
-    ]
+    nested = [k for k, v in obj.items() if _is_state_dict(v)]
     if len(nested) != 1:
         return ""
     return (

@@ -144,8 +144,6 @@ def configure_logger(out_dir, comm):
     temporary folder (each rank would otherwise make its own).
     :return: the folder the samples go to.
     """
-    from . import logger
-
     # Sampling logs no key-value pairs, so ADM's default progress.csv would stay empty: leave it out.
     formats = os.environ.get("OPENAI_LOG_FORMAT", "stdout,log").split(",")
     folder = None
