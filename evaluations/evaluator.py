@@ -81,16 +81,13 @@ class ActivationCache:
 
     def __init__(self, directory):
         self.directory = directory
-        self._identities = {}
 
-    def _identity(self, net):
-        if id(net) not in self._identities:
-            self._identities[id(net)] = (net, net_identity(net))
-        return self._identities[id(net)][1]
-
-    def path_for(self, npz_path, net):
+    def path_for(self, npz_path, identity):
+        """
+        :param identity: the network's (name, weights digest), as net_identity gives it.
+        """
         st = os.stat(npz_path)
-        name, weights = self._identity(net)
+        name, weights = identity
         ident = json.dumps(
             {
                 "path": os.path.abspath(npz_path),
@@ -106,8 +103,8 @@ class ActivationCache:
         stem = os.path.splitext(os.path.basename(npz_path))[0]
         return os.path.join(self.directory, f"{stem}-{digest}.npz")
 
-    def load(self, npz_path, net):
-        path = self.path_for(npz_path, net)
+    def load(self, npz_path, identity):
+        path = self.path_for(npz_path, identity)
         if not os.path.isfile(path):
             return None
         try:
@@ -117,8 +114,8 @@ class ActivationCache:
         except (OSError, ValueError, KeyError):
             return None  # A damaged cache entry is recomputed and overwritten.
 
-    def save(self, npz_path, net, acts):
-        with NpzWriter(self.path_for(npz_path, net)) as writer:
+    def save(self, npz_path, identity, acts):
+        with NpzWriter(self.path_for(npz_path, identity)) as writer:
             writer.write_array("pool", acts.pool)
             if acts.spatial is not None:
                 writer.write_array("spatial", acts.spatial)
@@ -224,7 +221,7 @@ class Evaluator:
     def read_activations(self, npz_path, use_cache=False):
         with self.open_batch(npz_path) as reader:
             if use_cache and self.cache is not None:
-                acts = self.cache.load(npz_path, self.net)
+                acts = self.cache.load(npz_path, self.identity)
                 if acts is not None and len(acts) == reader.num_images:
                     return acts
             batches = prefetch(reader.iter_batches(self.batch_size))
@@ -233,7 +230,7 @@ class Evaluator:
             finally:
                 batches.close()  # stop the reading thread before the file closes
         if use_cache and self.cache is not None:
-            self.cache.save(npz_path, self.net, acts)
+            self.cache.save(npz_path, self.identity, acts)
         return acts
 
     def compute_activations(self, batches, total=None):
