@@ -34,6 +34,7 @@ import scipy.ndimage
 import torch as th
 import torch.nn.functional as F
 
+from .gaussian_diffusion import _nonzero_mask, _timestep_indices
 from .pag import PAGGuidedModel
 
 # DPS's measurement noise on its Gaussian-noise tasks.
@@ -533,8 +534,7 @@ def dps_sample(diffusion, model, x, t, measurement, operator, scale, model_kwarg
             out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
             x0 = out["pred_xstart"]
         noise = draw(x)
-        nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
-        sample = out["mean"] + nonzero * th.exp(0.5 * out["log_variance"]) * noise
+        sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
         # DPS computes q_sample(y, t) here for its projection-based methods; "ps" ignores it but it draws.
         draw(measurement)
         distance = _image_norms(measurement - operator.forward(x0))
@@ -571,11 +571,7 @@ def dps_sample_loop_progressive(diffusion, model, noise, measurement, operator, 
     Like dps_sample_loop, but yield dps_sample's dict at every timestep, from T - 1 down to 0.
     """
     _check_dps_args(diffusion, model, noise, measurement, operator, scale, gradient_through)
-    indices = list(range(diffusion.num_timesteps))[::-1]
-    if progress:
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices)
+    indices = _timestep_indices(diffusion.num_timesteps, progress)
     img = noise
     for i in indices:
         t = th.tensor([i] * noise.shape[0], device=noise.device)
@@ -595,6 +591,7 @@ def dps_sample_loop(diffusion, model, noise, measurement, operator, scale, model
     :param diffusion: a GaussianDiffusion or SpacedDiffusion (DPS samples with DDPM over its steps).
     :param model: the model, or a PAGGuidedModel (see the module docstring for how PAG enters).
     :param scale: DPS's step size (its config's conditioning.params.scale).
+    :param progress: a bar over the steps, as for GaussianDiffusion.p_sample_loop (True, or tqdm options).
     :param noise_fn: replaces th.randn_like for both draws of each step (e.g. random_streams.PerSampleNoise).
     :param gradient_through: with a PAGGuidedModel, "plain" (the unperturbed x0, default) or "guided".
     :return: the reconstructions x_0 (not differentiable).

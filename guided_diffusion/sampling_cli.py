@@ -164,8 +164,9 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
     :param checkpoints: {flag name: what it holds}, e.g. {"model_path": "diffusion model"}; --model_path's
                         example file name uses `kind`, the others' "classifier".
     :param check: the script's own checks, check(args) -> anything (kept as run.checked).
-    :return: a namespace with comm, device, paths ({flag name: checkpoint path}), checked, progress (whether this
-             rank shows progress bars) and notes (the messages said before the log folder exists).
+    :return: a namespace with comm, device, paths ({flag name: checkpoint path}), checked, progress (what the
+             sampling loops' `progress` takes: a bar over a batch's steps on rank 0, False elsewhere) and notes
+             (the messages said before the log folder exists).
     """
     check_sampling_args(args)
     check_guidance_args(args)
@@ -179,7 +180,13 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
     # No torch.distributed group is needed: ranks share work through files and MPI alone.
     comm = mpi_comm()
     return SimpleNamespace(
-        comm=comm, device=dist_util.dev(), paths=paths, checked=checked, progress=comm.rank == 0, notes=[]
+        comm=comm,
+        device=dist_util.dev(),
+        paths=paths,
+        checked=checked,
+        # Inside the run's bar over samples, a batch's bar over steps goes away when the batch is done.
+        progress={"leave": False} if comm.rank == 0 else False,
+        notes=[],
     )
 
 
@@ -225,7 +232,8 @@ def sample_images(
 ):
     """
     Run ADM's sampler (DDIM with --use_ddim, else ancestral) on one batch whose random draws all come from the
-    samples' own generators. :param progress: show a bar over the diffusion steps. :return: uint8 NHWC images.
+    samples' own generators. :param progress: the sampling loop's progress (e.g. run.progress). :return: uint8 NHWC
+    images.
     """
     noise = PerSampleNoise(generators)
     shape = (len(generators), 3, image_size, image_size)
@@ -238,8 +246,7 @@ def sample_images(
         cond_fn=cond_fn,
         model_kwargs=model_kwargs,
         device=device,
-        # Inside the run's bar over samples, a batch's bar over steps goes away when the batch is done.
-        progress={"leave": False} if progress else False,
+        progress=progress,
         noise_fn=noise,
     )
     return to_uint8_images(sample)
