@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch as th
 
@@ -30,6 +29,7 @@ from guided_diffusion.atomic_io import write_json_atomic  # noqa: E402
 from guided_diffusion.inverse import add_measurement_noise, create_operator, dps_sample  # noqa: E402
 from guided_diffusion.pag import PAGGuidedModel  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model  # noqa: E402
+from pag_overhead import timed  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
 
 
 def dps_ffhq_model(image_size):
@@ -83,24 +83,14 @@ def main(argv=None):
     t = th.tensor([500], device=device)
 
     def step(m):
-        if device.type == "cuda":
-            th.cuda.synchronize()
-        start = time.perf_counter()
-        dps_sample(diffusion, m, x_t, t, y, operator, 1.0, gradient_through=args.gradient_through)
-        if device.type == "cuda":
-            th.cuda.synchronize()
-        return time.perf_counter() - start
+        return timed(
+            lambda: dps_sample(diffusion, m, x_t, t, y, operator, 1.0, gradient_through=args.gradient_through), device
+        )
 
     def perturbed_pass():
         # What PAG adds to a step: the perturbed branch, without autograd.
-        if device.type == "cuda":
-            th.cuda.synchronize()
-        start = time.perf_counter()
         with th.no_grad():
-            guided._perturbed_pass(x_t, t, {}, True)
-        if device.type == "cuda":
-            th.cuda.synchronize()
-        return time.perf_counter() - start
+            return timed(lambda: guided._perturbed_pass(x_t, t, {}, True), device)
 
     step(model), step(guided), perturbed_pass()  # warm-up
     plain, pag, extra = [], [], []
