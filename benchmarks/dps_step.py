@@ -3,10 +3,12 @@ Cost of one DPS step with PAG relative to one without, on DPS's FFHQ 256 ADM arc
 of DPS: 128 channels, one res block per level, attention at downsample rate 16, 64 head channels, scale-shift norm,
 resblock up/down, learned sigmas) with random weights, batch 1, Gaussian deblurring (DPS's 61 x 61, sigma 3 kernel).
 
-A DPS step is a forward pass with autograd, the measurement loss and a backward pass to x_t (about three forward
-passes' worth). PAG adds one perturbed forward pass without autograd and no backward work (the measurement
-gradient goes through the unperturbed x0; see guided_diffusion/inverse.py), so the expected ratio is about
-4/3 = 1.33. --gradient_through guided backpropagates through both branches instead (expected about 2).
+A DPS step is a forward pass with autograd, the measurement loss and a backward pass to x_t only (no weight
+gradients). PAG adds one perturbed forward pass without autograd and no backward work (the measurement gradient goes
+through the unperturbed x0; see guided_diffusion/inverse.py), so the ratio should be 1 + (perturbed pass / plain
+step), printed as "from parts". That pass is a smaller share of a step at 256 px (about 0.3 on a CPU) than at 64 px
+(about 0.45), because the backward to x_t grows faster with the image than the forward pass does. --gradient_through guided
+backpropagates through both branches instead (expected about 2).
 
 --image_size keeps the architecture (channel_mult 1,1,2,2,4,4, attention where the feature map is image_size/16)
 and shrinks the activations, so the default 64 finishes in a few minutes on a CPU; 256 is the real model.
