@@ -37,9 +37,7 @@ from evaluations.feature_nets import (
 from evaluations.frechet import compute_statistics
 from evaluations.npz_io import IMAGE_KEY, BatchFormatError, NpzImageReader, NpzWriter
 # The same crop-and-resize recipe the training data loader uses, so a reference batch matches training data.
-from guided_diffusion.image_datasets import center_crop_arr
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files
 
 
 def _import_pil():
@@ -51,19 +49,6 @@ def _import_pil():
             "package: pip install pillow"
         ) from None
     return Image
-
-
-def list_image_files(folder):
-    """Image files under folder, recursively, in sorted order."""
-    found = []
-    for entry in sorted(os.listdir(folder)):
-        path = os.path.join(folder, entry)
-        ext = entry.rsplit(".", 1)[-1].lower() if "." in entry else ""
-        if os.path.isdir(path):
-            found.extend(list_image_files(path))
-        elif ext in IMAGE_EXTENSIONS:
-            found.append(path)
-    return found
 
 
 def _to_array(pil_image, image_size, channels):

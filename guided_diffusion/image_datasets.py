@@ -68,7 +68,7 @@ def load_data(
     else:
         if not bf.isdir(data_dir):
             raise FileNotFoundError(f"data directory does not exist: {data_dir}")
-        all_files = _list_image_files_recursively(data_dir)
+        all_files = list_image_files(data_dir)
         if not all_files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_dir}")
         classes = None
@@ -101,7 +101,12 @@ def load_data(
         yield from loader
 
 
-def _list_image_files_recursively(data_dir):
+def list_image_files(data_dir):
+    """
+    Image files under data_dir, recursively, in ADM's order: entries sorted by name at each level, a folder's files
+    in its place. Training, the reference-batch maker and inverse_sample.py all list folders with this, so image i
+    is the same file for each of them.
+    """
     results = []
     for entry in sorted(bf.listdir(data_dir)):
         full_path = bf.join(data_dir, entry)
@@ -109,8 +114,12 @@ def _list_image_files_recursively(data_dir):
         if "." in entry and ext.lower() in IMAGE_EXTENSIONS:
             results.append(full_path)
         elif bf.isdir(full_path):
-            results.extend(_list_image_files_recursively(full_path))
+            results.extend(list_image_files(full_path))
     return results
+
+
+# ADM's name for it.
+_list_image_files_recursively = list_image_files
 
 
 class ImageDataset(Dataset):

@@ -22,6 +22,7 @@ import torch as th
 
 from guided_diffusion import sampling_cli as cli
 from guided_diffusion.errors import UsageError
+from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, list_image_files
 from guided_diffusion.image_output import save_grid, to_uint8_images
 from guided_diffusion.inverse import (
     GRADIENT_THROUGH,
@@ -37,7 +38,6 @@ from guided_diffusion.script_util import create_model_and_diffusion, model_and_d
 
 # DPS's intensity for each blur when --intensity is left empty (its configs: gaussian 3.0, motion 0.5).
 DEFAULT_INTENSITY = {"gaussian_blur": 3.0, "motion_blur": 0.5}
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
 GRID_ROWS = 8
 
 
@@ -75,12 +75,8 @@ def load_images(args):
     elif os.path.isdir(path):
         from PIL import Image
 
-        files = []
-        for root, _, found in os.walk(path):
-            files += [os.path.join(root, f) for f in found if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-        files.sort()
         images, names = [], []
-        for f in files:
+        for f in list_image_files(path):
             with Image.open(f) as im:
                 images.append(np.asarray(im.convert("RGB")))
             names.append(f)

@@ -6,6 +6,7 @@ layout against our create_model, and the error messages.
 """
 
 import math
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -710,3 +711,26 @@ def test_inverse_sample_bad_input_one_message_nothing_written(inverse_script, tm
         err = capsys.readouterr().err
         assert err.count(": error: ") == 1 and message in err, (bad, err)
         assert not (tmp_path / "run").exists()
+
+
+def test_inverse_sample_reads_a_folder_in_the_training_loaders_order(inverse_script, tmp_path):
+    from PIL import Image
+
+    from evaluations.make_reference_batch import FolderSource
+    from guided_diffusion.image_datasets import list_image_files
+
+    # ADM's order puts folder a's files where "a" sorts, before a.png; a plain sort of full paths would not.
+    names = ["b.png", "a/x.png", "a.png"]
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    for name, image in zip(names, inverse_script.images):
+        Image.fromarray(image).save(tmp_path / "data" / name)
+    (tmp_path / "data" / "notes.txt").write_text("not an image")
+    listed = list_image_files(str(tmp_path / "data"))
+    assert [os.path.relpath(f, tmp_path / "data") for f in listed] == ["a/x.png", "a.png", "b.png"]
+    assert FolderSource(str(tmp_path / "data"), 16, 3).files == listed
+    path = inverse_script.module.main(_script_flags(
+        model_path=inverse_script.model, data_dir=tmp_path / "data", num_samples=3, batch_size=3,
+        task="super_resolution", scale_factor=2, out_dir=tmp_path / "run", grid="",
+    ))
+    with np.load(path) as data:
+        np.testing.assert_array_equal(data["arr_2"], inverse_script.images[[1, 2, 0]])
