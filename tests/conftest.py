@@ -12,6 +12,21 @@ ADM_REFERENCE = os.environ.get(
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# script_util flags of a tiny class-conditional U-Net with the shape of tiny_unet_a (less its scale-shift norm):
+# 32 px, 32 channels, one res block, attention at 16 and 8, four heads, learned sigmas, resblock up/down.
+TINY_ADM_FLAGS = dict(
+    image_size=32,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2,2",
+    attention_resolutions="16,8",
+    num_heads=4,
+    learn_sigma=True,
+    class_cond=True,
+    resblock_updown=True,
+)
+
+
 def reference_file(name):
     """
     Path of a file in ../shared/adm_reference, or skip the test when the folder is not beside the clone.
@@ -20,3 +35,35 @@ def reference_file(name):
     if not os.path.exists(path):
         pytest.skip(f"{name} not found in {ADM_REFERENCE} (the shared ADM reference data is absent)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """
+    One torch thread for a module's tests (use with pytest.mark.usefixtures): tiny models gain nothing from a
+    second thread, and on the shared 2-core machine it mostly waits on the other processes.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize(model, seed=0, std=0.1):
+    """
+    Random values for every parameter, in eval mode. ADM zero-initializes proj_out and the output conv, which would
+    make a random model predict eps = 0 and hide any effect of the attention maps.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()
+
+
+# PAGGuidedModel's three ways of running the two branches, which must agree.
+GUIDED_PATHS = {
+    "naive": dict(batched=False),
+    "batched": dict(batched=True, share_prefix=False),
+    "shared_prefix": dict(batched=True, share_prefix=True),
+}

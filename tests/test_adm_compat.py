@@ -15,19 +15,9 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-FLAGS = dict(
-    image_size=32,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2,2",
-    attention_resolutions="16,8",
-    num_heads=4,
-    learn_sigma=True,
-    class_cond=True,
-    diffusion_steps=100,
-    timestep_respacing="3",
-    resblock_updown=True,
-)
+from conftest import TINY_ADM_FLAGS
+
+FLAGS = dict(TINY_ADM_FLAGS, diffusion_steps=100, timestep_respacing="3")
 
 
 def adm_style_sampling(tmp_path, use_ddim):

@@ -14,7 +14,7 @@ from guided_diffusion import script_util as su
 from guided_diffusion import unet
 from guided_diffusion.pag import PAGGuidedModel
 
-from conftest import REPO_ROOT, reference_file
+from conftest import REPO_ROOT, TINY_ADM_FLAGS, randomize, reference_file
 
 needs_sdpa = pytest.mark.skipif(not unet.SDPA_AVAILABLE, reason="this torch has no sdpa with a scale argument")
 needs_cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="CUDA is not available")
@@ -51,25 +51,10 @@ def random_model(use_new_attention_order, seed=0, **overrides):
     A tiny class-conditional U-Net with every parameter random (the zero-initialised output convolutions too,
     so the attention blocks change the output).
     """
-    flags = dict(
-        image_size=32,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult="1,2,2",
-        attention_resolutions="16,8",
-        num_heads=4,
-        class_cond=True,
-        learn_sigma=True,
-        resblock_updown=True,
-        use_new_attention_order=use_new_attention_order,
-    )
+    flags = dict(TINY_ADM_FLAGS, use_new_attention_order=use_new_attention_order)
     flags.update(overrides)
     model, _ = su.create_model_and_diffusion(**{**su.model_and_diffusion_defaults(), **flags})
-    gen = th.Generator().manual_seed(seed)
-    with th.no_grad():
-        for p in model.parameters():
-            p.copy_(th.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
+    return randomize(model, seed)
 
 
 def model_inputs(batch_size=3, seed=1, size=32):

@@ -22,13 +22,10 @@ from guided_diffusion.respace import SpacedDiffusion
 from guided_diffusion.script_util import create_model
 from guided_diffusion.unet import UNetModel
 
+from conftest import randomize
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_images(n=2, size=32, seed=0):
@@ -270,11 +267,7 @@ def tiny_model(seed=0):
         attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True,
         resblock_updown=True,
     )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)  # ADM zero-initialises some; make all count
-    return model.eval()
+    return randomize(model, seed)
 
 
 def tiny_diffusion():

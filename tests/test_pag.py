@@ -19,7 +19,7 @@ from guided_diffusion.pag import (
 )
 from guided_diffusion.unet import AttentionBlock, SuperResModel, UNetModel
 
-from conftest import reference_file
+from conftest import GUIDED_PATHS, randomize, reference_file
 
 TINY_BLOCKS = [
     "input_blocks.3.1",
@@ -37,18 +37,6 @@ VARIANTS = {
     "new_order": dict(num_heads=4, use_new_attention_order=True),
     "head_channels": dict(num_head_channels=8, use_new_attention_order=True),
 }
-
-
-def randomize(model, seed=0):
-    """
-    Random values for every parameter (ADM zero-initializes proj_out and the output conv, which would hide any
-    effect of the attention maps).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
 
 
 def tiny_unet(seed=0, cls=UNetModel, learn_sigma=True, class_cond=True, attention_ds=(2, 4), **overrides):
@@ -73,14 +61,7 @@ def tiny_unet(seed=0, cls=UNetModel, learn_sigma=True, class_cond=True, attentio
     return randomize(cls(**kwargs), seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are far too small to gain from threads, and on the shared 2-core machine a second thread
-    # mostly waits on the other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n=3, seed=1):
@@ -303,20 +284,13 @@ def test_gradients_through_a_perturbed_pass_after_the_context_exits():
 
 # --- PAGGuidedModel -----------------------------------------------------------------------------------------
 
-MODES = {
-    "naive": dict(batched=False),
-    "batched": dict(batched=True, share_prefix=False),
-    "shared_prefix": dict(batched=True, share_prefix=True),
-}
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GUIDED_PATHS)
 def test_guided_output_matches_the_formula(variant, mode):
     model = tiny_unet(**VARIANTS[variant])
     x, t, kwargs = batch()
     layers = "input_blocks.5.1,middle_block.1,output_blocks.1.1"
-    guided = PAGGuidedModel(model, 3.0, layers, **MODES[mode])
+    guided = PAGGuidedModel(model, 3.0, layers, **GUIDED_PATHS[mode])
     with torch.no_grad():
         out = guided(x, t, **kwargs)
     expected = hand_pag(model, resolve_layers(model, layers), 3.0, x, t, kwargs)
@@ -396,13 +370,13 @@ def test_no_guidance_is_the_plain_model_bit_for_bit(t_range):
     assert stem == [3, 3]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GUIDED_PATHS)
 def test_t_range_guides_only_rows_inside(mode):
     model = tiny_unet()
     x, t, kwargs = batch(5)  # t = 0, 417, 999, 250, 600
     with torch.no_grad():
         plain = model(x, t, **kwargs)
-        out = PAGGuidedModel(model, 2.0, "all", t_range=(250, 600), **MODES[mode])(x, t, **kwargs)
+        out = PAGGuidedModel(model, 2.0, "all", t_range=(250, 600), **GUIDED_PATHS[mode])(x, t, **kwargs)
     inside = [1, 3, 4]  # the bounds are inclusive
     expected = hand_pag(model, TINY_BLOCKS, 2.0, x[inside], t[inside], {"y": kwargs["y"][inside]})
     torch.testing.assert_close(out[inside], expected, rtol=0, atol=1e-5)
@@ -413,7 +387,7 @@ def test_t_range_guides_only_rows_inside(mode):
     # Only the guided rows go through the perturbed branch.
     stem = _count_batches(model.out)
     with torch.no_grad():
-        PAGGuidedModel(model, 2.0, "all", t_range=(417, 417), **MODES[mode])(x, t, **kwargs)
+        PAGGuidedModel(model, 2.0, "all", t_range=(417, 417), **GUIDED_PATHS[mode])(x, t, **kwargs)
     assert stem == ([5, 1] if mode == "naive" else [6])
 
 
@@ -451,13 +425,13 @@ def test_model_without_learned_sigma_and_unconditional():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GUIDED_PATHS)
 def test_super_resolution_model(mode):
     model = tiny_unet(cls=SuperResModel, class_cond=False)
     x, t, _ = batch()
     low_res = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        out = PAGGuidedModel(model, 2.0, "middle,output_blocks.1.1", **MODES[mode])(x, t, low_res=low_res)
+        out = PAGGuidedModel(model, 2.0, "middle,output_blocks.1.1", **GUIDED_PATHS[mode])(x, t, low_res=low_res)
     expected = hand_pag(model, ["middle_block.1", "output_blocks.1.1"], 2.0, x, t, {"low_res": low_res})
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 

@@ -16,6 +16,8 @@ from guided_diffusion.perturbations import KINDS, gaussian_blur2d, make_perturba
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.unet import AttentionBlock, UNetModel
 
+from conftest import GUIDED_PATHS
+
 LAYOUTS = {"legacy": dict(num_heads=2), "new_order": dict(num_heads=2, use_new_attention_order=True)}
 
 # Every kind with the parameters the tests use (large enough to change the output clearly).
@@ -34,12 +36,7 @@ def kind_of(name):
     return "mask" if name == "mask_diag" else name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed=0, **overrides):
@@ -285,13 +282,6 @@ def test_gradients_of_a_perturbed_pass_after_the_context_exits():
 
 # --- with PAGGuidedModel ---------------------------------------------------------------------------------------
 
-MODES = {
-    "naive": dict(batched=False),
-    "batched": dict(batched=True, share_prefix=False),
-    "shared_prefix": dict(batched=True, share_prefix=True),
-}
-
-
 @pytest.mark.parametrize("name", KIND_PARAMS)
 def test_guided_paths_agree_for_every_kind(name):
     model = tiny_unet()
@@ -300,7 +290,7 @@ def test_guided_paths_agree_for_every_kind(name):
     layers = "output_blocks.0.1,output_blocks.3.1"
     outs = {}
     for t_range in [None, (250, 600)]:
-        for mode, flags in MODES.items():
+        for mode, flags in GUIDED_PATHS.items():
             guided = PAGGuidedModel(model, 2.0, layers, t_range=t_range, kind=kind, **flags, **params)
             torch.manual_seed(11)
             with torch.no_grad():

@@ -21,12 +21,7 @@ from test_perturbations import batch, blocks_clean, reference_blur, tiny_unet
 LAYER = "output_blocks.2.1"  # the official default name (--sel_attn_block output --sel_attn_depth 2): 8x8 here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def respaced(steps="4", **kwargs):

@@ -10,18 +10,9 @@ import torch.nn as nn
 from guided_diffusion import script_util as su
 from guided_diffusion.unet import EncoderUNetModel, SuperResModel, UNetModel
 
-TINY = dict(
-    image_size=32,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2,2",
-    attention_resolutions="16,8",
-    num_heads=4,
-    learn_sigma=True,
-    class_cond=True,
-    resblock_updown=True,
-    use_scale_shift_norm=True,
-)
+from conftest import TINY_ADM_FLAGS
+
+TINY = dict(TINY_ADM_FLAGS, use_scale_shift_norm=True)
 
 
 def tiny_model(**overrides):
