@@ -4,7 +4,7 @@ Finding and loading the checkpoints the sampling scripts are given.
 
 import os
 
-from .errors import UsageError
+from .errors import UsageError, not_found
 
 
 def resolve_checkpoint(path, flag, what, kind):
@@ -19,7 +19,7 @@ def resolve_checkpoint(path, flag, what, kind):
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder, not a file; pass the path of the {what} checkpoint (.pt)")
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path!r}: no such file; pass the path of an existing {what} checkpoint (.pt)")
+        raise UsageError(f"{flag} {path!r} (the {what} checkpoint, a .pt file): {not_found(path)}")
     return path
 
 

@@ -2,6 +2,11 @@
 The error the command-line scripts turn into one `prog: error: ...` line and exit status 2.
 """
 
+import os
+
+# The checkout holding this package; the configs' relative paths (models/, datasets/) are relative to it.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class UsageError(ValueError):
     """
@@ -22,19 +27,30 @@ def exit_with_usage_error(parser, exc):
     raise SystemExit(2)
 
 
+def not_found(path):
+    """
+    What to say of a path that does not exist: where a relative one was looked for and, when it exists relative to
+    the repository root (the configs' paths do), to run from there.
+    """
+    if os.path.isabs(path) or "://" in path:
+        return "no such file or folder"
+    said = f"no such file or folder in {os.getcwd()}"
+    if os.path.exists(os.path.join(REPO_ROOT, path)):
+        said += f"; it is relative to the repository root: run from {REPO_ROOT} or pass an absolute path"
+    return said
+
+
 def check_data_dir(path, flag="--data_dir"):
     """
     Refuse a missing or nonexistent training-data path before anything is set up.
     """
-    import os
-
     if not path:
         raise UsageError(
             f"{flag} is required: pass a folder of images (class = file name prefix before '_') or an .npz with "
             "uint8 NHWC images in arr_0 and optional labels in arr_1 (e.g. datasets/digits16.npz)"
         )
     if "://" not in path and not os.path.exists(path):
-        raise UsageError(f"{flag} {path!r}: no such file or folder")
+        raise UsageError(f"{flag} {path!r}: {not_found(path)}")
     return path
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch as th
 
 from guided_diffusion import sampling_cli as cli
-from guided_diffusion.errors import UsageError
+from guided_diffusion.errors import UsageError, not_found
 from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, list_image_files
 from guided_diffusion.image_output import save_grid, to_uint8_images
 from guided_diffusion.inverse import (
@@ -86,7 +86,7 @@ def load_images(args):
         if len(sizes) == 1:
             images = np.stack(images)
     else:
-        raise UsageError(f"--data_dir {path!r}: no such folder or file")
+        raise UsageError(f"--data_dir {path!r}: {not_found(path)}")
     if len(images) == 0:
         raise UsageError(f"--data_dir {path!r} holds no images")
     want = (args.image_size, args.image_size, 3)
@@ -101,7 +101,7 @@ def load_images(args):
 
 def load_array_file(path, flag):
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path!r}: no such file")
+        raise UsageError(f"{flag} {path!r}: {not_found(path)}")
     if path.endswith(".npy"):
         return np.load(path)
     from PIL import Image

@@ -14,7 +14,7 @@ import numpy as np
 import torch as th
 
 from guided_diffusion import sampling_cli as cli
-from guided_diffusion.errors import UsageError
+from guided_diffusion.errors import UsageError, not_found
 from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 
 
@@ -34,7 +34,7 @@ def load_base_samples(args):
     if os.path.isdir(args.base_samples):
         raise UsageError(f"--base_samples {args.base_samples!r} is a folder, not a file; pass the .npz of samples")
     if not os.path.isfile(args.base_samples):
-        raise UsageError(f"--base_samples {args.base_samples!r}: no such file")
+        raise UsageError(f"--base_samples {args.base_samples!r}: {not_found(args.base_samples)}")
     with np.load(args.base_samples) as data:
         if "arr_0" not in data.files:
             raise UsageError(f"--base_samples {args.base_samples!r} has no arr_0 (the images)")

@@ -684,7 +684,7 @@ def _bad_inputs(tmp_path, inverse_script):
         (dict(task="inpainting", mask_path=tmp_path / "mask8.npy"), "is 8x8 but the images are 16x16"),
         (dict(data_dir=tmp_path / "small.npz"), "is 8x8 pixels but the model (--image_size 16) needs 16x16"),
         (dict(data_dir=tmp_path / "empty"), "holds no image files"),
-        (dict(data_dir=tmp_path / "nothing"), "no such folder or file"),
+        (dict(data_dir=tmp_path / "nothing"), "no such file or folder"),
         (dict(task="super_resolution", scale_factor=3), "scale_factor 3 does not divide the image size 16 x 16"),
         (dict(task="inpainting", mask_type="circle"), "--mask_type 'circle' is unknown"),
         (dict(task="inpainting", mask_len_range="12,15"), "does not fit an image of 16 pixels"),
@@ -727,3 +727,18 @@ def test_inverse_sample_reads_a_folder_in_the_training_loaders_order(inverse_scr
     ))
     with np.load(path) as data:
         np.testing.assert_array_equal(data["arr_2"], inverse_script.images[[1, 2, 0]])
+
+
+def test_a_configs_relative_path_run_elsewhere_says_where_it_is(inverse_script, tmp_path, monkeypatch, capsys):
+    # The digits16_inverse_* configs name datasets/digits16.npz relative to the repository root.
+    from guided_diffusion.errors import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        inverse_script.module.main(_script_flags(model_path=inverse_script.model, data_dir="datasets/digits16.npz"))
+    err = capsys.readouterr().err
+    assert f"--data_dir 'datasets/digits16.npz': no such file or folder in {tmp_path}; it is relative to the " \
+           f"repository root: run from {REPO_ROOT} or pass an absolute path" in err
+    with pytest.raises(SystemExit):
+        inverse_script.module.main(_script_flags(model_path=inverse_script.model, data_dir="datasets/none.npz"))
+    assert "repository root" not in capsys.readouterr().err

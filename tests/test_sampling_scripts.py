@@ -443,7 +443,7 @@ BAD_IMAGE_SAMPLE_FLAGS = [
     (dict(pag_scale="inf"), "--pag_scale must be a finite number (0 turns PAG off), got inf"),
     (dict(pag_scale="nan"), "--pag_scale must be a finite number (0 turns PAG off), got nan"),
     (dict(model_path=""), "--model_path is required: pass the diffusion model checkpoint"),
-    (dict(model_path="no/such/model.pt"), "--model_path 'no/such/model.pt': no such file"),
+    (dict(model_path="no/such/model.pt"), "--model_path 'no/such/model.pt' (the diffusion model checkpoint, a .pt file): no such file or folder in "),
     (dict(timestep_respacing="ddim60", use_ddim=True), "--timestep_respacing 'ddim60' does not fit --diffusion_steps 100"),
     (dict(timestep_respacing="fast"), "--timestep_respacing 'fast' is malformed"),
     (dict(timestep_respacing="200"), "cannot divide section of 100 steps into 200"),
@@ -576,7 +576,7 @@ def test_classifier_sample_with_pag_and_classifier_guidance(classifier_sample, c
     [
         (dict(classifier_path=""), "--classifier_scale 1.0 needs a classifier: pass its checkpoint with --classifier_path"),
         (dict(classifier_scale="inf"), "--classifier_scale must be a finite number, got inf"),
-        (dict(classifier_path="nothing.pt"), "--classifier_path 'nothing.pt': no such file"),
+        (dict(classifier_path="nothing.pt"), "--classifier_path 'nothing.pt' (the classifier checkpoint, a .pt file): no such file"),
     ],
 )
 def test_classifier_sample_rejects_bad_flags(classifier_sample, ckpt, tmp_path, capsys, bad, message):
