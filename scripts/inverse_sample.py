@@ -100,6 +100,8 @@ def load_images(args):
 
 
 def load_array_file(path, flag):
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path!r}: {not_found(path)}")
     if path.endswith(".npy"):

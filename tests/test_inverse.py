@@ -682,6 +682,7 @@ def _bad_inputs(tmp_path, inverse_script):
     return [
         (dict(task="deblur"), "--task 'deblur' is unknown; choose one of gaussian_blur, motion_blur, super_resolution"),
         (dict(task="inpainting", mask_path=tmp_path / "mask8.npy"), "is 8x8 but the images are 16x16"),
+        (dict(task="inpainting", mask_path=tmp_path / "empty"), "--mask_path '%s' is a folder, not a file" % (tmp_path / "empty")),
         (dict(data_dir=tmp_path / "small.npz"), "is 8x8 pixels but the model (--image_size 16) needs 16x16"),
         (dict(data_dir=tmp_path / "empty"), "holds no image files"),
         (dict(data_dir=tmp_path / "nothing"), "no such file or folder"),
