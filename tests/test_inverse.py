@@ -464,6 +464,21 @@ def test_pag_perturbed_branch_has_no_autograd():
     torch.testing.assert_close(g_guided, 3.0 * g_plain, rtol=1e-5, atol=1e-6)
 
 
+def test_plain_and_guided_draws_a_random_perturbation_as_the_guided_call_does():
+    # plain_and_guided runs the perturbed pass first; the plain pass draws nothing, so a seeded call gives the
+    # two-pass guided output of the same seed.
+    guided = PAGGuidedModel(tiny_model(), 2.0, "middle", kind="mask", drop_rate=0.5, batched=False)
+    x, t = random_images(2, 16), torch.tensor([500, 300])
+    torch.manual_seed(3)
+    expected = guided(x, t)
+    torch.manual_seed(3)
+    plain, out = guided.plain_and_guided(x, t)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(plain, guided.model(x, t), rtol=0, atol=0)
+    torch.manual_seed(4)
+    assert (guided.plain_and_guided(x, t)[1] - out).abs().max() > 1e-4  # the mask is drawn, not fixed
+
+
 def test_dps_argument_errors():
     model, diffusion, op = tiny_model(), tiny_diffusion(), make_operator("super_resolution")
     x_T = torch.randn(1, 3, 16, 16)
