@@ -13,6 +13,7 @@ interrupted row resumes where it stopped. See docs/reproduce.md.
 import argparse
 import importlib.util
 import os
+import signal
 import sys
 import time
 
@@ -328,7 +329,14 @@ def main(argv=None):
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_command_line(argv=None):
+    # A SIGTERM (a scheduler ending the job, `kill`) takes the same way out as Ctrl-C: the running sampler is
+    # stopped and the message says how to resume.
+    before = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main(argv)
     except KeyboardInterrupt:
@@ -337,6 +345,8 @@ def run_command_line(argv=None):
             "to resume where it stopped.\n"
         )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

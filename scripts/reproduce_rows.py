@@ -282,14 +282,32 @@ def run_streaming(command):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = b""
-    while True:
-        chunk = proc.stdout.read1(65536)
-        if not chunk:
-            break
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
-        tail = (tail + chunk)[-8192:]
+    try:
+        while True:
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                break
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            tail = (tail + chunk)[-8192:]
+    except BaseException:
+        # Interrupted or terminated on its own (a Ctrl-C reaches the whole process group, but a scheduler's or a
+        # user's `kill` reaches this process only): stop the sampler too, or it would go on writing the row that
+        # the next run resumes.
+        stop_child(proc)
+        raise
     return proc.wait(), tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()
+
+
+def stop_child(proc, grace_s=10):
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # --- the table ------------------------------------------------------------------------------------------------

@@ -475,6 +475,43 @@ def test_ctrl_c_says_how_to_resume(reproduce, monkeypatch, capsys):
     assert "rerun the same command to resume" in capsys.readouterr().err
 
 
+def test_sigterm_takes_the_ctrl_c_way_out(reproduce, monkeypatch, capsys):
+    import signal
+
+    def terminated(argv=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(reproduce, "main", terminated)
+    assert reproduce.run_command_line([]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_interrupted_run_stops_its_sampler(monkeypatch):
+    import subprocess
+
+    import reproduce_rows
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    class Interrupting(io.BytesIO):
+        def write(self, data):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(reproduce_rows.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(Interrupting()))
+    with pytest.raises(KeyboardInterrupt):
+        reproduce_rows.run_streaming([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"])
+    assert started[0].poll() is not None  # stopped, not left running for 60 s
+
+
 def test_seeds_give_mean_and_spread(reproduce, world):
     results = world / "results_seeds"
     status, out, _ = run(reproduce, world, "tiny_plain", "--seeds", "0,1,2", "--results", str(results))
