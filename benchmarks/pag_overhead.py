@@ -8,6 +8,10 @@ Compares, in one run and interleaved so that background load hits every variant 
   batched                PAGGuidedModel(share_prefix=False): one pass on the doubled batch
   batched+shared prefix  PAGGuidedModel(): the stages before the first perturbed block once, then doubled
 
+Beside the measured ratio it prints each variant's floating-point operations relative to the plain call (counted by
+torch.utils.flop_counter on the first warmup call): the ratio a device saturated by the plain call would show. A
+measured ratio far below it means the plain call left the device idle (small batch, or other jobs on the machine).
+
 Example (CPU, a few minutes on two cores):
   python benchmarks/pag_overhead.py --image_size 64 --batch_size 2
 """
@@ -20,6 +24,7 @@ import sys
 import time
 
 import torch as th
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -114,8 +119,14 @@ def main():
         "batched+shared prefix": PAGGuidedModel(model, args.scale, args.layers),
     }
     times = {name: [] for name in variants}
+    flops = {}
     with th.no_grad():
-        for _ in tqdm(range(args.warmup), desc="warmup", disable=not args.warmup):
+        # The first warmup call of each variant also counts its operations (so there is always one warmup call).
+        for name, fn in variants.items():
+            with FlopCounterMode(display=False) as counter:
+                fn(x, t, y=y)
+            flops[name] = counter.get_total_flops()
+        for _ in tqdm(range(args.warmup - 1), desc="warmup", disable=args.warmup <= 1):
             for fn in variants.values():
                 fn(x, t, y=y)
         # Interleaved, so slow phases of the shared machine fall on every variant.
@@ -128,16 +139,17 @@ def main():
         f"ADM-256 class-conditional architecture ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
         f"parameters, random weights), input {args.batch_size}x3x{args.image_size}x{args.image_size}, "
         f"device {device}, threads {th.get_num_threads()}, layers {args.layers}, "
-        f"median of {args.repeats} after {args.warmup} warmup"
+        f"median of {args.repeats} after {max(args.warmup, 1)} warmup"
     )
-    print(f"{'variant':<24}{'median s':>10}{'/ plain':>9}")
+    print(f"{'variant':<24}{'median s':>10}{'/ plain':>9}{'FLOPs / plain':>15}")
     for name, median in medians.items():
-        print(f"{name:<24}{median:>10.3f}{median / medians['plain']:>9.2f}")
+        print(f"{name:<24}{median:>10.3f}{median / medians['plain']:>9.2f}{flops[name] / flops['plain']:>15.2f}")
     if args.output:
         write_json_atomic(
             args.output,
             {"args": vars(args), "flags": flags, "seconds": times, "median_seconds": medians,
-             "ratio_to_plain": {name: m / medians["plain"] for name, m in medians.items()}},
+             "ratio_to_plain": {name: m / medians["plain"] for name, m in medians.items()},
+             "flops": flops, "flops_ratio_to_plain": {name: f / flops["plain"] for name, f in flops.items()}},
         )
 
 
