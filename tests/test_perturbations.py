@@ -553,3 +553,21 @@ def test_digits_kind_and_layer_rows():
         model, _ = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
     layers = [parse_row(name)[1].pag_layers for name in row_names("digits16_layer_*")]
     assert sorted(layers) == sorted(attention_block_names(model))
+
+
+def test_digits_interval_and_ddim_rows():
+    from guided_diffusion.guidance import parse_interval
+
+    early = parse_row("digits16_interval_early")[1]
+    late = parse_row("digits16_interval_late")[1]
+    # The two rows split the 1000 timesteps into disjoint halves, same scale and layer otherwise.
+    lo_e, hi_e = parse_interval(early.pag_interval, early.diffusion_steps, "--pag_interval")
+    lo_l, hi_l = parse_interval(late.pag_interval, late.diffusion_steps, "--pag_interval")
+    assert (lo_l, hi_l, lo_e, hi_e) == (0, 499, 500, 999)
+    for args in (early, late):
+        assert (args.pag_scale, args.pag_layers, args.timestep_respacing) == (2.0, "middle", "100")
+    base = parse_row("digits16_ddim25_baseline")[1]
+    pag = parse_row("digits16_ddim25_pag1")[1]
+    for args in (base, pag):
+        assert (args.timestep_respacing, args.use_ddim) == ("ddim25", True)
+    assert (base.pag_scale, pag.pag_scale, pag.pag_layers) == (0.0, 1.0, "middle")
