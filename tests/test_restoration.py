@@ -195,7 +195,9 @@ def test_restoration_metrics_with_fid(tmp_path):
     assert out["lpips"] is None and out["num_images"] == 12
     fid = R.distribution_metrics(truth, recon, MeanColour())
     same = R.distribution_metrics(truth, truth, MeanColour())
-    assert fid["fid"] > 0 and abs(same["fid"]) < 1e-6
+    # A set against itself is 0 up to the matrix square root's rounding: 12 images give a singular 12x12
+    # covariance (trace about 1e3), and the rounding (seen up to 4e-6) depends on the BLAS thread count.
+    assert fid["fid"] > 1.0 and abs(same["fid"]) < 1e-4
     # KID grows with the distance between the sets: inverted images are much further than noisy ones.
     far = R.distribution_metrics(truth, 255 - truth, MeanColour())
     assert far["kid_mean"] > fid["kid_mean"] and np.isfinite(fid["kid_std"])
