@@ -418,13 +418,18 @@ class Evaluator:
                 )
             log("computing reference batch activations...")
             ref_acts = self.read_activations(ref_batch, use_cache=use_cache, note=add_note)
+            # Stored statistics that do not fit the features stop the run before the samples are embedded.
+            log("computing/reading reference batch statistics...")
+            ref_stats, ref_stats_spatial, ref_sources = self.read_statistics(
+                ref_batch, ref_acts, self.ref_stats, add_note, stored=stored
+            )
         log("computing sample batch activations...")
         sample_acts = self.read_activations(sample_batch)
-        log("computing/reading statistics...")
-        ref_stats, ref_stats_spatial, ref_sources = self.read_statistics(
-            ref_batch, ref_acts, self.ref_stats, add_note, stored=stored
-        )
+        log("computing/reading sample batch statistics...")
         if ref_acts is None:
+            ref_stats, ref_stats_spatial, ref_sources = self.read_statistics(
+                ref_batch, None, self.ref_stats, add_note, stored=stored
+            )
             _check_stats_dim(ref_batch, "mu", ref_stats, sample_acts.pool.shape[1])
             if ref_stats_spatial is not None:
                 if sample_acts.spatial is None:
@@ -623,7 +628,10 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(format_results(results), flush=True)
     if args.json:
-        write_json_atomic(args.json, results)
+        try:
+            write_json_atomic(args.json, results)
+        except OSError as exc:  # checked at the start; only a change since then gets here
+            parser.exit(2, f"{parser.prog}: error: --json {args.json}: {exc.strerror or exc}\n")
     return results
 
 
