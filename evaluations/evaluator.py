@@ -5,12 +5,14 @@ openai/guided-diffusion), in PyTorch.
 
     python evaluations/evaluator.py REF_BATCH.npz SAMPLE_BATCH.npz [--json out.json]
 
-Both batches are npz files with NHWC uint8 images in `arr_0` (other dtypes are refused). When
-the reference batch holds `mu`, `sigma`, `mu_s`, `sigma_s` recorded as computed with the same
-feature network (name and weights digest), those statistics are used for FID and sFID;
-otherwise they are recomputed from its images (precision and recall always need the reference
-images). Reference activations are cached, so each reference batch is embedded once per feature
-network.
+Both batches are npz files with NHWC uint8 images in `arr_0` (other dtypes are refused). FID and
+sFID use the statistics `mu`, `sigma`, `mu_s`, `sigma_s` stored in the reference batch, as ADM
+does, when they belong to the feature network: recorded as computed with it (name and weights
+digest, as make_reference_batch.py writes them), or recording no network, as ADM's own reference
+batches, and the network is the FID Inception. Otherwise they are computed from the batch's
+images. --ref_stats stored insists on the stored ones, --ref_stats images always recomputes;
+the output names which were used. Precision and recall always need the reference images.
+Reference activations are cached, so each reference batch is embedded once per feature network.
 """
 
 import argparse
@@ -36,9 +38,11 @@ from evaluations.feature_nets import (
     load_cli_feature_net,
     net_channels,
     net_identity,
+    net_is_fid_inception,
     net_logits,
 )
-from evaluations.frechet import FIDStatistics, compute_statistics
+from evaluations.file_digest import file_digest
+from evaluations.frechet import FIDStatistics, compute_statistics, singular_covariance_warning
 from evaluations.inception_score import inception_score
 from evaluations.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
 from evaluations.npz_io import (
@@ -48,11 +52,18 @@ from evaluations.npz_io import (
     NpzWriter,
     read_stats,
 )
+from evaluations.output_paths import check_output_file
 from evaluations.precision_recall import ManifoldEstimator
 
 NHOOD_SIZE = 3
 CACHE_ENV = "PAG_ADM_CACHE_DIR"
-CACHE_VERSION = 2  # 2: keyed on the network's weights digest too
+CACHE_VERSION = 3  # 2: keyed on the network's weights digest too; 3: on the batch's content digest
+# Where FID/sFID statistics of the reference batch come from (--ref_stats): "auto" uses the stored ones when they
+# belong to the feature network, "stored" requires them, "images" always computes them from the images.
+REF_STATS_MODES = ("auto", "stored", "images")
+# Bumped whenever the figures for the same inputs change meaning, so callers that cache results (reproduce.py)
+# redo them. 2: ADM's stored reference statistics are used by default.
+SCORING_VERSION = 2
 
 
 def default_cache_dir():
@@ -74,25 +85,27 @@ class Activations:
 
 class ActivationCache:
     """
-    Activations stored per (batch file, feature network). A batch file is identified by its
-    absolute path, size and modification time, so a rewritten file is embedded again; the
-    network by its name and weights digest, so a retrained network of the same name is too.
+    Activations stored per (batch content, feature network). A batch file is identified by the
+    SHA-256 of its bytes (evaluations.file_digest, remembered per path, size, mtime and ctime so a
+    batch is hashed once), so a file replaced by other images is embedded again whatever its
+    size and modification time; the network by its name and weights digest, so a retrained
+    network of the same name is too.
     """
 
     def __init__(self, directory):
-        self.directory = directory
+        self.directory = str(directory)
+
+    def content_digest(self, npz_path):
+        return file_digest(npz_path, memo_dir=os.path.join(self.directory, "digests"))
 
     def path_for(self, npz_path, identity):
         """
         :param identity: the network's (name, weights digest), as net_identity gives it.
         """
-        st = os.stat(npz_path)
         name, weights = identity
         ident = json.dumps(
             {
-                "path": os.path.abspath(npz_path),
-                "size": st.st_size,
-                "mtime_ns": st.st_mtime_ns,
+                "content": self.content_digest(npz_path),
                 "net": name,
                 "weights": weights,
                 "version": CACHE_VERSION,
@@ -100,8 +113,8 @@ class ActivationCache:
             sort_keys=True,
         )
         digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
-        stem = os.path.splitext(os.path.basename(npz_path))[0]
-        return os.path.join(self.directory, f"{stem}-{digest}.npz")
+        # Named by content only, so the same batch under another name or folder shares the entry.
+        return os.path.join(self.directory, f"activations-{digest}.npz")
 
     def load(self, npz_path, identity):
         path = self.path_for(npz_path, identity)
@@ -171,22 +184,23 @@ class Evaluator:
         row_batch_size=10000,
         col_batch_size=10000,
         split_size=5000,
-        use_stored_stats=False,
+        ref_stats="auto",
         kid_subsets=KID_SUBSETS,
         kid_subset_size=KID_SUBSET_SIZE,
     ):
         """
-        :param use_stored_stats: use mu/sigma stored in a batch that does not record the feature
-            network they came from (ADM's own reference batches, whose statistics come from the
-            TensorFlow graph). Statistics recorded for another network are never used.
+        :param ref_stats: where the reference batch's FID/sFID statistics come from, one of
+            REF_STATS_MODES (see stats_source). "images" recomputes a sample batch's too.
         """
+        if ref_stats not in REF_STATS_MODES:
+            raise ValueError(f"ref_stats must be one of {', '.join(REF_STATS_MODES)}, got {ref_stats!r}")
         self.net = feature_net
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.cache = ActivationCache(cache_dir) if cache_dir else None
         self.progress = progress
         self.split_size = split_size
-        self.use_stored_stats = use_stored_stats
+        self.ref_stats = ref_stats
         self.kid_subsets = kid_subsets
         self.kid_subset_size = kid_subset_size
         self.manifold_estimator = ManifoldEstimator(
@@ -218,7 +232,7 @@ class Evaluator:
             )
         return reader
 
-    def read_activations(self, npz_path, use_cache=False):
+    def read_activations(self, npz_path, use_cache=False, note=_print_note):
         with self.open_batch(npz_path) as reader:
             if use_cache and self.cache is not None:
                 acts = self.cache.load(npz_path, self.identity)
@@ -230,7 +244,14 @@ class Evaluator:
             finally:
                 batches.close()  # stop the reading thread before the file closes
         if use_cache and self.cache is not None:
-            self.cache.save(npz_path, self.identity, acts)
+            try:
+                self.cache.save(npz_path, self.identity, acts)
+            except OSError as exc:
+                # The work is done; an unwritable cache only costs the next run the embedding.
+                note(
+                    f"note: cannot write the activation cache in {self.cache.directory} "
+                    f"({exc.strerror or type(exc).__name__}); continuing without it"
+                )
         return acts
 
     def compute_activations(self, batches, total=None):
@@ -246,73 +267,99 @@ class Evaluator:
         spatial = None if spatials[0] is None else np.concatenate(spatials, axis=0)
         return Activations(np.concatenate(pools, axis=0), spatial)
 
-    def stored_stats_verdict(self, npz_path, stored):
+    def stored_stats_refusal(self, npz_path, stored):
         """
-        Whether the statistics stored in a batch may be used with this feature network:
-        (True, None) to use them, (False, reason) when they must not be (reason says why), and
-        (False, None) when there are none.
+        None when the statistics stored in a batch belong to this feature network, else why not: they
+        record another network (name or weights), or they record none, which marks ADM's reference
+        batches, whose statistics are the FID Inception's, and this network is not that one.
         """
-        if "mu" not in stored or "sigma" not in stored:
-            return False, None
         name, weights = self.identity
         stored_name = stored.get("stats_feature_net")
         stored_weights = stored.get("stats_feature_weights")
         if stored_name is None and stored_weights is None:
-            if self.use_stored_stats:
-                return True, None
-            return False, (
-                f"{npz_path}: its statistics (mu, sigma) do not record the feature network they "
-                f"came from (it may not be {name!r})"
+            if net_is_fid_inception(self.net):
+                return None
+            return (
+                f"{npz_path}: its statistics (mu, sigma) record no feature network, so they are "
+                f"taken to be the FID Inception's (as in ADM's reference batches), not {name!r}'s"
             )
         if stored_name == name and stored_weights == weights:
-            return True, None
-        return False, (
+            return None
+        return (
             f"{npz_path}: its statistics were computed with feature network {stored_name!r} "
             f"(weights {stored_weights}), not {name!r} (weights {weights})"
         )
 
-    def read_statistics(self, npz_path, acts, note=_print_note):
+    def stats_source(self, npz_path, stored, mode):
         """
-        (pool statistics, spatial statistics or None). Statistics stored in the npz take
-        precedence, as in ADM, when they were computed with this feature network (see
-        stored_stats_verdict); otherwise they are computed from the activations and `note` says so.
+        Where a batch's FID/sFID statistics come from under `mode` (REF_STATS_MODES):
+        ("stored", None) for those stored in it, ("images", reason) to compute them from its images,
+        with `reason` saying why stored ones are passed over (None when there are none, or under
+        "images"). A request that cannot be met (stored statistics that are absent or not this
+        network's under "stored", no images to compute from) is one BatchFormatError.
         """
-        stored = read_stats(npz_path)
-        use, reason = self.stored_stats_verdict(npz_path, stored)
+        has_images = stored["has_images"]
+        no_images = f"it holds no '{IMAGE_KEY}' images to compute them from"
+        if mode == "images":
+            if not has_images:
+                raise BatchFormatError(f"{npz_path}: --ref_stats images, but {no_images}")
+            return "images", None
+        if "mu" not in stored or "sigma" not in stored:
+            if mode == "stored":
+                raise BatchFormatError(
+                    f"{npz_path}: --ref_stats stored, but it holds no statistics (mu, sigma); "
+                    "leave --ref_stats at auto to compute them from its images"
+                )
+            if not has_images:
+                raise BatchFormatError(f"{npz_path}: no '{IMAGE_KEY}' images and no statistics (mu, sigma) to use")
+            return "images", None
+        reason = self.stored_stats_refusal(npz_path, stored)
+        if reason is None:
+            return "stored", None
+        if mode == "stored":
+            raise BatchFormatError(f"--ref_stats stored: {reason}; they are not used with it")
+        if not has_images:
+            raise BatchFormatError(f"{reason}, and {no_images}")
+        return "images", reason
+
+    def read_statistics(self, npz_path, acts, mode="auto", note=_print_note, stored=None):
+        """
+        (pool statistics, spatial statistics or None, {"pool": source, "spatial": source or None})
+        where a source is "stored" or "images" (see stats_source). `acts` may be None for a batch
+        of statistics only; `note` gets notes and warnings.
+        """
+        stored = read_stats(npz_path) if stored is None else stored
+        source, reason = self.stats_source(npz_path, stored, mode)
         if reason is not None:
             note(f"note: {reason}; recomputed them from its {len(acts)} images")
-        if use:
+        if source == "stored":
             pool_stats = FIDStatistics(stored["mu"], stored["sigma"])
-            _check_stats_dim(npz_path, "mu", pool_stats, acts.pool.shape[1])
+            if acts is not None:
+                _check_stats_dim(npz_path, "mu", pool_stats, acts.pool.shape[1])
         else:
-            pool_stats = compute_statistics(acts.pool)
-        spatial_stats = None
-        if use and "mu_s" in stored and "sigma_s" in stored and acts.spatial is not None:
-            spatial_stats = FIDStatistics(stored["mu_s"], stored["sigma_s"])
-            _check_stats_dim(npz_path, "mu_s", spatial_stats, acts.spatial.shape[1])
-        elif acts.spatial is not None:
-            spatial_stats = compute_statistics(acts.spatial)
-        return pool_stats, spatial_stats
-
-    def check_stats_only_reference(self, npz_path, stored):
-        """A reference batch without images is usable only when its statistics are this network's."""
-        use, reason = self.stored_stats_verdict(npz_path, stored)
-        if not use:
-            if reason is None:
-                raise BatchFormatError(
-                    f"{npz_path}: no '{IMAGE_KEY}' images and no statistics (mu, sigma) to use"
+            pool_stats = self._computed(npz_path, acts.pool, "FID", note)
+        spatial_stats, spatial_source = None, None
+        has_spatial = acts is None or acts.spatial is not None
+        if source == "stored" and "mu_s" in stored and "sigma_s" in stored and has_spatial:
+            spatial_stats, spatial_source = FIDStatistics(stored["mu_s"], stored["sigma_s"]), "stored"
+            if acts is not None:
+                _check_stats_dim(npz_path, "mu_s", spatial_stats, acts.spatial.shape[1])
+        elif acts is not None and acts.spatial is not None:
+            if source == "stored":
+                note(
+                    f"note: {npz_path} stores mu and sigma but no mu_s, sigma_s: sFID uses "
+                    f"statistics of its {len(acts)} images"
                 )
-            raise BatchFormatError(f"{reason}, and it holds no '{IMAGE_KEY}' images to recompute them from")
+            spatial_stats = self._computed(npz_path, acts.spatial, "sFID", note)
+            spatial_source = "images"
+        return pool_stats, spatial_stats, {"pool": source, "spatial": spatial_source}
 
-    def read_stored_statistics_only(self, npz_path, stored, dims):
-        self.check_stats_only_reference(npz_path, stored)
-        pool_stats = FIDStatistics(stored["mu"], stored["sigma"])
-        _check_stats_dim(npz_path, "mu", pool_stats, dims[0])
-        spatial_stats = None
-        if "mu_s" in stored and "sigma_s" in stored and dims[1] is not None:
-            spatial_stats = FIDStatistics(stored["mu_s"], stored["sigma_s"])
-            _check_stats_dim(npz_path, "mu_s", spatial_stats, dims[1])
-        return pool_stats, spatial_stats
+    @staticmethod
+    def _computed(npz_path, features, metric, note):
+        warning = singular_covariance_warning(len(features), features.shape[1], f"{npz_path} ({metric})")
+        if warning is not None:
+            note(warning)
+        return compute_statistics(features)
 
     @torch.no_grad()
     def compute_logits(self, pool, batch_size=512):
@@ -349,10 +396,15 @@ class Evaluator:
             notes.append(msg)
             note(msg)
 
-        # Fail on a malformed sample batch before spending time on the reference batch.
+        # Fail on a malformed sample batch, or a statistics request that cannot be met, before
+        # spending time on the reference batch.
         with self.open_batch(sample_batch) as reader:
             sample_shape = reader.shape
         stored = read_stats(ref_batch)
+        self.stats_source(ref_batch, stored, self.ref_stats)
+        sample_mode = "images" if self.ref_stats == "images" else "auto"
+        sample_stored = read_stats(sample_batch)
+        self.stats_source(sample_batch, sample_stored, sample_mode)
         ref_acts = None
         if stored["has_images"]:
             with self.open_batch(ref_batch) as reader:
@@ -365,23 +417,33 @@ class Evaluator:
                     "ImageNet-256 references)"
                 )
             log("computing reference batch activations...")
-            ref_acts = self.read_activations(ref_batch, use_cache=use_cache)
-        else:
-            self.check_stats_only_reference(ref_batch, stored)
+            ref_acts = self.read_activations(ref_batch, use_cache=use_cache, note=add_note)
+            # Stored statistics that do not fit the features stop the run before the samples are embedded.
+            log("computing/reading reference batch statistics...")
+            ref_stats, ref_stats_spatial, ref_sources = self.read_statistics(
+                ref_batch, ref_acts, self.ref_stats, add_note, stored=stored
+            )
         log("computing sample batch activations...")
         sample_acts = self.read_activations(sample_batch)
-        log("computing/reading statistics...")
-        if ref_acts is not None:
-            if ref_acts.pool.shape[1] != sample_acts.pool.shape[1]:
-                raise ValueError("reference and sample features have different dimensions")
-            ref_stats, ref_stats_spatial = self.read_statistics(ref_batch, ref_acts, add_note)
-        else:
-            dims = (sample_acts.pool.shape[1], None if sample_acts.spatial is None else sample_acts.spatial.shape[1])
-            ref_stats, ref_stats_spatial = self.read_stored_statistics_only(ref_batch, stored, dims)
+        log("computing/reading sample batch statistics...")
+        if ref_acts is None:
+            ref_stats, ref_stats_spatial, ref_sources = self.read_statistics(
+                ref_batch, None, self.ref_stats, add_note, stored=stored
+            )
+            _check_stats_dim(ref_batch, "mu", ref_stats, sample_acts.pool.shape[1])
+            if ref_stats_spatial is not None:
+                if sample_acts.spatial is None:
+                    ref_stats_spatial, ref_sources["spatial"] = None, None
+                else:
+                    _check_stats_dim(ref_batch, "mu_s", ref_stats_spatial, sample_acts.spatial.shape[1])
             add_note(
                 f"note: {ref_batch} holds statistics but no images: precision and recall are n/a"
             )
-        sample_stats, sample_stats_spatial = self.read_statistics(sample_batch, sample_acts, add_note)
+        elif ref_acts.pool.shape[1] != sample_acts.pool.shape[1]:
+            raise ValueError("reference and sample features have different dimensions")
+        sample_stats, sample_stats_spatial, sample_sources = self.read_statistics(
+            sample_batch, sample_acts, sample_mode, add_note, stored=sample_stored
+        )
 
         log("computing evaluations...")
         results = {
@@ -406,6 +468,8 @@ class Evaluator:
                 subset_size=self.kid_subset_size,
                 device=self.device,
             )
+        if results["sfid"] is None:
+            ref_sources["spatial"] = sample_sources["spatial"] = None
         name, weights = self.identity
         results.update(
             ref_batch=os.path.abspath(ref_batch),
@@ -414,17 +478,47 @@ class Evaluator:
             num_samples=len(sample_acts),
             feature_net=name,
             feature_net_weights=weights,
+            ref_stats=ref_sources["pool"],
+            ref_stats_spatial=ref_sources["spatial"],
+            sample_stats=sample_sources["pool"],
+            sample_stats_spatial=sample_sources["spatial"],
+            scoring_version=SCORING_VERSION,
             notes=notes,
         )
+        log(describe_statistics(results))
         return results
 
 
 def _check_stats_dim(npz_path, key, stats, dim):
     if np.shape(stats.mu) != (dim,) or np.shape(stats.sigma) != (dim, dim):
+        sigma_key = "sigma" if key == "mu" else "sigma_s"
         raise BatchFormatError(
-            f"{npz_path}: stored statistics '{key}' have shape {np.shape(stats.mu)} but the "
-            f"feature network gives {dim}-d features; they were computed with another network"
+            f"{npz_path}: stored statistics '{key}', '{sigma_key}' have shapes {np.shape(stats.mu)}, "
+            f"{np.shape(stats.sigma)} but the feature network gives {dim}-d features; they were "
+            "computed with another network (--ref_stats images recomputes them from the images)"
         )
+
+
+def describe_statistics(results):
+    """One line naming the statistics FID and sFID were computed against."""
+
+    def part(label, pool, spatial, count):
+        from_images = f"computed from its {count} images" if count is not None else "computed from its images"
+        if pool == "stored" and spatial in ("stored", None):
+            keys = "mu, sigma, mu_s, sigma_s" if spatial == "stored" else "mu, sigma"
+            return f"{label} stored in the batch ({keys})"
+        if pool == "stored":
+            return f"{label} stored in the batch for FID (mu, sigma), sFID's {from_images}"
+        return f"{label} {from_images}"
+
+    line = "Statistics: " + part(
+        "reference", results["ref_stats"], results["ref_stats_spatial"], results["num_ref"]
+    )
+    if results["sample_stats"] == "stored":
+        line += "; " + part(
+            "samples", results["sample_stats"], results["sample_stats_spatial"], results["num_samples"]
+        )
+    return line
 
 
 RESULT_LINES = (
@@ -445,6 +539,8 @@ def format_results(results):
         lines.append("KID: n/a")
     else:
         lines.append(f"KID: {results['kid_mean']} ± {results['kid_std']}")
+    if "ref_stats" in results:
+        lines.append(describe_statistics(results))
     return "\n".join(lines)
 
 
@@ -483,12 +579,23 @@ def create_argparser():
         help="CUDA only: let the Inception network use TF32 and float16, which is faster but "
         "moves the figures (see evaluations/README.md); the default is float32 with TF32 off",
     )
-    parser.add_argument(
+    stats = parser.add_mutually_exclusive_group()
+    stats.add_argument(
+        "--ref_stats",
+        choices=REF_STATS_MODES,
+        default="auto",
+        help="the reference batch's FID/sFID statistics: auto (default) uses mu/sigma/mu_s/sigma_s "
+        "stored in it when they belong to the feature network (recorded for it, or recording "
+        "none, as ADM's reference batches, with the FID Inception), else computes them from its "
+        "images; stored requires the stored ones (an error when they are absent or another "
+        "network's); images always computes them from the images (a sample batch's too)",
+    )
+    stats.add_argument(
         "--use_stored_stats",
-        action="store_true",
-        help="use mu/sigma stored in a batch that does not record its feature network (ADM's own "
-        "reference batches, whose statistics come from the TensorFlow graph); by default they "
-        "are recomputed from the batch's images",
+        dest="ref_stats",
+        action="store_const",
+        const="stored",
+        help="the same as --ref_stats stored",
     )
     return parser
 
@@ -500,6 +607,8 @@ def main(argv=None):
         parser.error(f"--batch_size must be positive, got {args.batch_size}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
+        if args.json:
+            check_output_file(args.json, f"--json {args.json}")
         device = resolve_device(args.device)
         net = load_cli_feature_net(
             args.feature_net, device, args.inception_path, fast_gpu=args.fast_gpu
@@ -509,7 +618,7 @@ def main(argv=None):
             device=device,
             batch_size=args.batch_size,
             cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
-            use_stored_stats=args.use_stored_stats,
+            ref_stats=args.ref_stats,
         )
         results = evaluator.evaluate(
             args.ref_batch, args.sample_batch, use_cache=not args.no_cache, log=log
@@ -519,7 +628,10 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(format_results(results), flush=True)
     if args.json:
-        write_json_atomic(args.json, results)
+        try:
+            write_json_atomic(args.json, results)
+        except OSError as exc:  # checked at the start; only a change since then gets here
+            parser.exit(2, f"{parser.prog}: error: --json {args.json}: {exc.strerror or exc}\n")
     return results
 
 

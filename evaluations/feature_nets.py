@@ -15,6 +15,8 @@ conventions, TorchScript included):
   a digest of the weights (net_identity), so retrained weights under the same name are noticed.
 - weights_digest(), optional: that digest, when hashing state_dict() is wrong or slow.
 - input_channels, optional: tuple of accepted channel counts (None accepts any).
+- fid_inception, set only by evaluations.inception's network: statistics that record no network (ADM's reference
+  batches) are used with it and with no other network.
 
 load_feature_net() resolves the --feature_net spec of the command-line tools:
   inception              the FID Inception-v3 (weights from --inception_path and friends)
@@ -86,6 +88,15 @@ def net_identity(net):
     whose identity is the same, so two networks of the same feature dimension cannot be mixed.
     """
     return net_name(net), net_weights_digest(net)
+
+
+def net_is_fid_inception(net):
+    """
+    Whether the network computes the FID Inception's features (evaluations.inception, any weights or mode).
+    Reference statistics that record no feature network, as ADM's own reference batches, are taken to be
+    that network's and are used only with it.
+    """
+    return getattr(net, "fid_inception", False) is True
 
 
 def net_channels(net):

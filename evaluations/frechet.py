@@ -36,6 +36,21 @@ def compute_statistics(features):
     return FIDStatistics(mu, sigma)
 
 
+def singular_covariance_warning(num, dim, what):
+    """
+    A one-line warning when `num` feature vectors of `dim` dimensions give a singular covariance (its rank is at
+    most num - 1), else None. Such a Fréchet distance is mostly the estimator's bias: it falls steeply with more
+    images and is not comparable with figures from larger batches (ADM's use 50,000 samples, 10,000 references).
+    """
+    if num > dim:
+        return None
+    return (
+        f"warning: {what}: {num} images for {dim}-d features, so the covariance is singular (rank at most "
+        f"{num - 1} < {dim}) and the Fréchet distance is dominated by the estimate; use more images than "
+        "feature dimensions before comparing it with other figures"
+    )
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """
     ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)).

@@ -270,6 +270,8 @@ class InceptionFeatureNet(FeatureNet):
     """
 
     input_channels = (3,)
+    # ADM's reference batches hold statistics of this network's features (see feature_nets.net_is_fid_inception).
+    fid_inception = True
 
     def __init__(self, network, name, fast=True, fast_gpu=False):
         super().__init__()

@@ -36,6 +36,7 @@ from evaluations.feature_nets import (
 )
 from evaluations.frechet import compute_statistics
 from evaluations.npz_io import IMAGE_KEY, BatchFormatError, NpzImageReader, NpzWriter
+from evaluations.output_paths import check_output_file
 # The same crop-and-resize recipe the training data loader uses, so a reference batch matches training data.
 from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files
 
@@ -70,9 +71,18 @@ def _load_image(path, image_size, channels):
         raise BatchFormatError(f"{path}: cannot read image ({exc})") from None
 
 
-def _choose(total, num, seed):
-    """Indices of the images to keep: the first num, or num random ones when seed is given."""
-    if num is None or num >= total:
+def _choose(total, num, seed, source):
+    """
+    Indices of the images to keep: the first num, or num random ones when seed is given. Asking for more images
+    than the source holds is an error, not a smaller batch: a reference of another size moves FID (its bias
+    depends on the count) and precision/recall, and would be compared with figures measured on the full count.
+    """
+    if num is not None and num > total:
+        raise BatchFormatError(
+            f"--num {num}, but {source} holds only {total} images; pass --num {total} or fewer, or leave "
+            "--num out to take them all"
+        )
+    if num is None or num == total:
         return np.arange(total)
     if seed is None:
         return np.arange(num)
@@ -165,6 +175,9 @@ def make_reference_batch(
     Write a reference batch to out_path; with a feature_net, also its FID statistics.
     Returns a dict with the number of images and the statistics written.
     """
+    if num is not None and num < 1:
+        raise ValueError(f"--num must be positive, got {num}")
+    check_output_file(out_path, f"output {out_path}")
     if feature_net is not None:
         allowed = net_channels(feature_net)
         if allowed is not None and channels not in allowed:
@@ -173,7 +186,7 @@ def make_reference_batch(
             )
     src = open_source(source, key=key, image_size=image_size, channels=channels)
     try:
-        indices = _choose(src.total, num, seed)
+        indices = _choose(src.total, num, seed, source)
         if feature_net is not None and len(indices) < 2:
             raise BatchFormatError(f"{source}: need at least 2 images for statistics")
         pools, spatials = [], []
@@ -244,6 +257,8 @@ def main(argv=None):
     if os.path.isdir(args.source) and args.image_size is None:
         parser.error("--image_size is required for a folder of images")
     try:
+        # Before the network loads and any image is read: an output that cannot be written is found now.
+        check_output_file(args.out, f"output {args.out}")
         device = resolve_device(args.device)
         net = None
         if not args.no_stats:

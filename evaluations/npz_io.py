@@ -235,13 +235,25 @@ class NpzWriter:
         return _ArrayStream(self._zip, name, tuple(shape), np.dtype(dtype))
 
     def close(self):
-        self._zip.close()
-        os.replace(self._tmp_path, self.path)
+        try:
+            self._zip.close()
+            os.replace(self._tmp_path, self.path)
+        except BaseException:
+            # A target that cannot be replaced (a folder, a read-only place) leaves no temporary file behind.
+            self._remove_tmp()
+            raise
+
+    def _remove_tmp(self):
+        try:
+            os.remove(self._tmp_path)
+        except FileNotFoundError:
+            pass
 
     def abort(self):
-        self._zip.close()
-        if os.path.exists(self._tmp_path):
-            os.remove(self._tmp_path)
+        try:
+            self._zip.close()
+        finally:
+            self._remove_tmp()
 
     def __enter__(self):
         return self

@@ -262,13 +262,15 @@ def lpips_distance(model, truth, test, batch_size=16):
 # --- the whole set ----------------------------------------------------------------------------------------------
 
 
-def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", batch_size=64):
+def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", batch_size=64, note=None):
     """
     FID and KID (mean and std over subsets, evaluations/kid.py) of the reconstructions against the ground-truth
     set, with our evaluator's feature network (evaluations.feature_nets.load_feature_net). NHWC uint8 inputs.
+    Warnings (a set with no more images than feature dimensions, whose covariance is singular) go to `note`
+    (default: stderr) and are returned under "notes".
     """
-    from .evaluator import Evaluator
-    from .frechet import compute_statistics
+    from .evaluator import Evaluator, _print_note
+    from .frechet import compute_statistics, singular_covariance_warning
 
     truth_uint8, recon_uint8 = np.asarray(truth_uint8), np.asarray(recon_uint8)
     for name, arr in (("ground truth", truth_uint8), ("reconstructions", recon_uint8)):
@@ -281,10 +283,17 @@ def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", ba
     from .kid import kernel_inception_distance
 
     kid_mean, kid_std = kernel_inception_distance(ref, rec, device=device)
+    notes = []
+    for what, features in (("ground truth (FID)", ref), ("reconstructions (FID)", rec)):
+        warning = singular_covariance_warning(len(features), features.shape[1], what)
+        if warning is not None:
+            notes.append(warning)
+            (note or _print_note)(warning)
     return {
         "fid": float(compute_statistics(rec).frechet_distance(compute_statistics(ref))),
         "kid_mean": kid_mean,
         "kid_std": kid_std,
+        "notes": notes,
     }
 
 

@@ -218,6 +218,7 @@ def run_one(row, opts, extra, subfolder=""):
     checkpoints = [f for f in CHECKPOINT_FLAGS if getattr(args, f, "")]
     sampling = run_record(row.script[:-3], args, checkpoint_flags=checkpoints)
     key = {"sampling": sampling, "ref_batch": file_identity(ref_batch) if ref_batch else None, "feature_net": spec}
+    key["scoring"] = scoring_version()  # figures from an older way of scoring (other statistics) are redone
     metrics_path = os.path.join(out_dir, "metrics.json")
     old = read_json(metrics_path)
     if old and old.get("key") == key:
@@ -239,6 +240,7 @@ def run_one(row, opts, extra, subfolder=""):
         "ref_batch": ref_batch,
         "feature_net": spec,
         "metrics": {k: results.get(k) for k, _, _ in row.metrics},
+        "ref_stats": results.get("ref_stats"),
         "published": row.published or None,
         "source": row.source or None,
         "timing": {
@@ -251,6 +253,12 @@ def run_one(row, opts, extra, subfolder=""):
     write_json_atomic(metrics_path, record)
     log("  " + ", ".join(f"{label} {results.get(k)}" for k, label, _ in row.metrics))
     return args, record, "done"
+
+
+def scoring_version():
+    from evaluations.evaluator import SCORING_VERSION
+
+    return SCORING_VERSION
 
 
 def evaluate_row(row, net, opts, ref_batch, sample_batch, spec):

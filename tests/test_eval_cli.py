@@ -104,7 +104,8 @@ def test_evaluator_cli_prints_adm_lines_and_writes_json(tmp_path, tiny_spec, cap
     evaluator_cli.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
     labels = [line.split(": ")[0] for line in lines]
-    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall", "KID"]
+    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall", "KID", "Statistics"]
+    assert lines[6] == "Statistics: reference computed from its 40 images"
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     expected = _direct_results(load_feature_net(tiny_spec), ref, sample)
@@ -114,6 +115,7 @@ def test_evaluator_cli_prints_adm_lines_and_writes_json(tmp_path, tiny_spec, cap
     assert lines[5] == f"KID: {results['kid_mean']} ± {results['kid_std']}"
     assert (results["num_ref"], results["num_samples"]) == (40, 27)
     assert results["feature_net"] == "tiny-test-net"
+    assert (results["ref_stats"], results["ref_stats_spatial"]) == ("images", "images")
     assert results["fid"] > 0.01 and 0 < results["precision"] <= 1
 
 
@@ -134,11 +136,14 @@ def test_reference_statistics_of_the_same_network_are_used(tmp_path, tiny_spec):
         tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
     )
     assert results["fid"] == pytest.approx(_fid_against(net, sample, mu, sigma), rel=1e-6)
-    assert results["notes"] == []
+    assert (results["ref_stats"], results["ref_stats_spatial"]) == ("stored", "images")
+    assert len(results["notes"]) == 1
+    assert results["notes"][0].endswith("ref.npz stores mu and sigma but no mu_s, sigma_s: sFID uses statistics of its 20 images")
 
     np.savez(tmp_path / "ref.npz", ref, mu=np.zeros(5), sigma=np.eye(5), stats_feature_net=name,
              stats_feature_weights=weights)
-    with pytest.raises(ValueError, match="stored statistics 'mu' have shape \\(5,\\) but the feature network gives 12-d"):
+    with pytest.raises(ValueError, match="stored statistics 'mu', 'sigma' have shapes \\(5,\\), \\(5, 5\\) but the "
+                       "feature network gives 12-d features"):
         Evaluator(net, progress=False).evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz")
 
 
@@ -155,13 +160,16 @@ def test_reference_statistics_without_identity_are_recomputed(tmp_path, tiny_spe
     expected = _fid_against(net, sample, ref_pool.mean(0), np.cov(ref_pool, rowvar=False))
     assert results["fid"] == pytest.approx(expected, rel=1e-6)
     err = capsys.readouterr().err
-    assert "do not record the feature network" in err and "recomputed them from its 20 images" in err
-    assert len(results["notes"]) == 1
+    assert "record no feature network, so they are taken to be the FID Inception's" in err
+    assert "not 'tiny-test-net''s; recomputed them from its 20 images" in err
+    assert len(results["notes"]) == 1 and results["ref_stats"] == "images"
 
-    # ADM's own reference batches: statistics from the TensorFlow graph, no identity recorded.
-    trusting = Evaluator(net, progress=False, use_stored_stats=True)
-    results = trusting.evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False)
-    assert results["fid"] == pytest.approx(_fid_against(net, sample, mu, sigma), rel=1e-6)
+    # Insisting on them is one clear error, before any image is embedded.
+    insisting = Evaluator(net, progress=False, ref_stats="stored")
+    with pytest.raises(ValueError, match="--ref_stats stored: .*ref.npz: its statistics .* record no feature "
+                       "network, so they are taken to be the FID Inception's .*; they are not used with it"):
+        insisting.evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False)
+    assert insisting.embedded_batches == 0
 
 
 def test_statistics_of_another_network_of_the_same_dimension_are_not_used(tmp_path, tiny_spec, capsys):
@@ -172,7 +180,7 @@ def test_statistics_of_another_network_of_the_same_dimension_are_not_used(tmp_pa
                        "--feature_net", tiny_spec, "--device", "cpu"])
     other = load_feature_net(tiny_spec.replace(":build", ":build_retrained"))
     assert net_name(other) == "tiny-test-net"
-    results = Evaluator(other, progress=False, use_stored_stats=True).evaluate(
+    results = Evaluator(other, progress=False).evaluate(
         tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
     )
     ref_pool = other(torch.from_numpy(ref).float())[0].numpy()
@@ -183,6 +191,8 @@ def test_statistics_of_another_network_of_the_same_dimension_are_not_used(tmp_pa
     assert own_weights != other_weights
     err = capsys.readouterr().err
     assert f"computed with feature network 'tiny-test-net' (weights {own_weights}), not 'tiny-test-net' (weights {other_weights}); recomputed" in err
+    with pytest.raises(ValueError, match="--ref_stats stored: .* computed with feature network 'tiny-test-net'"):
+        Evaluator(other, progress=False, ref_stats="stored").evaluate(tmp_path / "ref.npz", tmp_path / "sample.npz")
 
     # Statistics only (no images to recompute from): refused in one line, exit status 2.
     with np.load(tmp_path / "ref.npz") as obj:
@@ -192,7 +202,7 @@ def test_statistics_of_another_network_of_the_same_dimension_are_not_used(tmp_pa
         evaluator_cli.main(argv + ["--feature_net", tiny_spec.replace(":build", ":build_retrained")])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds no 'arr_0' images to recompute them from" in err
+    assert err.count("\n") == 1 and "holds no 'arr_0' images to compute them from" in err
     # With the network they came from, FID and sFID come from them; precision/recall are n/a.
     results = evaluator_cli.main(argv + ["--feature_net", tiny_spec])
     direct = _direct_results(load_feature_net(tiny_spec), ref, sample)
@@ -204,8 +214,8 @@ def test_statistics_of_another_network_of_the_same_dimension_are_not_used(tmp_pa
 
 
 def test_reference_of_another_image_size_gives_a_warning(tmp_path, tiny_spec, capsys):
-    np.savez(tmp_path / "ref.npz", _images(10, 32, seed=3))
-    np.savez(tmp_path / "sample.npz", _images(10, 16, seed=4))
+    np.savez(tmp_path / "ref.npz", _images(16, 32, seed=3))
+    np.savez(tmp_path / "sample.npz", _images(16, 16, seed=4))
     results = Evaluator(load_feature_net(tiny_spec), progress=False).evaluate(
         tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
     )
@@ -214,7 +224,7 @@ def test_reference_of_another_image_size_gives_a_warning(tmp_path, tiny_spec, ca
     assert len(warnings) == 1 and "reference images are 32x32 but samples are 16x16" in warnings[0]
     assert results["notes"] == warnings
 
-    np.savez(tmp_path / "ref.npz", _images(10, 16, seed=3))
+    np.savez(tmp_path / "ref.npz", _images(16, 16, seed=3))
     Evaluator(load_feature_net(tiny_spec), progress=False).evaluate(
         tmp_path / "ref.npz", tmp_path / "sample.npz", use_cache=False
     )

@@ -201,3 +201,19 @@ def test_restoration_metrics_with_fid(tmp_path):
     # KID grows with the distance between the sets: inverted images are much further than noisy ones.
     far = R.distribution_metrics(truth, 255 - truth, MeanColour())
     assert far["kid_mean"] > fid["kid_mean"] and np.isfinite(fid["kid_std"])
+
+
+def test_restoration_fid_from_few_images_warns(capsys):
+    class Flat(torch.nn.Module):
+        name = "flat"
+
+        def forward(self, images):
+            return images.flatten(1)[:, :64], None
+
+    rng = np.random.RandomState(1)
+    truth = rng.randint(0, 256, (8, 8, 8, 3)).astype(np.uint8)
+    out = R.distribution_metrics(truth, truth[::-1].copy(), Flat())
+    err = capsys.readouterr().err.splitlines()
+    assert len(out["notes"]) == 2 and err == out["notes"]
+    assert out["notes"][0].startswith("warning: ground truth (FID): 8 images for 64-d features, so the covariance is "
+                                      "singular (rank at most 7 < 64)")
