@@ -105,7 +105,7 @@ def download_part(url, path, progress=None, attempts=3, retry_wait=2.0, timeout=
     for attempt in range(1, attempts + 1):
         state = _read_state(path)
         offset = _size(part)
-        if offset and state.get("url") != url:
+        if offset and state.get("url") not in (None, url):
             log(f"  {os.path.basename(part)} came from another URL: starting over")
             discard_part(path)
             offset, state = 0, {}

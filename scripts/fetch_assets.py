@@ -10,15 +10,16 @@ command that downloads anything, and only the files named.
     python scripts/fetch_assets.py --list
 
 NAME is a file name (see --list), a group (adm64, adm128, adm256, adm512, upsamplers, lsun, inception,
-eval-imagenet64/128/256/512, eval-lsun, lpips, lpips-alex, ffhq-dps), or a config (configs/NAME.cfg, a path, or a
-quoted glob over config names): the checkpoints its --model_path and --classifier_path name, its reference batch
-and its feature network's weights.
+eval-imagenet64, eval-imagenet128, eval-imagenet256, eval-imagenet512, eval-lsun, lpips, lpips-alex, ffhq-dps), or a
+config (configs/NAME.cfg, a path, or a quoted glob over config names): the checkpoints its --model_path and
+--classifier_path name, its reference batch and its feature network's weights.
 
 Each file streams into NAME.part beside its destination with a progress bar; an interrupted download resumes from
-there (HTTP Range) when the same command runs again. It is renamed into place only once complete (the server's
-size) and verified: ADM and DPS checkpoints load with strict=True into the architecture of their README flags,
-reference batches are npz files of uint8 images, the Inception and torchvision weights match the sha256 prefix in
-their names, LPIPS's linear layers have LPIPS v0.1's shapes. A file already in place and verified is skipped.
+there (HTTP Range) when the same command runs again. It is renamed into place only once complete (the size the
+server announced) and verified: ADM's checkpoints load with strict=True into the architecture of ADM's README
+flags (DPS's into that of configs/ffhq256_model.cfg), reference batches are npz files of uint8 images, the
+Inception and torchvision weights match the sha256 prefix in their names, LPIPS's linear layers have LPIPS v0.1's
+shapes. A file already in place and verified is skipped. See docs/reproduce.md.
 """
 
 import argparse
@@ -57,8 +58,8 @@ def create_argparser():
     where = parser.add_argument_group("where files go")
     where.add_argument(
         "--dest", metavar="DIR",
-        help="put every file in DIR instead of its default place (checkpoints and LPIPS weights: models/, "
-        "reference batches: datasets/, Inception weights: torch's hub checkpoint folder or $"
+        help="put every file in DIR instead of its default place (checkpoints and LPIPS weights: the "
+        "repository's models/, reference batches: its datasets/, Inception weights: torch's hub checkpoint folder or $"
         f"{assets.INCEPTION_PATH_ENV}); pass DIR to the scripts too (reproduce.py --model_dir DIR, "
         "--ref_batch, --inception_path)",
     )
@@ -199,6 +200,8 @@ def fetch_one(asset, opts, log=print):
     Put a verified copy of `asset` at its destination. :return: None on success, else the one-line reason.
     """
     path = assets.destination(asset, opts.dest)
+    if os.path.isdir(path):
+        return f"{asset.name}: {path} is a folder; move it away or pass --dest DIR"
     if os.path.isfile(path):
         try:
             checked = assets.verify(asset, path)
@@ -222,6 +225,8 @@ def fetch_one(asset, opts, log=print):
         )
     except DownloadError as exc:
         return f"{asset.name}: {exc}"
+    except OSError as exc:  # the destination cannot be written (permissions, a full disk)
+        return f"{asset.name}: cannot write {part_path(path)}: {exc.strerror or exc}"
     try:
         checked = assets.verify(asset, part)
     except assets.VerificationError as exc:

@@ -173,6 +173,24 @@ def test_incomplete_download_is_kept_as_part_and_the_next_run_resumes_it(server,
     assert sorted(os.listdir(tmp_path)) == ["tiny_unet.pt"]
 
 
+def test_a_complete_part_file_is_verified_and_placed(server, tmp_path, tiny_bytes):
+    # A run stopped between the last byte and the rename: the server has nothing after it (HTTP 416).
+    server.files["tiny_unet.pt"] = tiny_bytes
+    with open(part_path(str(tmp_path / "tiny_unet.pt")), "wb") as f:
+        f.write(tiny_bytes)
+    reason, _ = fetch(TINY, options(server, tmp_path))
+    assert reason is None
+    assert (tmp_path / "tiny_unet.pt").read_bytes() == tiny_bytes
+    assert server.gets("tiny_unet.pt")[-1][2] == f"bytes={len(tiny_bytes)}-"
+
+
+def test_unwritable_destination_is_one_line(server, tmp_path, tiny_bytes):
+    server.files["tiny_unet.pt"] = tiny_bytes
+    (tmp_path / "file").write_text("")
+    reason, _ = fetch(TINY, options(server, tmp_path / "file" / "sub"))
+    assert reason.startswith("tiny_unet.pt: cannot write ") and "\n" not in reason
+
+
 def test_a_server_that_ignores_range_restarts_from_zero(server, tmp_path, tiny_bytes):
     server.files["tiny_unet.pt"] = tiny_bytes
     server.drop["tiny_unet.pt"] = 1000
@@ -308,6 +326,7 @@ def test_list_shows_every_file_size_destination_and_status(server, tmp_path, cap
     assert re.search(r"3\.0 KiB\s+missing", lines["lpips_vgg.pth"])
     assert "missing, size unknown (HTTP 404)" in lines["ffhq_10m.pt"]  # the mirror could have had it
     assert "adm256: 256x256_diffusion.pt, 256x256_diffusion_uncond.pt, 256x256_classifier.pt" in out
+    assert all(group in fetch_assets.__doc__ for group in assets.GROUPS)
     assert not any(r[0] == "GET" for r in server.requests)
     assert fetch_assets.main(["--list"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
