@@ -126,8 +126,8 @@ def download_part(url, path, progress=None, attempts=3, retry_wait=2.0, timeout=
                 discard_part(path)
                 continue
             raise _http_error(url, exc) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             if attempt == attempts:
                 raise DownloadError(f"{url}: cannot connect ({reason})") from None
             log(f"  cannot connect ({reason}); trying again ({attempt + 1} of {attempts})")

@@ -407,6 +407,12 @@ def test_missing_file_messages_name_the_fetch_command(tmp_path, monkeypatch):
         find_inception_weights(str(tmp_path / assets.INCEPTION))
     assert f"fetch_assets.py {assets.INCEPTION} --dest {tmp_path}" in str(err.value)
 
+    from evaluations.restoration import load_lpips
+
+    with pytest.raises(FileNotFoundError) as err:
+        load_lpips(str(tmp_path / "vgg16-397923af.pth"), str(tmp_path / "lpips_vgg.pth"))
+    assert f"fetch_assets.py vgg16-397923af.pth --dest {tmp_path}" in str(err.value)
+
 
 def test_architectures_are_the_released_specs():
     with open(reference_file("state_dict_specs.json")) as f:
