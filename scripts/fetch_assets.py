@@ -195,7 +195,11 @@ def _progress(name):
     return bar
 
 
-def fetch_one(asset, opts, log=print):
+def log_line(message):
+    print(message, flush=True)  # in order with the progress bars and errors on stderr
+
+
+def fetch_one(asset, opts, log=log_line):
     """
     Put a verified copy of `asset` at its destination. :return: None on success, else the one-line reason.
     """
@@ -310,7 +314,7 @@ def main(argv=None, config_dir=CONFIG_DIR):
     except FetchUsageError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     for note in notes:
-        print(f"note: {note}")
+        log_line(f"note: {note}")
     failures = []
     for asset in chosen:
         reason = fetch_one(asset, opts)

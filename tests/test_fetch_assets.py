@@ -434,9 +434,17 @@ def test_architectures_are_the_released_specs():
     assets.check_state_dict(assets.find("lsun_bedroom.pt"), state)
 
 
-def test_ffhq_architecture_is_the_configs():
+@pytest.mark.parametrize("config, architecture", [
+    ("ffhq256_model", "ffhq_10m"),
+    ("adm256_uncond_base", "256x256_diffusion_uncond"),
+    ("adm256_cond_base", "256x256_diffusion"),
+    ("adm128_model", "128x128_diffusion"),
+])
+def test_architectures_are_those_the_configs_build(config, architecture):
+    # A checkpoint that passes the fetch check then also loads in the rows that use it.
     from guided_diffusion.flag_files import config_flags
 
-    given = config_flags(os.path.join(REPO_ROOT, "configs", "ffhq256_model.cfg"))
-    for key, value in assets.ARCHITECTURES["ffhq_10m"][1].items():
-        assert given[key] == str(value), key
+    given = config_flags(os.path.join(REPO_ROOT, "configs", config + ".cfg"))
+    defaults = su.model_and_diffusion_defaults()
+    for key, value in assets.ARCHITECTURES[architecture][1].items():
+        assert given.get(key, str(defaults[key])) == str(value), key
