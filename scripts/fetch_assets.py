@@ -74,8 +74,8 @@ def create_argparser():
         help=f"fetch URL/NAME for every file instead of its published URL (a mirror; default ${assets.BASE_URL_ENV} "
         "when set)",
     )
-    source.add_argument("--attempts", type=int, default=3, help="connection attempts per file before giving up (default 3)")
-    source.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a connection counts as dropped (default 60)")
+    source.add_argument("--attempts", type=int, default=3, metavar="N", help="connection attempts per file before giving up (default 3)")
+    source.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="seconds without data before a connection counts as dropped (default 60)")
     source.add_argument("--retry_wait", type=float, default=2.0, help=argparse.SUPPRESS)
     listing = parser.add_argument_group("listing")
     listing.add_argument(

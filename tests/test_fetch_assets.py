@@ -384,6 +384,10 @@ def test_fetch_hint_names_the_command(monkeypatch):
     assert assets.fetch_hint("/data/adm/256x256_diffusion.pt").endswith("256x256_diffusion.pt --dest /data/adm`")
     assert "manual download" in assets.fetch_hint(os.path.join(REPO_ROOT, "models", "ffhq_10m.pt"))
     assert assets.fetch_hint("models/my_model.pt") == ""
+    inception = assets.find(assets.INCEPTION)
+    monkeypatch.setenv(assets.INCEPTION_PATH_ENV, "/data/fid/weights.pth")
+    assert assets.destination(inception) == "/data/fid/weights.pth"  # where the evaluator looks first
+    assert assets.destination(inception, "/elsewhere") == f"/elsewhere/{assets.INCEPTION}"
 
 
 def test_missing_file_messages_name_the_fetch_command(tmp_path, monkeypatch):
