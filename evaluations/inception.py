@@ -342,7 +342,7 @@ def find_inception_weights(path=None):
         f"This is the PyTorch conversion of TensorFlow's inception-2015-12-05 graph that "
         f"pytorch-fid publishes at {WEIGHTS_URL}. Download it yourself and either pass "
         f"--inception_path PATH, set {WEIGHTS_ENV}=PATH, or put it at {hub_path}"
-        f"{fetch_hint(candidate) or fetch_hint(hub_path)}."
+        f"{fetch_hint(candidate, WEIGHTS_FILENAME)}."
     )
 
 

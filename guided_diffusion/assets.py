@@ -245,22 +245,21 @@ def fetch_command():
     return f"python {script}"
 
 
-def fetch_hint(path):
+def fetch_hint(path, name=None):
     """
-    '; fetch it with `python scripts/fetch_assets.py NAME`' for a file fetch_assets.py knows (with --dest when
-    the path is not where it goes by default), else ''. For the missing-file messages of the other scripts.
+    '; fetch it with `python scripts/fetch_assets.py NAME`' when a fetch can put the file fetch_assets.py knows
+    as `name` (default: the path's file name) at `path` (with --dest when that is not where it goes by default),
+    else ''. For the missing-file messages of the other scripts.
     """
-    asset = find(path)
+    asset = find(name or path)
     if asset is None:
         return ""
+    path = os.path.normpath(os.path.abspath(path))
     command = f"{fetch_command()} {asset.name}"
-    folder = os.path.dirname(os.path.abspath(path))
-    if asset.env_path and os.environ.get(asset.env_path):
-        default = os.path.dirname(os.path.abspath(os.environ[asset.env_path]))
-    else:
-        default = default_folder(asset)
-    if os.path.normpath(folder) != os.path.normpath(default):
-        command += f" --dest {folder}"
+    if path != os.path.normpath(destination(asset)):
+        if os.path.basename(path) != asset.name:
+            return ""  # --dest keeps the file's name, so no fetch puts it at this path
+        command += f" --dest {os.path.dirname(path)}"
     if not asset.url:
         return f"; `{command}` says how to get it (a manual download) and checks it"
     return f"; fetch it with `{command}`"

@@ -388,6 +388,8 @@ def test_fetch_hint_names_the_command(monkeypatch):
     monkeypatch.setenv(assets.INCEPTION_PATH_ENV, "/data/fid/weights.pth")
     assert assets.destination(inception) == "/data/fid/weights.pth"  # where the evaluator looks first
     assert assets.destination(inception, "/elsewhere") == f"/elsewhere/{assets.INCEPTION}"
+    assert assets.fetch_hint("/data/fid/weights.pth", assets.INCEPTION).endswith(f"py {assets.INCEPTION}`")
+    assert assets.fetch_hint("/data/fid/other.pth", assets.INCEPTION) == ""
 
 
 def test_missing_file_messages_name_the_fetch_command(tmp_path, monkeypatch):
