@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guided_diffusion.assets import fetch_hint
+
 from .device import fast_gpu_precision, strict_float32
 from .feature_nets import FeatureNet, state_dict_digest
 from .inception_fast import FastFIDInceptionV3, MatmulResize
@@ -341,7 +343,8 @@ def find_inception_weights(path=None):
         f"Inception weights {WEIGHTS_FILENAME} not found (looked at {how}: {candidate}). "
         f"This is the PyTorch conversion of TensorFlow's inception-2015-12-05 graph that "
         f"pytorch-fid publishes at {WEIGHTS_URL}. Download it yourself and either pass "
-        f"--inception_path PATH, set {WEIGHTS_ENV}=PATH, or put it at {hub_path}."
+        f"--inception_path PATH, set {WEIGHTS_ENV}=PATH, or put it at {hub_path}"
+        f"{fetch_hint(candidate, WEIGHTS_FILENAME)}."
     )
 
 

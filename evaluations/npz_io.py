@@ -12,6 +12,7 @@ import zipfile
 
 import numpy as np
 
+from guided_diffusion.assets import fetch_hint
 from guided_diffusion.atomic_io import temporary_path
 
 IMAGE_KEY = "arr_0"
@@ -89,7 +90,7 @@ class NpzImageReader:
 
     def _open(self, channels):
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such file")
+            raise FileNotFoundError(f"{self.path}: no such file{fetch_hint(self.path)}")
         self._file = open(self.path, "rb")
         try:
             self._zip = zipfile.ZipFile(self._file, "r")
@@ -199,7 +200,7 @@ def read_stats(path):
     holds images (`has_images`). Only those members are read.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file{fetch_hint(path)}")
     if not zipfile.is_zipfile(path):
         raise BatchFormatError(
             f"{path}: not an npz file (expected a zip archive as written by np.savez)"

@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guided_diffusion.assets import fetch_hint
+
 SSIM_WIN_SIZE = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -227,7 +229,7 @@ def _load_state_dict(path, what):
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(
             f"LPIPS needs the {what} at {path!r}, which does not exist. Nothing is downloaded: get the file yourself "
-            "(see evaluations/restoration.py and docs/inverse.md) and pass its path"
+            f"(see evaluations/restoration.py and docs/inverse.md) and pass its path{fetch_hint(path or '')}"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

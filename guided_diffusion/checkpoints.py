@@ -4,6 +4,7 @@ Finding and loading the checkpoints the sampling scripts are given.
 
 import os
 
+from .assets import fetch_hint
 from .errors import UsageError, not_found
 
 
@@ -19,7 +20,7 @@ def resolve_checkpoint(path, flag, what, kind):
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder, not a file; pass the path of the {what} checkpoint (.pt)")
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path!r} (the {what} checkpoint, a .pt file): {not_found(path)}")
+        raise UsageError(f"{flag} {path!r} (the {what} checkpoint, a .pt file): {not_found(path)}{fetch_hint(path)}")
     return path
 
 

@@ -23,6 +23,7 @@ for folder in (REPO, SCRIPTS):
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
+from guided_diffusion.assets import fetch_command, fetch_hint  # noqa: E402
 from guided_diffusion.flag_files import CONFIG_DIR  # noqa: E402
 from guided_diffusion.atomic_io import write_json_atomic, write_text_atomic  # noqa: E402
 from reproduce_rows import (  # noqa: E402
@@ -201,7 +202,7 @@ def run_one(row, opts, extra, subfolder=""):
     if ref_batch is not None and not os.path.isfile(ref_batch):
         missing.append(
             f"reference batch {os.path.basename(ref_batch)} not found at {ref_batch}. "
-            f"{how_to_get(row, 'ref_batch_source')}put it there, or pass --ref_batch PATH."
+            f"{how_to_get(row, 'ref_batch_source')}put it there, or pass --ref_batch PATH{fetch_hint(ref_batch)}."
         )
     spec = opts.feature_net or row.feature_net
     try:
@@ -213,7 +214,10 @@ def run_one(row, opts, extra, subfolder=""):
     if len(missing) == 1:
         raise ReproduceError(f"row {row.name}: {missing[0]}")
     if missing:
-        raise ReproduceError(f"row {row.name}: {len(missing)} problems:" + "".join(f"\n  - {m}" for m in missing))
+        raise ReproduceError(
+            f"row {row.name}: {len(missing)} problems:" + "".join(f"\n  - {m}" for m in missing)
+            + f"\n  (`{fetch_command()} {row.name}` fetches the released files the row needs)"
+        )
 
     checkpoints = [f for f in CHECKPOINT_FLAGS if getattr(args, f, "")]
     sampling = run_record(row.script[:-3], args, checkpoint_flags=checkpoints)

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 
+from guided_diffusion.assets import fetch_hint
 from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config
 from guided_diffusion.guidance import describe_guidance
 from guided_diffusion.run_store import FLAGS_FREE_ON_RESUME
@@ -264,7 +265,7 @@ def resolve_checkpoint(row, flag, value, opts, from_command_line, missing):
     if not os.path.isfile(path):
         missing.append(
             f"checkpoint {name} (--{flag}) not found at {path}. {how_to_get(row, 'model_source')}put it there, "
-            f"or pass --model_dir DIR with {name} in DIR."
+            f"or pass --model_dir DIR with {name} in DIR{fetch_hint(path)}."
         )
     return path
 

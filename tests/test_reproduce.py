@@ -315,6 +315,7 @@ def test_all_missing_files_of_a_row_in_one_message(reproduce, world, tmp_path):
         f"  - checkpoint tiny.pt (--model_path) not found at {tmp_path / 'tiny.pt'}. "
     ) in out
     assert f"\n  - reference batch absent_ref.npz not found at {world / 'absent_ref.npz'}. " in out
+    assert "fetch_assets.py tiny_noref` fetches the released files the row needs" in out
     assert "1 of 1 rows failed: tiny_noref (see the errors above)" in out
     assert not (tmp_path / "tiny_noref").exists()  # nothing was sampled
 
