@@ -311,11 +311,12 @@ def acquire_run_lock(out_dir, comm):
 # --- before any work ------------------------------------------------------------------------------------------
 
 
-def check_outputs(comm, out_dir, args, final_path=None, record=None, write_grid=None):
+def check_outputs(comm, out_dir, args, final_path=None, record=None, write_grid=None, locked=False):
     """
     Before anything loads: check that the output folder and the grid can be written and that no other job holds
     the folder, and (given the final .npz path and this run's record) whether the folder already holds this
-    run's finished samples. Rank 0 checks, every rank gets the outcome. Creates nothing.
+    run's finished samples. Rank 0 checks, every rank gets the outcome. Creates nothing. With locked=True (this
+    process holds the folder's lock) the lock is not looked at.
 
     :raises UsageError: an unwritable output, a held folder, or finished samples of other settings (unless
                         --overwrite).
@@ -325,7 +326,7 @@ def check_outputs(comm, out_dir, args, final_path=None, record=None, write_grid=
     outcome = None
     if comm.rank == 0:
         try:
-            outcome = _check_outputs(out_dir, args, final_path, record, write_grid)
+            outcome = _check_outputs(out_dir, args, final_path, record, write_grid, locked)
         except UsageError as exc:
             outcome = ("error", str(exc))
     outcome = comm.bcast(outcome, root=0)
@@ -337,7 +338,7 @@ def check_outputs(comm, out_dir, args, final_path=None, record=None, write_grid=
     raise RunComplete(value)
 
 
-def _check_outputs(out_dir, args, final_path, record, write_grid):
+def _check_outputs(out_dir, args, final_path, record, write_grid, locked):
     reason = unwritable_reason(out_dir)
     if reason:
         flag = "--out_dir" if args.out_dir else "the output folder"
@@ -347,7 +348,7 @@ def _check_outputs(out_dir, args, final_path, record, write_grid):
         reason = unwritable_reason(grid, is_folder=False)
         if reason:
             raise UsageError(f"--grid {reason}; pass a path you can write to, or a bare file name for the output folder")
-    holder = lock_holder(out_dir)
+    holder = None if locked else lock_holder(out_dir)
     if holder:
         raise UsageError(_held_message(out_dir, holder))
     if final_path is None or getattr(args, "overwrite", False):

@@ -235,7 +235,6 @@ def start_run(args, checkpoints, kind="diffusion", check=None, output=None, inpu
         progress={"leave": False} if comm.rank == 0 else False,
         notes=[],
         out_dir=out_dir,
-        output=output,
         record=record,
     )
 
@@ -311,14 +310,13 @@ def finish_run(script, args, run, image_size, sample_batch, input_flags=(), writ
     :param write_grid: how the script draws its --grid from the output arrays (default: the first samples).
     :return: the path of the final .npz.
     """
-    if run.output is None:
-        # The script did not say at start what it writes: the finished-run check happens now.
-        final_path = run_store.output_paths(run.out_dir, args.num_samples, (image_size, image_size, 3))[0]
-        if run.comm.rank == 0:
-            run.record = run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags))
-        run_store.check_outputs(run.comm, run.out_dir, args, final_path, run.record, write_grid)
+    if run.record is None and run.comm.rank == 0:
+        run.record = run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags))
+    final_path = run_store.output_paths(run.out_dir, args.num_samples, (image_size, image_size, 3))[0]
     lock = run_store.acquire_run_lock(run.out_dir, run.comm)
     try:
+        # Again under the lock: another job may have finished or started this folder since start_run looked.
+        run_store.check_outputs(run.comm, run.out_dir, args, final_path, run.record, write_grid, locked=True)
         out_dir = configure_logger(run.out_dir, run.comm)
         logger.log_to_files(*run.notes)
         if not args.out_dir and run.comm.rank == 0:

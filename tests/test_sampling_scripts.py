@@ -481,6 +481,19 @@ def test_file_digest_is_cached_per_identity_and_sees_a_swap(tmp_path, monkeypatc
     import hashlib
 
     assert swapped == hashlib.sha256(b"b" * 1000).hexdigest()
+    # A folder of inputs (inverse_sample.py's --data_dir) changes its digest with any file's content or name.
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"1")
+    (images / "b.png").write_bytes(b"2")
+    record = file_digest.file_record(str(images))
+    assert record["files"] == 2
+    (images / "b.png").write_bytes(b"3")
+    assert file_digest.file_record(str(images))["sha256"] != record["sha256"]
+    (images / "b.png").write_bytes(b"2")
+    assert file_digest.file_record(str(images)) == record
+    (images / "b.png").rename(images / "c.png")
+    assert file_digest.file_record(str(images))["sha256"] != record["sha256"]
 
 
 def _error_lines(err):
@@ -627,6 +640,27 @@ def test_a_finished_run_is_kept_recorded_and_not_resampled(image_sample, ckpt, t
     grid = _read_image((out_dir / "grid.png").read_bytes())
     np.testing.assert_array_equal(grid[2:34, 2:34], redone["arr_0"][0])
     assert not stale.exists()
+
+
+def test_a_folder_finished_by_another_job_meanwhile_is_not_resampled(image_sample, ckpt, tmp_path, monkeypatch, capsys):
+    common = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, seed=1)
+    run_main(image_sample, tiny_flags(out_dir=tmp_path / "other", **common))
+    real = run_store.acquire_run_lock
+
+    def finished_meanwhile(out_dir, comm):
+        # The other job finished this folder after start_run looked and before this one took the lock.
+        for name in ("samples_2x32x32x3.npz", "samples_2x32x32x3.json"):
+            shutil.copy2(tmp_path / "other" / name, tmp_path / "run" / name)
+        return real(out_dir, comm)
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(run_store, "acquire_run_lock", finished_meanwhile)
+    capsys.readouterr()
+    path = image_sample.main(tiny_flags(out_dir=tmp_path / "run", **common))
+    assert path == str(tmp_path / "run" / "samples_2x32x32x3.npz")
+    assert "is already complete" in capsys.readouterr().out
+    assert os.stat(path).st_mtime_ns == os.stat(tmp_path / "other" / "samples_2x32x32x3.npz").st_mtime_ns
+    assert not (tmp_path / "run" / "log.txt").exists()
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec is not installed")
