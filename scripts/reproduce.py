@@ -44,6 +44,7 @@ from guided_diffusion.run_store import (  # noqa: E402
     STOP_EXIT_CODE,
     final_record_path,
     output_paths,
+    record_differences,
     run_record,
 )
 
@@ -142,6 +143,8 @@ def sample_row(row, command, args, out_dir, key):
     if old and old.get("key") != key:
         # What the folder holds was made with other settings (or another checkpoint): the sampler starts over
         # rather than resume or keep it.
+        changed = record_differences(old.get("key") or {}, key) if isinstance(old.get("key"), dict) else []
+        log(f"  {out_dir} holds samples of other settings ({'; '.join(changed) or 'an older record'}): sampling again")
         if os.path.isfile(old.get("sample_batch", "")):
             os.remove(old["sample_batch"])
         command = [*command, "--overwrite", "True"]

@@ -323,6 +323,7 @@ def test_a_swapped_checkpoint_is_not_cached(reproduce, world, tmp_path):
     status, out, _ = run(reproduce, world, *argv)
     assert status == 0, out
     assert "cached" not in out and "sampling 8 images" in out and "resuming" not in out
+    assert f"holds samples of other settings (--model_path {models / 'tiny.pt'} holds other content (sha256 " in out
     after = json.loads((tmp_path / "results" / "tiny_plain" / "metrics.json").read_text())
     assert after["metrics"] != before["metrics"]
     digest = hashlib.sha256((models / "tiny.pt").read_bytes()).hexdigest()
