@@ -341,7 +341,7 @@ def check_outputs(comm, out_dir, args, final_path=None, record=None, write_grid=
 def _check_outputs(out_dir, args, final_path, record, write_grid, locked):
     reason = unwritable_reason(out_dir)
     if reason:
-        flag = "--out_dir" if args.out_dir else "the output folder"
+        flag = "--out_dir" if args.out_dir else ("$OPENAI_LOGDIR" if os.getenv("OPENAI_LOGDIR") else "the output folder")
         raise UsageError(f"{flag} {reason}; pass --out_dir with a folder you can write to")
     grid = grid_path(args.grid, out_dir)
     if grid:
@@ -382,9 +382,18 @@ def _check_outputs(out_dir, args, final_path, record, write_grid, locked):
     if grid:
         with np.load(final_path) as data:
             arrays = [data[f"arr_{k}"] for k in range(len(data.files))]
-        shown = (write_grid or _write_first_samples)(grid, arrays)
-        print(f"grid of {shown} in {grid}", flush=True)
+        print(f"grid of {_draw_grid(grid, arrays, write_grid, final_path)} in {grid}", flush=True)
     return ("complete", final_path)
+
+
+def _draw_grid(grid, arrays, write_grid, final_path):
+    try:
+        return (write_grid or _write_first_samples)(grid, arrays)
+    except OSError as exc:
+        raise UsageError(
+            f"--grid {grid}: cannot write it ({exc.strerror or exc}); the samples are complete in {final_path}, "
+            "rerun with another --grid to draw it from them"
+        ) from None
 
 
 def _remove_earlier_outputs(final_path, parts_dir, grid):
@@ -567,8 +576,10 @@ def run_sampling(
             shutil.rmtree(parts_dir)
             logger.log(f"saving to {final_path}")
             if grid:
-                shown = (write_grid or _write_first_samples)(grid, arrays)
-                logger.log(f"grid of {shown} in {grid}")
+                try:
+                    logger.log(f"grid of {_draw_grid(grid, arrays, write_grid, final_path)} in {grid}")
+                except UsageError as exc:
+                    error = str(exc)
     _all_ok(comm, error)
     comm.Barrier()
     return final_path

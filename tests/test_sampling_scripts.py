@@ -528,6 +528,22 @@ def test_unwritable_outputs_are_refused_before_the_model_loads(image_sample, ckp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_grid_that_fails_after_sampling_keeps_the_samples(image_sample, ckpt, tmp_path, monkeypatch, capsys):
+    def disk_full(path, images):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_store, "save_grid", disk_full)
+    out_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as failed:
+        image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=out_dir, grid="g.png"))
+    assert failed.value.code == 2
+    lines = _error_lines(capsys.readouterr().err)
+    final = out_dir / "samples_2x32x32x3.npz"
+    assert len(lines) == 1
+    assert f"--grid {out_dir / 'g.png'}: cannot write it (No space left on device); the samples are complete in {final}" in lines[0]
+    assert final.exists() and not (out_dir / "samples_2x32x32x3_parts").exists()
+
+
 def test_unwritable_reason_tries_a_probe_file(tmp_path, monkeypatch):
     import tempfile
 
