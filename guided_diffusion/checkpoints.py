@@ -26,19 +26,16 @@ def resolve_checkpoint(path, flag, what, kind):
 
 def resolve_output_folder(path, flag):
     """
-    Refuse an output folder that cannot be one (an existing file, or a folder under a file) before anything runs.
+    Refuse an output folder that cannot be one (an existing file, a folder under a file) or cannot be written
+    (tried with a probe file, which also catches read-only mounts) before anything runs.
     """
+    from .atomic_io import unwritable_reason
+
     if not path:
         return path
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        where = "is an existing file" if probe == os.path.abspath(path) else f"lies under the file {probe!r}"
-        raise UsageError(f"{flag} {path!r} {where}, not a folder; pass a folder for the outputs")
+    reason = unwritable_reason(path)
+    if reason:
+        raise UsageError(f"{flag} {reason}; pass a folder for the outputs that you can write to")
     return path
 
 

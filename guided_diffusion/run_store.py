@@ -8,17 +8,29 @@ sample indices it holds, e.g. 000000016-000000032.npz. Each part is written to a
 part either exists complete or not at all. A run lists the finished ranges, cuts the missing indices into
 batches of --batch_size and deals them to the ranks round-robin; rerunning an interrupted command (with any batch
 size or number of ranks) therefore only samples what is missing. When every index is present, rank 0 joins the
-parts into the final .npz (atomically) and removes the work folder.
+parts into the final .npz (atomically), keeps the run's record beside it (samples_{N}x{H}x{W}x{C}.json: every
+flag, the seed, the checkpoints' digests, git commit, torch version, device and rank count) and removes the work
+folder. Rerunning a finished command finds that record and stops at once (--overwrite True samples again).
+
+Checkpoints and input files are named in the records by path and SHA-256 (file_digest.py), so a resumed run
+cannot mix samples of two models whose files share a name and size.
+
+A run holds a lock on its output folder (.run.lock, an flock the kernel drops when the process dies), taken by
+rank 0, so a second job on the same folder stops at start and names the holder instead of racing on the parts.
 """
 
+import errno
 import json
 import os
 import shutil
+import socket
+import time
 
 import numpy as np
 
-from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic
+from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic, unwritable_reason, write_json_atomic
 from .errors import UsageError
+from .file_digest import file_record
 from .image_output import first_samples, save_grid
 from .random_streams import sample_generator
 
@@ -28,7 +40,19 @@ STOP_AFTER_ENV = "GUIDED_DIFFUSION_SAMPLE_STOP_AFTER"
 STOP_EXIT_CODE = 3
 
 # Flags that do not change the samples, so a resumed run may change them.
-FLAGS_FREE_ON_RESUME = ("batch_size", "grid", "out_dir")
+FLAGS_FREE_ON_RESUME = ("batch_size", "grid", "out_dir", "overwrite")
+
+LOCK_NAME = ".run.lock"
+
+
+class RunComplete(Exception):
+    """
+    The output folder already holds this run's finished samples (.path); nothing is left to do.
+    """
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.path = path
 
 
 def mpi_comm():
@@ -104,38 +128,286 @@ def missing_batches(num_samples, done, batch_size):
     return batches
 
 
-def _checkpoint_record(path):
-    if not path:
-        return None
-    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path)}
-
-
 def run_record(script, args, checkpoint_flags=()):
     """
     What a work folder must agree on to be resumed: the script and every flag that shapes the samples, with the
-    checkpoints named by absolute path and size.
+    checkpoints (and input files) named by absolute path, size and SHA-256.
     """
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in FLAGS_FREE_ON_RESUME}
     for flag in checkpoint_flags:
-        flags[flag] = _checkpoint_record(flags[flag])
+        flags[flag] = file_record(flags[flag])
     return {"script": script, "flags": flags}
 
 
-def _record_mismatch(parts_dir, old, new):
+def _describe_flag_value(value):
+    if isinstance(value, dict) and "sha256" in value:
+        return f"{value.get('path')} (sha256 {value['sha256'][:12]})"
+    return repr(value)
+
+
+def record_differences(old, new):
+    """
+    The settings in which two run records differ, as '--flag OLD (now NEW)' texts.
+    """
     diffs = []
     if old.get("script") != new["script"]:
         diffs.append(f"script {old.get('script')} (now {new['script']})")
     old_flags, new_flags = old.get("flags", {}), new["flags"]
     for key in sorted(set(old_flags) | set(new_flags)):
-        if old_flags.get(key, "<unset>") != new_flags.get(key, "<unset>"):
-            diffs.append(f"--{key} {old_flags.get(key, '<unset>')!r} (now {new_flags.get(key, '<unset>')!r})")
+        before, now = old_flags.get(key, "<unset>"), new_flags.get(key, "<unset>")
+        if before == now:
+            continue
+        if isinstance(before, dict) and isinstance(now, dict) and before.get("path") == now.get("path"):
+            diffs.append(
+                f"--{key} {now.get('path')} holds other content (sha256 {str(before.get('sha256'))[:12]}, now "
+                f"{str(now.get('sha256'))[:12]})"
+            )
+        else:
+            diffs.append(f"--{key} {_describe_flag_value(before)} (now {_describe_flag_value(now)})")
+    return diffs
+
+
+def _record_mismatch(parts_dir, old, new):
+    diffs = record_differences(old, new)
     if not diffs:
         return None
     return (
         f"cannot resume: the unfinished run in {parts_dir} was started with different settings: "
         + "; ".join(diffs)
-        + f". Rerun with the same flags to finish it, or delete {parts_dir} to start over."
+        + f". Rerun with the same flags to finish it, or delete {parts_dir} (or pass --overwrite True) to start over."
     )
+
+
+def final_record_path(final_path):
+    """
+    The record kept beside a finished run's .npz: samples_NxHxWxC.json.
+    """
+    return final_path[: -len(".npz")] + ".json"
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# --- the lock on an output folder ------------------------------------------------------------------------------
+
+
+def _holder_text(lock_path):
+    info = _read_json(lock_path) or {}
+    if not info:
+        return "another process"
+    text = f"pid {info.get('pid')} on {info.get('host')}"
+    if info.get("started"):
+        text += f", started {info['started']}"
+    return text
+
+
+def _held_message(out_dir, holder):
+    return (
+        f"{out_dir} is in use by another sampling run ({holder}); wait for it to finish, or pass another "
+        "--out_dir. (The lock goes away with that process; nothing needs deleting.)"
+    )
+
+
+def lock_holder(out_dir):
+    """
+    Who holds the lock on out_dir (a text naming the pid and host), or None when nobody does. Creates nothing.
+    """
+    import fcntl
+
+    lock_path = os.path.join(out_dir, LOCK_NAME)
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return _holder_text(lock_path)
+        return None  # a filesystem without flock: acquire_lock says so
+    finally:
+        os.close(fd)
+    return None
+
+
+class RunLock:
+    """
+    An exclusive flock on out_dir/.run.lock holding the holder's pid, host and start time. The kernel releases it
+    when the process ends in any way, so a lock left by a killed job is simply taken over.
+    """
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, LOCK_NAME)
+        self.fd = None
+
+    def acquire(self):
+        """
+        :return: None, or a warning when the filesystem cannot lock (the run then goes on unlocked).
+        :raises UsageError: naming the holder when another process has the lock.
+        """
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise UsageError(_held_message(os.path.dirname(self.path), _holder_text(self.path))) from None
+                return f"cannot lock {os.path.dirname(self.path)} ({exc.strerror}): make sure no other job uses it"
+            # The previous holder unlinks the file before it lets go: a lock on an unlinked file is no lock.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self.fd = fd
+        return None
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def acquire_run_lock(out_dir, comm):
+    """
+    Rank 0 takes the lock on out_dir; every rank raises the same UsageError when another job holds it.
+    :return: the RunLock (release it when the run ends; a no-op on other ranks).
+    """
+    from . import logger
+
+    lock = RunLock(out_dir)
+    error = None
+    if comm.rank == 0:
+        try:
+            warning = lock.acquire()
+        except UsageError as exc:
+            error = str(exc)
+        else:
+            if warning:
+                logger.log(f"warning: {warning}")
+    _all_ok(comm, error)
+    return lock
+
+
+# --- before any work ------------------------------------------------------------------------------------------
+
+
+def check_outputs(comm, out_dir, args, final_path=None, record=None, write_grid=None, locked=False):
+    """
+    Before anything loads: check that the output folder and the grid can be written and that no other job holds
+    the folder, and (given the final .npz path and this run's record) whether the folder already holds this
+    run's finished samples. Rank 0 checks, every rank gets the outcome. Creates nothing. With locked=True (this
+    process holds the folder's lock) the lock is not looked at.
+
+    :raises UsageError: an unwritable output, a held folder, or finished samples of other settings (unless
+                        --overwrite).
+    :raises RunComplete: the finished samples are there with the same settings (the grid, if asked for, is
+                         written from them).
+    """
+    outcome = None
+    if comm.rank == 0:
+        try:
+            outcome = _check_outputs(out_dir, args, final_path, record, write_grid, locked)
+        except UsageError as exc:
+            outcome = ("error", str(exc))
+    outcome = comm.bcast(outcome, root=0)
+    if outcome is None:
+        return
+    kind, value = outcome
+    if kind == "error":
+        raise UsageError(value)
+    raise RunComplete(value)
+
+
+def _check_outputs(out_dir, args, final_path, record, write_grid, locked):
+    reason = unwritable_reason(out_dir)
+    if reason:
+        flag = "--out_dir" if args.out_dir else ("$OPENAI_LOGDIR" if os.getenv("OPENAI_LOGDIR") else "the output folder")
+        raise UsageError(f"{flag} {reason}; pass --out_dir with a folder you can write to")
+    grid = grid_path(args.grid, out_dir)
+    if grid:
+        reason = unwritable_reason(grid, is_folder=False)
+        if reason:
+            raise UsageError(f"--grid {reason}; pass a path you can write to, or a bare file name for the output folder")
+    holder = None if locked else lock_holder(out_dir)
+    if holder:
+        raise UsageError(_held_message(out_dir, holder))
+    if final_path is None or getattr(args, "overwrite", False):
+        return None
+    if not os.path.isfile(final_path):
+        # An unfinished run of other settings is refused now rather than once the models have loaded.
+        parts_dir = final_path[: -len(".npz")] + "_parts"
+        old = _read_json(os.path.join(parts_dir, "run.json"))
+        error = _record_mismatch(parts_dir, old, record) if old else None
+        if error:
+            raise UsageError(error)
+        return None
+    old = _read_json(final_record_path(final_path))
+    if not old or not old.get("complete"):
+        raise UsageError(
+            f"{final_path} already exists but has no record of the settings it was made with "
+            f"({os.path.basename(final_record_path(final_path))}); pass --overwrite True to sample it again, or "
+            "another --out_dir"
+        )
+    diffs = record_differences(old.get("record", {}), record)
+    if diffs:
+        raise UsageError(
+            f"{final_path} holds finished samples made with other settings: {'; '.join(diffs)}. Pass --overwrite "
+            "True to replace them, or another --out_dir"
+        )
+    print(
+        f"{final_path} is already complete (same settings; see {os.path.basename(final_record_path(final_path))}): "
+        "nothing to sample. Pass --overwrite True to sample it again.",
+        flush=True,
+    )
+    if grid:
+        with np.load(final_path) as data:
+            arrays = [data[f"arr_{k}"] for k in range(len(data.files))]
+        print(f"grid of {_draw_grid(grid, arrays, write_grid, final_path)} in {grid}", flush=True)
+    return ("complete", final_path)
+
+
+def _draw_grid(grid, arrays, write_grid, final_path):
+    try:
+        return (write_grid or _write_first_samples)(grid, arrays)
+    except OSError as exc:
+        raise UsageError(
+            f"--grid {grid}: cannot write it ({exc.strerror or exc}); the samples are complete in {final_path}, "
+            "rerun with another --grid to draw it from them"
+        ) from None
+
+
+def _remove_earlier_outputs(final_path, parts_dir, grid):
+    """
+    --overwrite: the finished samples, their record, an unfinished run's parts and the grid go before sampling,
+    so nothing of the earlier run can be mistaken for this one's if it stops.
+    """
+    old = _read_json(final_record_path(final_path)) or {}
+    old_grid = old.get("grid")
+    for path in (final_path, final_record_path(final_path), grid, old_grid):
+        if path and os.path.isfile(path):
+            os.remove(path)
+    if os.path.isdir(parts_dir):
+        shutil.rmtree(parts_dir)
 
 
 def _prepare_work_folder(parts_dir, record):
@@ -150,12 +422,18 @@ def _prepare_work_folder(parts_dir, record):
                 try:
                     old = json.load(f)
                 except json.JSONDecodeError:
-                    return f"cannot resume: {record_path} is unreadable; delete {parts_dir} to start over"
+                    return (
+                        f"cannot resume: {record_path} is unreadable; delete {parts_dir} (or pass --overwrite True) "
+                        "to start over"
+                    )
             error = _record_mismatch(parts_dir, old, record)
             if error:
                 return error
         elif finished_ranges(parts_dir):
-            return f"cannot resume: {parts_dir} holds sample parts but no run.json; delete it to start over"
+            return (
+                f"cannot resume: {parts_dir} holds sample parts but no run.json; delete it (or pass --overwrite True) "
+                "to start over"
+            )
         remove_temporary_files(parts_dir)
     os.makedirs(parts_dir, exist_ok=True)
     if not os.path.exists(record_path):
@@ -213,15 +491,20 @@ def _write_first_samples(path, arrays):
     return "the first samples"
 
 
-def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, comm=None, write_grid=None):
+def run_sampling(
+    *, script, args, out_dir, image_shape, sample_batch, record, comm=None, write_grid=None, device=None
+):
     """
-    Sample indices 0 .. args.num_samples - 1 with all ranks, resumably, and write the final .npz.
+    Sample indices 0 .. args.num_samples - 1 with all ranks, resumably, and write the final .npz and its record.
+    The caller holds the folder's lock (acquire_run_lock) and has run check_outputs.
 
     :param sample_batch: sample_batch(start, end, generators) -> list of numpy arrays with end - start rows
                          each (arr_0, arr_1, ... of the output), generators being the samples' own generators.
-    :param record: run_record(...) of this run, checked against the work folder's on resumption.
+    :param record: run_record(...) of this run (needed on rank 0 only), checked against the work folder's on
+                   resumption and kept in the final record.
     :param write_grid: write_grid(path, arrays) writes the --grid image from the output arrays and returns what it
                        shows, for the log; default: a grid of the first samples.
+    :param device: the device the samples are computed on, for the final record.
     :return: the path of the final .npz (on every rank).
     """
     from tqdm.auto import tqdm
@@ -231,8 +514,15 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
     comm = comm if comm is not None else mpi_comm()
     stop_after = _stop_after()
     final_path, parts_dir = output_paths(out_dir, args.num_samples, image_shape)
+    grid = grid_path(args.grid, out_dir)
 
-    error = _prepare_work_folder(parts_dir, record) if comm.rank == 0 else None
+    error = None
+    if comm.rank == 0:
+        if getattr(args, "overwrite", False):
+            _remove_earlier_outputs(final_path, parts_dir, grid)
+        elif grid and os.path.isfile(grid):
+            os.remove(grid)  # it would show other samples than the ones this run makes
+        error = _prepare_work_folder(parts_dir, record)
     _all_ok(comm, error)
     # Every rank plans from rank 0's listing, so all of them agree on who samples what.
     done = comm.bcast(finished_ranges(parts_dir) if comm.rank == 0 else None, root=0)
@@ -261,7 +551,10 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
             progress.update(sum(e - s for s, e in finished_ranges(parts_dir)) - progress.n)
         if stop_after is not None and batch_number + 1 >= stop_after and batch_number + 1 < len(mine):
             progress.close()
-            logger.log(f"stopping after {stop_after} batches ({STOP_AFTER_ENV} is set); rerun to resume")
+            logger.log(
+                f"stopping after {stop_after} batches ({STOP_AFTER_ENV} is set); rerun with --out_dir {out_dir} "
+                "to resume"
+            )
             raise SystemExit(STOP_EXIT_CODE)
     comm.Barrier()
     if comm.rank == 0:
@@ -275,14 +568,38 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
         except RuntimeError as exc:
             error = f"{exc}; delete {parts_dir} and rerun"
         else:
+            # The record first: a run stopped between the two leaves its parts, so the rerun just joins them.
+            write_json_atomic(
+                final_record_path(final_path), final_record(script, args, record, final_path, grid, device, comm.size)
+            )
             save_npz_atomic(final_path, arrays)
-            grid = grid_path(args.grid, out_dir)
-            if grid:
-                shown = (write_grid or _write_first_samples)(grid, arrays)
             shutil.rmtree(parts_dir)
             logger.log(f"saving to {final_path}")
             if grid:
-                logger.log(f"grid of {shown} in {grid}")
+                try:
+                    logger.log(f"grid of {_draw_grid(grid, arrays, write_grid, final_path)} in {grid}")
+                except UsageError as exc:
+                    error = str(exc)
     _all_ok(comm, error)
     comm.Barrier()
     return final_path
+
+
+def final_record(script, args, record, final_path, grid, device, ranks):
+    """
+    What is kept beside a finished run's .npz: every flag as given, the seed, the record that identifies the
+    samples (checkpoint digests included) and what they were made with.
+    """
+    from .run_info import environment
+
+    return {
+        "complete": True,
+        "script": script,
+        "npz": os.path.basename(final_path),
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "flags": {k: v for k, v in sorted(vars(args).items())},
+        "record": record,
+        "grid": os.path.abspath(grid) if grid else None,
+        "environment": environment(device=device, ranks=ranks),
+    }

@@ -7,18 +7,21 @@ seeding scheme and run_store.py for the work split and resuming.
 A script is then:
 
     def sample(args):
-        run = start_run(args, checkpoints={"model_path": "diffusion model"})
+        run = start_run(args, checkpoints={"model_path": "diffusion model"}, output=("image_sample", args.image_size))
         model, guided, diffusion = build_guided_model(args, run, create_model_and_diffusion, ...)
         def sample_batch(start, end, generators): ...   # the script's own part
         return finish_run("image_sample", args, run, args.image_size, sample_batch)
 
-Nothing is written before the run samples: every flag is checked and every checkpoint read first, so a run that
-fails on bad input leaves no output folder behind. Until then messages go to stdout (rank 0) and are copied into
-log.txt once the folder exists.
+Nothing is written before the run samples: every flag is checked, every output path tried and every checkpoint
+read first, so a run that fails on bad input leaves no output folder behind. Until then messages go to stdout
+(rank 0) and are copied into log.txt once the folder exists. A finished run's folder is recognised at start (the
+run says so and exits 0; --overwrite True samples again), and another job's live folder is refused.
 """
 
+import datetime
 import os
 import sys
+import tempfile
 from types import SimpleNamespace
 
 from . import dist_util, logger
@@ -28,7 +31,8 @@ from .flag_files import FlagFileArgumentParser
 from .guidance import check_guidance_args, guidance_defaults, guide_model
 from .image_output import grid_format, to_uint8_images
 from .random_streams import PerSampleNoise
-from .run_store import mpi_comm, run_record, run_sampling
+from . import run_store
+from .run_store import RunComplete, mpi_comm, run_record, run_sampling
 from .script_util import add_dict_to_argparser, args_to_dict
 
 
@@ -37,7 +41,7 @@ def sampling_defaults():
     Flags every sampling script has: ADM's (clip_denoised, num_samples, batch_size, use_ddim) and ours: the seed,
     an optional grid image of the first samples (--grid NAME.png: a bare file name goes into the output folder)
     and an optional output folder (default: the logger's folder, $OPENAI_LOGDIR or a fresh temporary folder, as in
-    ADM).
+    ADM), and --overwrite to sample again into a folder that holds a finished run.
     """
     return dict(
         clip_denoised=True,
@@ -47,6 +51,7 @@ def sampling_defaults():
         seed=0,
         grid="",
         out_dir="",
+        overwrite=False,
     )
 
 
@@ -66,21 +71,49 @@ def create_sampling_argparser(description, defaults):
 def run_main(parser, sample, argv=None, args=None):
     """
     Parse the flags (unless `args` is given) and call sample(args); a UsageError becomes one error line, Ctrl-C
-    one line saying how to resume.
+    one line saying how to resume. A folder that already holds the finished run returns its .npz.
     """
+    global _run_folder
+    _run_folder = None
     if args is None:
         args = parser.parse_args(argv)
     try:
         return sample(args)
+    except RunComplete as done:
+        return done.path
     except UsageError as exc:
         exit_with_usage_error(parser, exc)
     except KeyboardInterrupt:
         if mpi_comm().rank == 0:
-            sys.stderr.write(
-                f"\n{parser.prog}: interrupted. Finished batches are kept: rerun the same command (same output "
-                "folder) to resume where it stopped.\n"
-            )
+            sys.stderr.write(f"\n{parser.prog}: interrupted. {_how_to_resume(args)}\n")
         raise SystemExit(130) from None
+
+
+# The output folder of the run in progress, once start_run has chosen it (for the interrupt message).
+_run_folder = None
+
+
+def _how_to_resume(args):
+    if _run_folder is None:
+        return "Nothing was sampled yet."
+    return (
+        f"Finished batches are kept in {_run_folder}: rerun the same command with --out_dir {_run_folder} to "
+        "resume where it stopped."
+    )
+
+
+def choose_run_folder(out_dir, comm):
+    """
+    The run's output folder: --out_dir, else $OPENAI_LOGDIR, else a fresh temporary folder named as ADM's logger
+    names it (chosen by rank 0 for all ranks).
+    """
+    folder = None
+    if comm.rank == 0:
+        folder = out_dir or os.getenv("OPENAI_LOGDIR") or os.path.join(
+            tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
+        )
+        folder = os.path.expanduser(folder)
+    return comm.bcast(folder, root=0)
 
 
 def check_sampling_args(args):
@@ -156,14 +189,18 @@ def configure_logger(out_dir, comm):
     return folder
 
 
-def start_run(args, checkpoints, kind="diffusion", check=None):
+def start_run(args, checkpoints, kind="diffusion", check=None, output=None, input_flags=(), write_grid=None):
     """
-    Check every flag that can be checked without loading anything and resolve the checkpoints. Creates nothing:
-    the output folder is made by finish_run, once the models have loaded.
+    Check every flag that can be checked without loading anything, resolve the checkpoints and check the outputs
+    (run_store.check_outputs). Creates nothing: the output folder is made by finish_run, once the models have
+    loaded.
 
     :param checkpoints: {flag name: what it holds}, e.g. {"model_path": "diffusion model"}; --model_path's
                         example file name uses `kind`, the others' "classifier".
     :param check: the script's own checks, check(args) -> anything (kept as run.checked).
+    :param output: (script name, image size) as finish_run will get them: then a folder that already holds this
+                   run's finished samples is found here (RunComplete), before any model loads.
+    :param input_flags, write_grid: as finish_run's.
     :return: a namespace with comm, device, paths ({flag name: checkpoint path}), checked, progress (what the
              sampling loops' `progress` takes: a bar over a batch's steps on rank 0, False elsewhere) and notes
              (the messages said before the log folder exists).
@@ -179,6 +216,16 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
     resolve_output_folder(args.out_dir, "--out_dir")
     # No torch.distributed group is needed: ranks share work through files and MPI alone.
     comm = mpi_comm()
+    global _run_folder
+    out_dir = choose_run_folder(args.out_dir, comm)
+    final_path, record = None, None
+    if output is not None:
+        script, image_size = output
+        final_path = run_store.output_paths(out_dir, args.num_samples, (image_size, image_size, 3))[0]
+        if comm.rank == 0:
+            record = run_record(script, args, checkpoint_flags=tuple(paths) + tuple(input_flags))
+    run_store.check_outputs(comm, out_dir, args, final_path, record, write_grid)
+    _run_folder = out_dir
     return SimpleNamespace(
         comm=comm,
         device=dist_util.dev(),
@@ -187,6 +234,8 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
         # Inside the run's bar over samples, a batch's bar over steps goes away when the batch is done.
         progress={"leave": False} if comm.rank == 0 else False,
         notes=[],
+        out_dir=out_dir,
+        record=record,
     )
 
 
@@ -261,18 +310,30 @@ def finish_run(script, args, run, image_size, sample_batch, input_flags=(), writ
     :param write_grid: how the script draws its --grid from the output arrays (default: the first samples).
     :return: the path of the final .npz.
     """
-    out_dir = configure_logger(args.out_dir, run.comm)
-    logger.log_to_files(*run.notes)
-    logger.log("sampling...")
-    path = run_sampling(
-        script=script,
-        args=args,
-        out_dir=out_dir,
-        image_shape=(image_size, image_size, 3),
-        sample_batch=sample_batch,
-        record=run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags)),
-        comm=run.comm,
-        write_grid=write_grid,
-    )
+    if run.record is None and run.comm.rank == 0:
+        run.record = run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags))
+    final_path = run_store.output_paths(run.out_dir, args.num_samples, (image_size, image_size, 3))[0]
+    lock = run_store.acquire_run_lock(run.out_dir, run.comm)
+    try:
+        # Again under the lock: another job may have finished or started this folder since start_run looked.
+        run_store.check_outputs(run.comm, run.out_dir, args, final_path, run.record, write_grid, locked=True)
+        out_dir = configure_logger(run.out_dir, run.comm)
+        logger.log_to_files(*run.notes)
+        if not args.out_dir and run.comm.rank == 0:
+            logger.log(f"output folder {out_dir} (to resume this run if it stops, rerun with --out_dir {out_dir})")
+        logger.log("sampling...")
+        path = run_sampling(
+            script=script,
+            args=args,
+            out_dir=out_dir,
+            image_shape=(image_size, image_size, 3),
+            sample_batch=sample_batch,
+            record=run.record,
+            comm=run.comm,
+            write_grid=write_grid,
+            device=run.device,
+        )
+    finally:
+        lock.release()
     logger.log("sampling complete")
     return path

@@ -46,6 +46,7 @@ def sample(args):
         args,
         checkpoints={"model_path": "diffusion model", "classifier_path": "classifier"},
         check=check_classifier_args,
+        output=("classifier_sample", args.image_size),
     )
     _, guided, diffusion = cli.build_guided_model(args, run, create_model_and_diffusion, model_and_diffusion_defaults)
 

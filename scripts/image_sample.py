@@ -65,7 +65,7 @@ def main(argv=None):
 
 
 def sample(args):
-    run = cli.start_run(args, checkpoints={"model_path": "diffusion model"})
+    run = cli.start_run(args, checkpoints={"model_path": "diffusion model"}, output=("image_sample", args.image_size))
     _, guided, diffusion = cli.build_guided_model(args, run, create_model_and_diffusion, model_and_diffusion_defaults)
 
     def sample_batch(start, end, generators):

@@ -190,7 +190,10 @@ def sample(args):
         args.num_samples = len(images)
     elif args.num_samples > len(images):
         raise UsageError(f"--num_samples {args.num_samples} is more than the {len(images)} images in --data_dir")
-    run = cli.start_run(args, checkpoints={"model_path": "diffusion model"}, check=check_args)
+    run = cli.start_run(
+        args, checkpoints={"model_path": "diffusion model"}, check=check_args,
+        output=("inverse_sample", args.image_size), input_flags=("data_dir",), write_grid=write_triplet_grid,
+    )
     operator = run.checked.to(run.device)
     _, guided, diffusion = cli.build_guided_model(args, run, create_model_and_diffusion, model_and_diffusion_defaults)
     cli.say(run, f"DPS: {describe_task(args, operator)}, step size {args.dps_scale}, noise sigma {args.sigma}")

@@ -1,6 +1,7 @@
 """
 Reproduce table rows: for each config, sample with the config's script, evaluate the samples against the
-reference batch, write results/<name>/metrics.json, then results/table.md and results/table.json.
+reference batch, write results/<name>/metrics.json, then results/table.md and results/table.json with every result
+the results folder holds.
 
     python scripts/reproduce.py 'adm256_*' --mpi 8 -- --batch_size 32
     python scripts/reproduce.py 'digits16_*'
@@ -25,7 +26,8 @@ for folder in (REPO, SCRIPTS):
 
 from guided_diffusion.assets import fetch_command, fetch_hint  # noqa: E402
 from guided_diffusion.flag_files import CONFIG_DIR  # noqa: E402
-from guided_diffusion.atomic_io import write_json_atomic, write_text_atomic  # noqa: E402
+from guided_diffusion.atomic_io import unwritable_reason, write_json_atomic, write_text_atomic  # noqa: E402
+from guided_diffusion.run_info import environment  # noqa: E402
 from reproduce_rows import (  # noqa: E402
     FREE_FLAGS,
     ReproduceError,
@@ -36,9 +38,16 @@ from reproduce_rows import (  # noqa: E402
     read_json,
     render_table,
     select_configs,
-    table_row,
+    table_entries,
 )
-from guided_diffusion.run_store import STOP_AFTER_ENV, STOP_EXIT_CODE, output_paths, run_record  # noqa: E402
+from guided_diffusion.run_store import (  # noqa: E402
+    STOP_AFTER_ENV,
+    STOP_EXIT_CODE,
+    final_record_path,
+    output_paths,
+    record_differences,
+    run_record,
+)
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")
 
@@ -132,8 +141,14 @@ def sample_row(row, command, args, out_dir, key):
     if old and old.get("key") == key and os.path.isfile(final):
         log(f"  samples cached: {final}")
         return None, final
-    if old and old.get("key") != key and os.path.isfile(old.get("sample_batch", "")):
-        os.remove(old["sample_batch"])  # stale: made with other settings
+    if old and old.get("key") != key:
+        # What the folder holds was made with other settings (or another checkpoint): the sampler starts over
+        # rather than resume or keep it.
+        changed = record_differences(old.get("key") or {}, key) if isinstance(old.get("key"), dict) else []
+        log(f"  {out_dir} holds samples of other settings ({'; '.join(changed) or 'an older record'}): sampling again")
+        if os.path.isfile(old.get("sample_batch", "")):
+            os.remove(old["sample_batch"])
+        command = [*command, "--overwrite", "True"]
     write_json_atomic(record_path, {"key": key, "sample_batch": final})
     log(f"  sampling {args.num_samples} images into {out_dir}" + (" (resuming)" if os.path.isdir(parts) else ""))
     start = time.time()
@@ -219,7 +234,10 @@ def run_one(row, opts, extra, subfolder=""):
             + f"\n  (`{fetch_command()} {row.name}` fetches the released files the row needs)"
         )
 
+    # Checkpoints and input files by content, as the sampler's own record names them.
     checkpoints = [f for f in CHECKPOINT_FLAGS if getattr(args, f, "")]
+    if row.restoration:
+        checkpoints.append("data_dir")
     sampling = run_record(row.script[:-3], args, checkpoint_flags=checkpoints)
     key = {"sampling": sampling, "ref_batch": file_identity(ref_batch) if ref_batch else None, "feature_net": spec}
     key["scoring"] = scoring_version()  # figures from an older way of scoring (other statistics) are redone
@@ -232,6 +250,7 @@ def run_one(row, opts, extra, subfolder=""):
     sampling_seconds, sample_batch = sample_row(row, command, args, out_dir, sampling)
     start = time.time()
     results = evaluate_row(row, net, opts, ref_batch, sample_batch, spec)
+    sampler_record = read_json(final_record_path(sample_batch)) or {}
     record = {
         "config": row.name,
         "config_path": row.path,
@@ -252,6 +271,9 @@ def run_one(row, opts, extra, subfolder=""):
             "evaluation_seconds": time.time() - start,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
+        # Where the figures were computed, and where the samples were (git commit, torch, device, ranks).
+        "environment": environment(device=opts.device or "cpu", ranks=1),
+        "sampling_environment": sampler_record.get("environment"),
         "key": key,
     }
     write_json_atomic(metrics_path, record)
@@ -291,6 +313,24 @@ def evaluate_row(row, net, opts, ref_batch, sample_batch, spec):
         raise ReproduceError(f"row {row.name}: evaluation failed: {exc}") from None
 
 
+def output_problem(opts, rows):
+    """
+    Why reproduce.py could not write its outputs (the results folder, the evaluator's activation cache), or None;
+    checked before any row runs.
+    """
+    reason = unwritable_reason(opts.results)
+    if reason:
+        return f"--results {reason}; pass a results folder you can write to"
+    if any(not row.restoration for row in rows):
+        from evaluations.evaluator import CACHE_ENV, default_cache_dir
+
+        reason = unwritable_reason(default_cache_dir())
+        if reason:
+            where = f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else f"the activation cache (set by ${CACHE_ENV})"
+            return f"{where} {reason}; set ${CACHE_ENV} to a folder you can write to"
+    return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -313,28 +353,37 @@ def main(argv=None):
         rows = select_configs(opts.configs, opts.config_dir)
     except ReproduceError as exc:
         parser.error(str(exc))
+    problem = output_problem(opts, rows)
+    if problem:
+        sys.stderr.write(f"{parser.prog}: error: {problem}\n")
+        return 2
     if opts.device is None:
         from evaluations.device import default_device
 
         opts.device = default_device()
 
-    entries, failures = [], []
+    this_call, failures = [], []
+    layout = "seeds" if opts.seeds else "single"
     for index, row in enumerate(rows):
         if failures and not opts.keep_going:
-            entries.append(table_row(row, None, None, "not run (stopped at an earlier error)"))
+            this_call.append((row, None, None, "not run (stopped at an earlier error)", layout))
             continue
         log(f"[{index + 1}/{len(rows)}] {row.name}: {row.title}")
         try:
             args, records, status = run_row(row, opts, extra)
-            entries.append(table_row(row, args, records, status))
+            this_call.append((row, args, records, status, layout))
         except ReproduceError as exc:
             log(f"error: {exc}")
             failures.append(row.name)
-            entries.append(table_row(row, None, None, f"failed: {exc}"))
-    table_md = os.path.join(os.path.abspath(opts.results), "table.md")
+            this_call.append((row, None, None, f"failed: {exc}", layout))
+    results = os.path.abspath(opts.results)
+    # This call's rows and every earlier result in the folder, so no call narrows the table to its own rows.
+    entries = table_entries(results, this_call)
+    table_md = os.path.join(results, "table.md")
     write_text_atomic(table_md, render_table(entries))
-    write_json_atomic(os.path.join(os.path.abspath(opts.results), "table.json"), {"rows": entries})
-    log(f"wrote {table_md}")
+    write_json_atomic(os.path.join(results, "table.json"), {"rows": entries})
+    earlier = sum(1 for e in entries if e["status"].startswith("earlier run"))
+    log(f"wrote {table_md}" + (f" ({earlier} of its lines from earlier runs in {results})" if earlier else ""))
     if failures:
         log(f"{len(failures)} of {len(rows)} rows failed: {', '.join(failures)} (see the errors above)")
         return 1

@@ -25,8 +25,10 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from guided_diffusion.assets import fetch_hint
+from guided_diffusion.file_digest import file_record
 from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config
 from guided_diffusion.guidance import describe_guidance
 from guided_diffusion.run_store import FLAGS_FREE_ON_RESUME
@@ -232,10 +234,10 @@ def steps_label(args):
 
 def file_identity(path):
     """
-    A file named by absolute path, size and modification time: a rewritten file is a different one.
+    A file named by absolute path, size and content (SHA-256, computed once per file identity; see
+    guided_diffusion/file_digest.py): a file replaced by another is a different one.
     """
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return file_record(path)
 
 
 def read_json(path):
@@ -312,6 +314,105 @@ def stop_child(proc, grace_s=10):
 
 
 # --- the table ------------------------------------------------------------------------------------------------
+
+
+def _usable_record(record):
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("config"), str)
+        and isinstance(record.get("flags"), dict)
+        and isinstance(record.get("metrics"), dict)
+    )
+
+
+def settings_key(record, layout):
+    """
+    What makes metrics records one table line: the row, how it was run (one seed, or --seeds) and every setting but
+    the seed.
+    """
+    flags = {k: v for k, v in record["flags"].items() if k != "seed"}
+    settings = [flags, record.get("num_samples"), record.get("ref_batch"), record.get("feature_net")]
+    return (record["config"], layout, json.dumps(settings, sort_keys=True, default=str))
+
+
+def collect_results(results_dir):
+    """
+    Every evaluated result in a results folder: {settings_key: [metrics records]}, from results/<row>/metrics.json
+    (layout 'single') and results/<row>/seed<k>/metrics.json (layout 'seeds', each settings group's seeds
+    together, sorted by seed).
+    """
+    groups = {}
+    try:
+        names = sorted(os.listdir(results_dir))
+    except OSError:
+        return groups
+    for name in names:
+        row_dir = os.path.join(results_dir, name)
+        if not os.path.isdir(row_dir):
+            continue
+        found = [("single", os.path.join(row_dir, "metrics.json"))]
+        found += [
+            ("seeds", os.path.join(row_dir, sub, "metrics.json"))
+            for sub in sorted(os.listdir(row_dir))
+            if sub.startswith("seed") and sub[len("seed"):].isdigit()
+        ]
+        for layout, path in found:
+            record = read_json(path)
+            if _usable_record(record):
+                groups.setdefault(settings_key(record, layout), []).append(record)
+    for records in groups.values():
+        records.sort(key=lambda r: (r["flags"].get("seed") is None, r["flags"].get("seed")))
+    return groups
+
+
+def _row_of_record(record):
+    """
+    The row a metrics record belongs to: its config as it is now when that still exists, else what the record
+    kept of it.
+    """
+    path = record.get("config_path")
+    if path and os.path.isfile(path):
+        try:
+            return load_row(path)
+        except (ReproduceError, OSError):
+            pass
+    restoration = record.get("script") == INVERSE_SCRIPT
+    return SimpleNamespace(
+        name=record["config"],
+        title=record.get("title") or record["config"],
+        published=record.get("published") or {},
+        source=record.get("source") or "",
+        restoration=restoration,
+        metrics=RESTORATION_METRICS if restoration else METRICS,
+    )
+
+
+def table_entries(results_dir, this_call):
+    """
+    The entries of table.md and table.json: this call's rows first, in its order, then every other result found in
+    the results folder (earlier calls' rows, or other settings of the same rows), so the table always shows all
+    the results the folder holds. A row this call evaluated shows every seed of its settings found in the folder.
+
+    :param this_call: [(row, parsed flags or None, metrics records or None, status, layout)].
+    """
+    groups = collect_results(results_dir)
+    entries = []
+    for row, args, records, status, layout in this_call:
+        if records:
+            records = groups.pop(settings_key(records[0], layout), records)
+        entries.append(table_row(row, args, records, status))
+    for key in sorted(groups):
+        records = groups[key]
+        row = _row_of_record(records[0])
+        try:
+            args = SimpleNamespace(**records[0]["flags"])
+            entry = table_row(row, args, records, "")
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue  # a record of another version of the code that lacks a flag the table shows
+        finished = max(((r.get("timing") or {}).get("finished") or "") for r in records)
+        entry["status"] = f"earlier run (finished {finished})" if finished else "earlier run"
+        entries.append(entry)
+    return entries
 
 
 def _number(value, digits):

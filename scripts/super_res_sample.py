@@ -62,7 +62,8 @@ def load_base_samples(args):
 
 def sample(args):
     run = cli.start_run(
-        args, checkpoints={"model_path": "super-resolution model"}, kind="upsampler", check=load_base_samples
+        args, checkpoints={"model_path": "super-resolution model"}, kind="upsampler", check=load_base_samples,
+        output=("super_res_sample", args.large_size), input_flags=("base_samples",),
     )
     base_images, base_labels = run.checked
     _, guided, diffusion = cli.build_guided_model(

@@ -6,6 +6,7 @@ The sampler runs as a subprocess (as reproduce.py always runs it); reproduce.py 
 """
 
 import contextlib
+import hashlib
 import importlib.util
 import io
 import json
@@ -158,6 +159,7 @@ def run(reproduce, world, *argv):
 def _quiet_env(mp, cache_dir):
     mp.setenv("OMP_NUM_THREADS", "1")  # the sampler subprocess shares two cores with everything else
     mp.setenv("PAG_ADM_CACHE_DIR", str(cache_dir))
+    mp.setenv("PAG_ADM_DIGEST_DIR", str(cache_dir) + "-digests")
     mp.delenv(run_store.STOP_AFTER_ENV, raising=False)
 
 
@@ -272,6 +274,97 @@ def test_interrupted_row_resumes(reproduce, first_run, world, tmp_path, monkeypa
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
     resumed = json.loads((out_dir / "tiny_pag" / "metrics.json").read_text())["metrics"]
     assert resumed == json.loads((results / "tiny_pag" / "metrics.json").read_text())["metrics"]
+
+
+def test_records_name_the_commit_torch_device_and_ranks(first_run):
+    _, results, _ = first_run
+    record = json.loads((results / "tiny_pag" / "metrics.json").read_text())
+    assert record["environment"]["torch"] == th.__version__ and record["environment"]["device"] == "cpu"
+    assert "git_commit" in record["environment"]
+    sampling = record["sampling_environment"]
+    assert sampling["ranks"] == 1 and sampling["device"] == "cpu" and sampling["torch"] == th.__version__
+    # The sampler's own record stays beside the samples.
+    kept = json.loads((results / "tiny_pag" / "samples_8x16x16x3.json").read_text())
+    assert kept["complete"] and kept["seed"] == 3 and kept["flags"]["pag_scale"] == 2.0
+
+
+def _save_other_weights(path, seed):
+    """
+    Other weights of the same architecture written over `path`, with its size and modification time kept.
+    """
+    before = os.stat(path)
+    th.manual_seed(seed)
+    args = model_and_diffusion_defaults()
+    args.update(TINY)
+    model, _ = create_model_and_diffusion(**args)
+    gen = th.Generator().manual_seed(seed)
+    with th.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(th.randn(p.shape, generator=gen) * 0.05)
+    other = path.parent / "other"
+    other.mkdir()
+    th.save(model.state_dict(), other / path.name)  # the same file name: torch.save names its records after it
+    path.write_bytes((other / path.name).read_bytes())
+    shutil.rmtree(other)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_a_swapped_checkpoint_is_not_cached(reproduce, world, tmp_path):
+    models = tmp_path / "m"
+    models.mkdir()
+    shutil.copy(world / "tiny.pt", models / "tiny.pt")
+    argv = ["tiny_plain", "--results", str(tmp_path / "results"), "--model_dir", str(models)]
+    status, out, _ = run(reproduce, world, *argv)
+    assert status == 0, out
+    before = json.loads((tmp_path / "results" / "tiny_plain" / "metrics.json").read_text())
+    _save_other_weights(models / "tiny.pt", 11)
+    status, out, _ = run(reproduce, world, *argv)
+    assert status == 0, out
+    assert "cached" not in out and "sampling 8 images" in out and "resuming" not in out
+    assert f"holds samples of other settings (--model_path {models / 'tiny.pt'} holds other content (sha256 " in out
+    after = json.loads((tmp_path / "results" / "tiny_plain" / "metrics.json").read_text())
+    assert after["metrics"] != before["metrics"]
+    digest = hashlib.sha256((models / "tiny.pt").read_bytes()).hexdigest()
+    assert after["key"]["sampling"]["flags"]["model_path"]["sha256"] == digest
+
+
+@pytest.mark.parametrize("what", ["results", "cache"])
+def test_unwritable_outputs_are_refused_before_any_row(reproduce, world, tmp_path, monkeypatch, what):
+    # /proc takes no new files even for root.
+    results = tmp_path / "results"
+    if what == "results":
+        results = "/proc/pag_adm_results"
+        message = "error: --results '/proc/pag_adm_results' cannot be written: cannot create files in '/proc'"
+    else:
+        monkeypatch.setenv("PAG_ADM_CACHE_DIR", "/proc/pag_adm_cache")
+        message = "error: $PAG_ADM_CACHE_DIR '/proc/pag_adm_cache' cannot be written: cannot create files in '/proc'"
+    status, out, err = run(reproduce, world, "tiny_plain", "--results", str(results))
+    assert status == 2
+    assert err.count("\n") == 1 and message in err
+    assert "[1/1]" not in out and not (tmp_path / "results").exists()
+
+
+def test_the_table_holds_every_result_in_the_folder(reproduce, first_run, world, tmp_path):
+    _, results, _ = first_run
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    status, out, _ = run(reproduce, world, "tiny_plain", "--results", str(copy))
+    assert status == 0, out
+    table = (copy / "table.md").read_text()
+    assert "| `tiny_plain` |" in table and "| `tiny_pag` |" in table
+    entries = json.loads((copy / "table.json").read_text())["rows"]
+    assert [e["config"] for e in entries] == ["tiny_plain", "tiny_pag"]
+    assert entries[0]["status"] == "cached" and entries[1]["status"].startswith("earlier run (finished ")
+    guided = json.loads((copy / "tiny_pag" / "metrics.json").read_text())["metrics"]
+    assert entries[1]["metrics"] == guided and entries[1]["guidance"] == "PAG: scale 2.0, layers 'middle_block.1'"
+    # A call that fails keeps the table whole and says what failed.
+    status, out, _ = run(reproduce, world, "tiny_noref", "--results", str(copy))
+    assert status == 1
+    table = (copy / "table.md").read_text()
+    assert "| `tiny_plain` |" in table and "| `tiny_pag` |" in table
+    assert "- `tiny_noref`: failed: row tiny_noref: reference batch" in table
 
 
 # --- missing files and bad names --------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ The scripts run in this process through main(argv) where possible (importing tor
 the time) and as subprocesses for the MPI test.
 """
 
+import hashlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -82,6 +84,13 @@ def _save_model(path, seed, **overrides):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def digest_cache(tmp_path, monkeypatch):
+    # Checkpoint digests are cached per file identity (guided_diffusion/file_digest.py); each test gets its own
+    # cache folder.
+    monkeypatch.setenv("PAG_ADM_DIGEST_DIR", str(tmp_path / "digests"))
 
 
 @pytest.fixture(scope="module")
@@ -405,11 +414,269 @@ def test_resume_refuses_other_flags(image_sample, ckpt, tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as refused:
         image_sample.main(tiny_flags(pag_scale=1.5, **common))
     assert refused.value.code == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     parts = os.path.join(str(tmp_path), "samples_4x32x32x3_parts")
     assert f"cannot resume: the unfinished run in {parts} was started with different settings" in err
     assert "--pag_scale 0.0 (now 1.5)" in err
-    assert f"delete {parts} to start over" in err
+    assert f"delete {parts} (or pass --overwrite True) to start over" in err
+    # Refused before the model loads.
+    assert "loading diffusion model" not in out
+
+
+def _swap_weights_keeping_size_and_mtime(path, seed):
+    """
+    Overwrite a checkpoint with other weights of the same architecture (so the same size) and set its modification
+    time back: what path, size and mtime cannot tell apart.
+    """
+    before = os.stat(path)
+    other = os.path.join(os.path.dirname(path), "other")
+    os.makedirs(other)
+    # Saved under the same file name, as torch.save names the archive's records after it.
+    data = open(_save_model(os.path.join(other, os.path.basename(path)), seed), "rb").read()
+    shutil.rmtree(other)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_resume_after_the_checkpoint_was_swapped_is_refused(image_sample, tmp_path, monkeypatch, capsys):
+    model = _save_model(tmp_path / "model.pt", 1)
+    common = dict(model_path=model, num_samples=4, batch_size=2, out_dir=tmp_path / "run")
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
+    with pytest.raises(SystemExit):
+        image_sample.main(tiny_flags(**common))
+    monkeypatch.delenv(run_store.STOP_AFTER_ENV)
+    _swap_weights_keeping_size_and_mtime(model, 7)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        image_sample.main(tiny_flags(**common))
+    assert refused.value.code == 2
+    out, err = capsys.readouterr()
+    assert f"cannot resume: the unfinished run in {tmp_path / 'run'}" in err
+    assert f"--model_path {model} holds other content (sha256 " in err
+    assert "loading diffusion model" not in out
+    # Nothing of the second model was added to the first one's parts.
+    parts = tmp_path / "run" / "samples_4x32x32x3_parts"
+    assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "run.json"]
+
+
+def test_file_digest_is_cached_per_identity_and_sees_a_swap(tmp_path, monkeypatch):
+    from guided_diffusion import file_digest
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    calls = []
+    real = file_digest.sha256_of
+    monkeypatch.setattr(file_digest, "sha256_of", lambda p: calls.append(p) or real(p))
+    first = file_digest.file_digest(str(path))
+    monkeypatch.setattr(file_digest, "_memo", {})  # another process: only the on-disk cache is left
+    assert file_digest.file_digest(str(path)) == first and len(calls) == 1
+    before = os.stat(path)
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    swapped = file_digest.file_digest(str(path))
+    assert swapped != first and len(calls) == 2
+    import hashlib
+
+    assert swapped == hashlib.sha256(b"b" * 1000).hexdigest()
+    # A folder of inputs (inverse_sample.py's --data_dir) changes its digest with any file's content or name.
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"1")
+    (images / "b.png").write_bytes(b"2")
+    record = file_digest.file_record(str(images))
+    assert record["files"] == 2
+    (images / "b.png").write_bytes(b"3")
+    assert file_digest.file_record(str(images))["sha256"] != record["sha256"]
+    (images / "b.png").write_bytes(b"2")
+    assert file_digest.file_record(str(images)) == record
+    (images / "b.png").rename(images / "c.png")
+    assert file_digest.file_record(str(images))["sha256"] != record["sha256"]
+
+
+def _error_lines(err):
+    return [line for line in err.splitlines() if ": error: " in line]
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("out_dir", "--out_dir '/proc/pag_adm_run' cannot be written: cannot create files in '/proc'"),
+        ("grid", "--grid '/proc/g.png' cannot be written: cannot create files in '/proc'"),
+        ("grid_folder", "is a folder, not a file"),
+    ],
+)
+def test_unwritable_outputs_are_refused_before_the_model_loads(image_sample, ckpt, tmp_path, capsys, where, message):
+    # /proc takes no new files even for root, so this holds however the tests run.
+    values = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path / "run")
+    if where == "out_dir":
+        values["out_dir"] = "/proc/pag_adm_run"
+    elif where == "grid":
+        values["grid"] = "/proc/g.png"
+    else:
+        (tmp_path / "g.png").mkdir()
+        values["grid"] = tmp_path / "g.png"
+    with pytest.raises(SystemExit) as refused:
+        image_sample.main(tiny_flags(**values))
+    assert refused.value.code == 2
+    out, err = capsys.readouterr()
+    lines = _error_lines(err)
+    assert len(lines) == 1 and message in lines[0], err
+    assert "loading diffusion model" not in out and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_grid_that_fails_after_sampling_keeps_the_samples(image_sample, ckpt, tmp_path, monkeypatch, capsys):
+    def disk_full(path, images):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_store, "save_grid", disk_full)
+    out_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as failed:
+        image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=out_dir, grid="g.png"))
+    assert failed.value.code == 2
+    lines = _error_lines(capsys.readouterr().err)
+    final = out_dir / "samples_2x32x32x3.npz"
+    assert len(lines) == 1
+    assert f"--grid {out_dir / 'g.png'}: cannot write it (No space left on device); the samples are complete in {final}" in lines[0]
+    assert final.exists() and not (out_dir / "samples_2x32x32x3_parts").exists()
+
+
+def test_unwritable_reason_tries_a_probe_file(tmp_path, monkeypatch):
+    import tempfile
+
+    from guided_diffusion.atomic_io import unwritable_reason
+
+    assert unwritable_reason(str(tmp_path / "new" / "deeper")) is None
+    assert not (tmp_path / "new").exists() and os.listdir(tmp_path) == []
+    # What an unprivileged user meets in a read-only folder: creating the probe fails.
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    reason = unwritable_reason(str(tmp_path / "out"))
+    assert reason == f"{str(tmp_path / 'out')!r} cannot be written: cannot create files in {str(tmp_path)!r} (Permission denied)"
+
+
+_HOLD_LOCK = """
+import sys, time
+from guided_diffusion.run_store import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_job_on_a_folder_is_refused_and_a_dead_holder_is_taken_over(image_sample, ckpt, tmp_path, capsys):
+    import socket
+
+    out_dir = tmp_path / "run"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(out_dir)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        common = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=out_dir)
+        with pytest.raises(SystemExit) as refused:
+            image_sample.main(tiny_flags(**common))
+        assert refused.value.code == 2
+        out, err = capsys.readouterr()
+        lines = _error_lines(err)
+        assert len(lines) == 1
+        assert f"{out_dir} is in use by another sampling run (pid {holder.pid} on {socket.gethostname()}" in lines[0]
+        assert "loading diffusion model" not in out
+        assert os.listdir(out_dir) == [run_store.LOCK_NAME]  # the holder's, untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without cleaning up: its lock file stays, naming a dead pid, and is taken over.
+    assert (out_dir / run_store.LOCK_NAME).exists()
+    out = run_main(image_sample, tiny_flags(**common))
+    assert out["arr_0"].shape == (2, 32, 32, 3)
+    assert not (out_dir / run_store.LOCK_NAME).exists()
+
+
+def test_run_lock_excludes_a_second_holder(tmp_path):
+    first, second = run_store.RunLock(str(tmp_path)), run_store.RunLock(str(tmp_path))
+    assert first.acquire() is None
+    assert run_store.lock_holder(str(tmp_path)).startswith(f"pid {os.getpid()} on ")
+    with pytest.raises(UsageError, match=f"is in use by another sampling run \\(pid {os.getpid()} on "):
+        second.acquire()
+    first.release()
+    assert run_store.lock_holder(str(tmp_path)) is None
+    assert second.acquire() is None
+    second.release()
+
+
+def test_a_finished_run_is_kept_recorded_and_not_resampled(image_sample, ckpt, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    common = dict(model_path=ckpt.uncond, num_samples=3, batch_size=2, seed=5, out_dir=out_dir, grid="grid.png")
+    first = run_main(image_sample, tiny_flags(**common))
+    final = out_dir / "samples_3x32x32x3.npz"
+    record = json.loads((out_dir / "samples_3x32x32x3.json").read_text())
+    assert record["complete"] and record["seed"] == 5 and record["num_samples"] == 3
+    assert record["flags"]["batch_size"] == 2 and record["flags"]["model_path"] == ckpt.uncond
+    assert record["record"]["flags"]["model_path"]["sha256"] == hashlib.sha256(open(ckpt.uncond, "rb").read()).hexdigest()
+    env = record["environment"]
+    assert env["torch"] == th.__version__ and env["device"] == "cpu" and env["ranks"] == 1
+    assert "git_commit" in env
+    stamp = os.stat(final).st_mtime_ns
+    capsys.readouterr()
+
+    # The same command again (another batch size is the same run): complete, nothing sampled, exit 0.
+    (out_dir / "grid.png").unlink()
+    again = image_sample.main(tiny_flags(**{**common, "batch_size": 3}))
+    out, _ = capsys.readouterr()
+    assert again == str(final) and os.stat(final).st_mtime_ns == stamp
+    assert f"{final} is already complete" in out and "loading diffusion model" not in out
+    grid = _read_image((out_dir / "grid.png").read_bytes())  # written again from the finished samples
+    np.testing.assert_array_equal(grid[2:34, 2:34], first["arr_0"][0])
+
+    # Parts a concurrent job left behind do not block the finished samples.
+    stale = out_dir / "samples_3x32x32x3_parts"
+    stale.mkdir()
+    (stale / "000000000-000000002.npz").write_bytes(b"x")
+    assert image_sample.main(tiny_flags(**common)) == str(final)
+
+    # Other settings: refused before loading anything, unless --overwrite.
+    with pytest.raises(SystemExit) as refused:
+        image_sample.main(tiny_flags(**{**common, "pag_scale": 1.5}))
+    assert refused.value.code == 2
+    out, err = capsys.readouterr()
+    assert f"{final} holds finished samples made with other settings: --pag_scale 0.0 (now 1.5)" in err
+    assert "--overwrite True" in err and "loading diffusion model" not in out
+    redone = run_main(image_sample, tiny_flags(**{**common, "pag_scale": 1.5, "overwrite": True}))
+    assert not np.array_equal(redone["arr_0"], first["arr_0"])
+    assert json.loads((out_dir / "samples_3x32x32x3.json").read_text())["flags"]["pag_scale"] == 1.5
+    grid = _read_image((out_dir / "grid.png").read_bytes())
+    np.testing.assert_array_equal(grid[2:34, 2:34], redone["arr_0"][0])
+    assert not stale.exists()
+
+
+def test_a_folder_finished_by_another_job_meanwhile_is_not_resampled(image_sample, ckpt, tmp_path, monkeypatch, capsys):
+    common = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2, seed=1)
+    run_main(image_sample, tiny_flags(out_dir=tmp_path / "other", **common))
+    real = run_store.acquire_run_lock
+
+    def finished_meanwhile(out_dir, comm):
+        # The other job finished this folder after start_run looked and before this one took the lock.
+        for name in ("samples_2x32x32x3.npz", "samples_2x32x32x3.json"):
+            shutil.copy2(tmp_path / "other" / name, tmp_path / "run" / name)
+        return real(out_dir, comm)
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(run_store, "acquire_run_lock", finished_meanwhile)
+    capsys.readouterr()
+    path = image_sample.main(tiny_flags(out_dir=tmp_path / "run", **common))
+    assert path == str(tmp_path / "run" / "samples_2x32x32x3.npz")
+    assert "is already complete" in capsys.readouterr().out
+    assert os.stat(path).st_mtime_ns == os.stat(tmp_path / "other" / "samples_2x32x32x3.npz").st_mtime_ns
+    assert not (tmp_path / "run" / "log.txt").exists()
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec is not installed")
@@ -532,18 +799,26 @@ def test_grid_format_follows_its_name_and_bare_names_go_in_the_run_folder(image_
 
 
 def test_ctrl_c_says_how_to_resume(image_sample, ckpt, tmp_path, capsys, monkeypatch):
+    import tempfile
+
     from guided_diffusion import sampling_cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    # Without --out_dir the run goes to a fresh temporary folder (as in ADM): "rerun the same command" alone would
+    # start over in another one, so the message names the folder to pass.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
     monkeypatch.setattr(sampling_cli, "sample_images", interrupted)
     with pytest.raises(SystemExit) as stopped:
-        image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path / "run"))
+        image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2))
     assert stopped.value.code == 130
     err = capsys.readouterr().err
-    assert "interrupted. Finished batches are kept: rerun the same command" in err
+    (folder,) = [p for p in tmp_path.iterdir() if p.name.startswith("openai-")]
+    assert f"interrupted. Finished batches are kept in {folder}: rerun the same command with --out_dir {folder}" in err
     assert "Traceback" not in err
+    assert f"rerun with --out_dir {folder}" in (folder / "log.txt").read_text()
 
 
 # --- classifier_sample.py -------------------------------------------------------------------------------------
