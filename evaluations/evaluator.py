@@ -41,7 +41,7 @@ from evaluations.feature_nets import (
     net_is_fid_inception,
     net_logits,
 )
-from evaluations.file_digest import file_digest
+from guided_diffusion.file_digest import file_digest
 from evaluations.frechet import FIDStatistics, compute_statistics, singular_covariance_warning
 from evaluations.inception_score import inception_score
 from evaluations.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
@@ -86,7 +86,7 @@ class Activations:
 class ActivationCache:
     """
     Activations stored per (batch content, feature network). A batch file is identified by the
-    SHA-256 of its bytes (evaluations.file_digest, remembered per path, size, mtime and ctime so a
+    SHA-256 of its bytes (guided_diffusion.file_digest, remembered per path, size, mtime and ctime so a
     batch is hashed once), so a file replaced by other images is embedded again whatever its
     size and modification time; the network by its name and weights digest, so a retrained
     network of the same name is too.
@@ -96,7 +96,7 @@ class ActivationCache:
         self.directory = str(directory)
 
     def content_digest(self, npz_path):
-        return file_digest(npz_path, memo_dir=os.path.join(self.directory, "digests"))
+        return file_digest(npz_path)
 
     def path_for(self, npz_path, identity):
         """

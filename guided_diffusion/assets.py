@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 
 from .errors import REPO_ROOT
+from .file_digest import sha256_of
 
 BASE_URL_ENV = "PAG_ADM_ASSET_BASE_URL"
 INCEPTION_PATH_ENV = "PAG_ADM_INCEPTION_PATH"
@@ -272,16 +273,6 @@ class VerificationError(Exception):
     """A file that is not the released one; the message says how it differs."""
 
 
-def sha256_file(path, chunk=1 << 20):
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_prefix_in_name(name):
     """The hex digits torch hub's naming puts before the extension ('...-6726825d.pth' -> '6726825d'), or None."""
     m = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$", name)
@@ -387,7 +378,7 @@ def verify(asset, path):
         return "an npz of uint8 images in arr_0"
     if asset.check == "sha256_name":
         prefix = sha256_prefix_in_name(asset.published_name)
-        digest = sha256_file(path)
+        digest = sha256_of(path)
         if not digest.startswith(prefix):
             raise VerificationError(f"its sha256 is {digest[:16]}..., but its name says it starts with {prefix}")
         return f"sha256 starts with {prefix}"
