@@ -32,9 +32,12 @@ FLAGS_FREE_ON_RESUME = ("batch_size", "grid", "out_dir")
 
 
 def mpi_comm():
-    from mpi4py import MPI
+    """
+    The run's communicator, whichever launcher started it (mpiexec, torchrun, srun; see launch_env.py).
+    """
+    from .launch_env import comm
 
-    return MPI.COMM_WORLD
+    return comm()
 
 
 def _all_ok(comm, error):
