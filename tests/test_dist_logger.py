@@ -16,6 +16,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # Two ranks on a host with one GPU share it.
+    env["GUIDED_DIFFUSION_SHARE_GPUS"] = "1"
     return env
 
 

@@ -39,6 +39,8 @@ def _clean_env():
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
+    # Two ranks on a host with one GPU share it.
+    env[launch_env.SHARE_GPUS_ENV] = "1"
     env.pop("GUIDED_DIFFUSION_SAMPLE_STOP_AFTER", None)
     return env
 
