@@ -106,8 +106,12 @@ def detect(env=None, mpi_world=None):
             master_addr=env.get("MASTER_ADDR"),
             master_port=_env_int(env, "MASTER_PORT"),
         )
-    world = (mpi_world or _mpi_world)()
-    if world.Get_size() > 1:
+    try:
+        world = (mpi_world or _mpi_world)()
+    except (ImportError, RuntimeError):
+        # mpi4py missing or without a working MPI library: then no MPI launcher started this process.
+        world = None
+    if world is not None and world.Get_size() > 1:
         local_rank, local_world = _mpi_local_rank(world)
         return SimpleNamespace(
             launcher="mpiexec",
@@ -250,6 +254,21 @@ class TorchComm:
     barrier = Barrier
 
 
+class SingleComm(TorchComm):
+    """
+    The communicator of one process where MPI is unavailable: every collective returns its own input.
+    """
+
+    def __init__(self):
+        super().__init__(0, 1)
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def allgather(self, obj):
+        return [obj]
+
+
 def comm():
     """
     The communicator of this run: MPI's COMM_WORLD under mpiexec (and for one process, as ADM), a TorchComm under
@@ -264,7 +283,10 @@ def comm():
             dist_util.setup_dist()
             _COMM = TorchComm(launch.rank, launch.world_size)
         else:
-            _COMM = _mpi_world()
+            try:
+                _COMM = _mpi_world()
+            except (ImportError, RuntimeError):
+                _COMM = SingleComm()
     return _COMM
 
 

@@ -142,6 +142,12 @@ def sampler_command(row, opts, extra, missing=None, subfolder=""):
     for flag in ("out_dir",):
         if f"--{flag}" in extra:
             raise ReproduceError(f"--{flag} cannot be passed to the sampler: reproduce.py sets it (--results)")
+    if any(token == "--shard" or token.startswith("--shard=") for token in extra):
+        raise ReproduceError(
+            "--shard cannot be passed through reproduce.py, which samples whole rows: run the shards with the "
+            "sampler itself, join them with scripts/merge_shards.py and evaluate the merged .npz with "
+            "evaluations/evaluator.py"
+        )
     out_dir = os.path.join(os.path.abspath(opts.results), row.name, *([subfolder] if subfolder else []))
     first = parse_sampler_flags(row, ["@" + row.path, *extra])
     tokens = ["@" + row.path, *extra]

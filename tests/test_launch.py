@@ -266,3 +266,17 @@ def test_srun_two_ranks_match_one_process(one_process, tmp_path):
     results = run_srun_emulation([IMAGE_SAMPLE, *TINY_RUN, "--out_dir", str(tmp_path)])
     assert all(code == 0 for code, _ in results), [out[-3000:] for _, out in results]
     _check_two_rank_run(tmp_path, one_process)
+
+
+def test_single_process_without_mpi(monkeypatch):
+    def no_mpi():
+        raise ImportError("No module named 'mpi4py'")
+
+    launch = launch_env.detect(env={}, mpi_world=no_mpi)
+    assert (launch.launcher, launch.rank, launch.world_size) == ("none", 0, 1)
+    monkeypatch.setattr(launch_env, "_mpi_world", no_mpi)
+    monkeypatch.setattr(launch_env, "_INFO", launch)
+    monkeypatch.setattr(launch_env, "_COMM", None)
+    comm = launch_env.comm()
+    assert (comm.rank, comm.size, comm.bcast("x"), comm.allgather(3), comm.gather(4)) == (0, 1, "x", [3], [4])
+    comm.Barrier()

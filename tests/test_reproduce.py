@@ -570,3 +570,10 @@ def test_bad_launcher_flags(reproduce, flags, message):
     with pytest.raises(ValueError) as info:
         reproduce.launch_settings(opts)
     assert str(info.value).startswith(message)
+
+
+def test_shard_is_not_passed_through(reproduce, world, tmp_path):
+    opts = reproduce.create_argparser().parse_args(["x", "--results", str(tmp_path)])
+    row = select_configs(["tiny_pag"], str(world / "configs"))[0]
+    with pytest.raises(ReproduceError, match="--shard cannot be passed through reproduce.py"):
+        reproduce.sampler_command(row, opts, ["--shard", "0/2"])
