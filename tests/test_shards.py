@@ -102,3 +102,12 @@ def test_merge_rejects_shards_of_different_batch_sizes(image_sample, merge, tmp_
         capsys.readouterr().err
     )
     assert not os.path.exists(out / "samples_7x16x16x3.npz")
+
+
+def test_bad_shard_is_one_usage_line(image_sample, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        image_sample.main(TINY_RUN + ["--out_dir", str(tmp_path / "bad"), "--shard", "5/2"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("error: --shard '5/2': the shard index must be 0 .. 1 for 2 shards")
+    assert not os.path.exists(tmp_path / "bad")
