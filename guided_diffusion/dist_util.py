@@ -56,7 +56,9 @@ def setup_dist():
     elif launch.launcher in ("torchrun", "srun"):
         addr, port = launch.master_addr, launch.master_port
         if addr is None or port is None:
-            raise RuntimeError(
+            from .errors import UsageError
+
+            raise UsageError(
                 f"{launch.launcher} started {launch.world_size} ranks but MASTER_ADDR / MASTER_PORT are not set; "
                 "export both (rank 0's host and a free port) before launching"
             )

@@ -297,10 +297,13 @@ def gpu_index(local_rank, local_world_size, device_count, share=None):
     """
     if share is None:
         share = os.environ.get(SHARE_GPUS_ENV, "").strip() not in ("", "0")
+    from .errors import UsageError
+
     if device_count < 1:
-        raise RuntimeError("CUDA is available but reports no GPUs")
+        raise UsageError("CUDA is available but reports no GPUs")
     if local_world_size > device_count and not share:
-        raise RuntimeError(
+        # A UsageError: the scripts print it as one line and exit with status 2.
+        raise UsageError(
             f"{local_world_size} ranks run on this node but it has {device_count} GPU(s) visible: start at most "
             f"{device_count} ranks per node, or set {SHARE_GPUS_ENV}=1 to let ranks share GPUs"
         )

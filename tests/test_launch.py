@@ -14,6 +14,7 @@ import pytest
 import torch as th
 
 from guided_diffusion import dist_util, launch_env
+from guided_diffusion.errors import UsageError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SAMPLE = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
@@ -157,7 +158,7 @@ def test_one_gpu_two_ranks_is_an_error(monkeypatch):
     monkeypatch.delenv(launch_env.SHARE_GPUS_ENV, raising=False)
     for rank in (0, 1):
         _devices(monkeypatch, 1, _launch(rank, 2, 2))
-        with pytest.raises(RuntimeError) as info:
+        with pytest.raises(UsageError) as info:
             dist_util.dev()
         assert str(info.value) == (
             "2 ranks run on this node but it has 1 GPU(s) visible: start at most 1 ranks per node, "
@@ -280,3 +281,23 @@ def test_single_process_without_mpi(monkeypatch):
     comm = launch_env.comm()
     assert (comm.rank, comm.size, comm.bcast("x"), comm.allgather(3), comm.gather(4)) == (0, 1, "x", [3], [4])
     comm.Barrier()
+
+
+def test_oversubscribed_node_is_one_line_from_a_sampler(monkeypatch, capsys, tmp_path):
+    # Two torchrun-style ranks on a node with one GPU: the sampler stops on its first device lookup, in one line.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_launch_image_sample", IMAGE_SAMPLE)
+    image_sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(image_sample)
+    monkeypatch.delenv(launch_env.SHARE_GPUS_ENV, raising=False)
+    _devices(monkeypatch, 1, SimpleNamespace(launcher="none", rank=0, world_size=1, local_rank=0,
+                                              local_world_size=2, master_addr=None, master_port=None))
+    with pytest.raises(SystemExit) as stopped:
+        image_sample.main(TINY_RUN + ["--out_dir", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: 2 ranks run on this node but it has 1 GPU(s) visible: start at most 1 ranks per node, or set "
+        "GUIDED_DIFFUSION_SHARE_GPUS=1 to let ranks share GPUs"
+    )
+    assert not os.path.exists(tmp_path / "run")
