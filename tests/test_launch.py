@@ -233,6 +233,12 @@ def test_collectives_under_torchrun(tmp_path):
     assert "ALL OK" in res.stdout
 
 
+def test_training_under_torchrun_keeps_replicas_equal(tmp_path):
+    res = run_torchrun([os.path.join(REPO_ROOT, "tests", "mpi_train_helper.py"), str(tmp_path)])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "ALL OK" in res.stdout
+
+
 def test_collectives_under_srun_emulation(tmp_path):
     results = run_srun_emulation([HELPER, str(tmp_path), "srun"])
     assert all(code == 0 for code, _ in results), [out[-3000:] for _, out in results]
