@@ -122,8 +122,9 @@ def detect(env=None, mpi_world=None):
             master_addr=env.get("MASTER_ADDR"),
             master_port=_env_int(env, "MASTER_PORT"),
         )
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        world = _env_int(env, "SLURM_STEP_NUM_TASKS", _env_int(env, "SLURM_NTASKS", 1))
+    slurm_world = _env_int(env, "SLURM_STEP_NUM_TASKS", _env_int(env, "SLURM_NTASKS", 1))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and slurm_world > 1:
+        world = slurm_world
         num_nodes = _env_int(env, "SLURM_STEP_NUM_NODES", _env_int(env, "SLURM_NNODES", 1))
         tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
         node_id = _env_int(env, "SLURM_NODEID", 0)

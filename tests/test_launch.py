@@ -307,3 +307,8 @@ def test_oversubscribed_node_is_one_line_from_a_sampler(monkeypatch, capsys, tmp
         "GUIDED_DIFFUSION_SHARE_GPUS=1 to let ranks share GPUs"
     )
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_one_task_srun_step_is_one_process():
+    env = dict(SLURM_PROCID="0", SLURM_STEP_ID="3", SLURM_STEP_NUM_TASKS="1", SLURM_NTASKS="8", SLURM_LOCALID="0")
+    assert launch_env.detect(env=env, mpi_world=lambda: FakeWorld(1)).launcher == "none"
