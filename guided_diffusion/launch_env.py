@@ -70,6 +70,10 @@ def slurm_first_host(nodelist):
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def _torchrun(env):
+    return "RANK" in env and "WORLD_SIZE" in env and ("LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env)
+
+
 def _mpi_local_rank(world):
     """
     (node-local rank, ranks on this node) under MPI: the ranks sharing this node's memory (MPI.COMM_TYPE_SHARED).
@@ -94,7 +98,7 @@ def detect(env=None, mpi_world=None):
                 (default mpi4py's), for tests.
     """
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env and ("LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env):
+    if _torchrun(env):
         world = _env_int(env, "WORLD_SIZE")
         local_world = _env_int(env, "LOCAL_WORLD_SIZE", world)
         return SimpleNamespace(
@@ -202,7 +206,7 @@ def rank_from_env(env=None):
     PMIX_RANK, an srun step's SLURM_PROCID; 0 otherwise.
     """
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if _torchrun(env):
         return _env_int(env, "RANK", 0)
     for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
         if name in env:

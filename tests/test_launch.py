@@ -101,7 +101,7 @@ def test_batch_script_is_not_an_srun_step():
 def test_rank_from_env():
     assert launch_env.rank_from_env({"PMI_RANK": "3"}) == 3
     assert launch_env.rank_from_env({"OMPI_COMM_WORLD_RANK": "2"}) == 2
-    assert launch_env.rank_from_env({"RANK": "4", "WORLD_SIZE": "8"}) == 4
+    assert launch_env.rank_from_env({"RANK": "4", "WORLD_SIZE": "8", "LOCAL_RANK": "0"}) == 4
     assert launch_env.rank_from_env({"SLURM_PROCID": "5", "SLURM_STEP_ID": "1"}) == 5
     assert launch_env.rank_from_env({}) == 0
 
@@ -115,10 +115,12 @@ def test_logger_names_rank_files_under_torchrun_and_srun(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("RANK", "2")
         monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_RANK", "0")
         logger.configure(dir=str(tmp_path / "t"))
         logger.get_current().close()
         monkeypatch.delenv("RANK")
         monkeypatch.delenv("WORLD_SIZE")
+        monkeypatch.delenv("LOCAL_RANK")
         monkeypatch.setenv("SLURM_PROCID", "1")
         monkeypatch.setenv("SLURM_STEP_ID", "0")
         logger.configure(dir=str(tmp_path / "s"))
