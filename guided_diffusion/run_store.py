@@ -290,6 +290,8 @@ def run_sampling(*, script, args, out_dir, image_shape, sample_batch, record, co
     if comm.rank == 0:
         if shard:
             logger.log(f"shard {shard[0]}/{shard[1]}: samples {first} .. {last - 1} of {args.num_samples}")
+            if args.grid:
+                logger.log("no --grid for a shard: scripts/merge_shards.py --grid draws it from the merged samples")
         if done:
             logger.log(f"resuming: {done_count} of {total} samples already in {parts_dir}")
         logger.log(f"sampling {total - done_count} images in {len(todo)} batches on {comm.size} rank(s)")
