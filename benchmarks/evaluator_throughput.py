@@ -33,8 +33,9 @@ from evaluations.precision_recall import ManifoldEstimator
 
 
 def _sync(device):
+    # The device the work ran on (--device cuda:N), not the current one (cuda:0 unless set).
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def build_nets(args, device):

@@ -37,6 +37,7 @@ from guided_diffusion import unet  # noqa: E402
 from guided_diffusion.atomic_io import write_json_atomic  # noqa: E402
 from guided_diffusion.flag_files import config_flags, resolve_config  # noqa: E402
 from guided_diffusion.pag import PAGGuidedModel  # noqa: E402
+from guided_diffusion.precision import apply_precision_policy  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs per variant first")
     parser.add_argument("--extra", default="", help="comma-separated extra rows: channels_last, compile")
     parser.add_argument("--memory", type=str2bool, default=True, help="measure peak memory")
+    parser.add_argument("--allow_tf32", action="store_true",
+                        help="let CUDA use TF32 in convolutions and matmuls (the samplers' --allow_tf32; default off, "
+                        "as sampling runs)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="", help="also write the figures to this JSON file")
@@ -153,24 +157,52 @@ def build(args):
 
 def make_variants(args, model, scale, layers):
     """
-    name -> (callable model for the sampler, attention backend).
+    name -> (callable model for the sampler, attention backend, the module it runs: model or an extra's copy).
+
+    The extra rows' copies (channels_last, compile) are kept on the CPU and moved to the device only for their own
+    runs (see on_device), so no row's peak memory holds another row's weights.
     """
     variants = {
-        VARIANTS[0]: (model, "einsum"),
-        VARIANTS[1]: (model, "sdpa"),
-        VARIANTS[2]: (PAGGuidedModel(model, scale, layers, batched=False), "einsum"),
-        VARIANTS[3]: (PAGGuidedModel(model, scale, layers), "sdpa"),
+        VARIANTS[0]: (model, "einsum", model),
+        VARIANTS[1]: (model, "sdpa", model),
+        VARIANTS[2]: (PAGGuidedModel(model, scale, layers, batched=False), "einsum", model),
+        VARIANTS[3]: (PAGGuidedModel(model, scale, layers), "sdpa", model),
     }
     if "channels_last" in args.extra:
-        fast = copy.deepcopy(model).to(memory_format=th.channels_last)
-        variants[EXTRAS["channels_last"]] = (PAGGuidedModel(fast, scale, layers), "sdpa")
+        fast = copy.deepcopy(model).to("cpu").to(memory_format=th.channels_last)
+        variants[EXTRAS["channels_last"]] = (PAGGuidedModel(fast, scale, layers), "sdpa", fast)
     if "compile" in args.extra:
-        compiled = copy.deepcopy(model)
+        compiled = copy.deepcopy(model).to("cpu")
         # The torso loop is what both the plain forward and PAG's shared prefix call; compiling it keeps
         # PAGGuidedModel's prefix sharing, which a compiled wrapper around the whole model would disable.
         compiled.run_stages = th.compile(compiled.run_stages)
-        variants[EXTRAS["compile"]] = (PAGGuidedModel(compiled, scale, layers), "sdpa")
+        variants[EXTRAS["compile"]] = (PAGGuidedModel(compiled, scale, layers), "sdpa", compiled)
+    if th.device(args.device).type == "cuda":
+        th.cuda.empty_cache()
     return variants
+
+
+class on_device:
+    """
+    With an extra row's copy: move the main model off the device and the copy onto it for the run, and back after
+    (nothing to do for the main model's own rows, or on the CPU).
+    """
+
+    def __init__(self, module, model, device):
+        self.swap = module is not model and device.type != "cpu"
+        self.module, self.model, self.device = module, model, device
+
+    def __enter__(self):
+        if self.swap:
+            self.model.to("cpu")
+            th.cuda.empty_cache()
+            self.module.to(self.device)
+
+    def __exit__(self, *exc):
+        if self.swap:
+            self.module.to("cpu")
+            th.cuda.empty_cache()
+            self.model.to(self.device)
 
 
 def sample(diffusion, fn, backend, noise, kwargs, channels_last=False):
@@ -193,7 +225,7 @@ def memory_probe(args):
     """
     _, scale, layers, model, diffusion, noise, kwargs = build(args)
     variants = make_variants(args, model, scale, layers)
-    fn, backend = variants[args.memory_probe]
+    fn, backend, _ = variants[args.memory_probe]
     baseline = _status_kib("VmRSS")
     # Writing 5 to clear_refs resets the peak (VmHWM) to the current resident size (Linux 4.0 or later).
     with open("/proc/self/clear_refs", "w") as f:
@@ -222,6 +254,8 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     device = th.device(args.device)
+    # The samplers' precision policy (guided_diffusion/precision.py): TF32 off unless asked for.
+    apply_precision_policy(allow_tf32=args.allow_tf32)
     flags, scale, layers, model, diffusion, noise, kwargs = build(args)
     variants = make_variants(args, model, scale, layers)
     times = {name: [] for name in variants}
@@ -229,20 +263,22 @@ def main(argv=None):
     samples = {}
 
     def run(name):
-        fn, backend = variants[name]
+        fn, backend, _ = variants[name]
         samples[name] = sample(diffusion, fn, backend, noise, kwargs, channels_last=name == EXTRAS["channels_last"])
 
     for _ in tqdm(range(args.warmup), desc="warmup", disable=not args.warmup):
         for name in variants:
-            run(name)
+            with on_device(variants[name][2], model, device):
+                run(name)
     # Interleaved, so slow phases of a shared machine fall on every variant.
     for _ in tqdm(range(args.repeats), desc="timing"):
         for name in variants:
+            with on_device(variants[name][2], model, device):
+                if device.type == "cuda":
+                    th.cuda.reset_peak_memory_stats(device)
+                times[name].append(timed(lambda: run(name), device))
+                peak = th.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
             if device.type == "cuda":
-                th.cuda.reset_peak_memory_stats(device)
-            times[name].append(timed(lambda: run(name), device))
-            if device.type == "cuda":
-                peak = th.cuda.max_memory_allocated(device) / 2 ** 20
                 peaks[name] = peak if peaks[name] is None else max(peaks[name], peak)
     if args.memory and device.type == "cpu":
         for name in tqdm(list(variants), desc="memory"):
@@ -252,7 +288,7 @@ def main(argv=None):
     guided_gap = (samples[VARIANTS[3]] - samples[OFFICIAL]).abs().max().item()
     medians = {name: statistics.median(values) for name, values in times.items()}
     n_params = sum(p.numel() for p in model.parameters())
-    precision = "float16 torso" if args.use_fp16 else "float32"
+    precision = ("float16 torso" if args.use_fp16 else "float32") + (", TF32 allowed" if args.allow_tf32 else "")
     memory_what = "peak allocated (MiB)" if device.type == "cuda" else "peak RSS added (MiB)"
     print()
     print(

@@ -1,7 +1,10 @@
 """
-Helpers for distributed training: MPI starts the processes, torch.distributed moves the tensors.
+Helpers for distributed training and sampling: a launcher starts the processes (mpiexec as in ADM, torchrun, or
+SLURM's srun; see launch_env.py), torch.distributed moves the tensors.
 
-Works under `mpiexec -n N` and as a single plain process (mpi4py's COMM_WORLD then has size 1).
+Works as a single plain process too. The process group serves CUDA tensors with NCCL and CPU tensors with gloo
+("cuda:nccl,cpu:gloo") on GPU hosts, plain gloo elsewhere, so CPU collectives work everywhere. Each node-local rank
+gets its own GPU.
 """
 
 import atexit
@@ -12,50 +15,76 @@ import socket
 import blobfile as bf
 import torch as th
 import torch.distributed as dist
-from mpi4py import MPI
 
-# How many GPUs a node is assumed to have when mapping MPI ranks to devices.
-GPUS_PER_NODE = 8
+from . import launch_env
 
-# Bytes per MPI broadcast when sharing a checkpoint; pickled messages above 2 GiB fail in MPI.
+# Bytes per broadcast when sharing a checkpoint; pickled MPI messages above 2 GiB fail.
 _CHUNK_SIZE = 2**30
+
+
+def backend():
+    """
+    The torch.distributed backend: NCCL for CUDA tensors plus gloo for CPU ones on GPU hosts, gloo alone elsewhere.
+    """
+    return "cuda:nccl,cpu:gloo" if th.cuda.is_available() else "gloo"
 
 
 def setup_dist():
     """
-    Set up a torch.distributed process group spanning the MPI world.
+    Set up a torch.distributed process group spanning the launcher's ranks. Leaves the launcher's variables
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) as they are; under mpiexec, rank 0 picks the address and a free
+    port unless MASTER_ADDR / MASTER_PORT are set.
 
     Calling it again once the group exists does nothing.
     """
     if dist.is_initialized():
         return
-    comm = MPI.COMM_WORLD
-    backend = "nccl" if th.cuda.is_available() else "gloo"
-
+    launch = launch_env.info()
     if th.cuda.is_available():
         th.cuda.set_device(dev())
 
-    hostnames = comm.allgather(socket.gethostname())
-    single_host = len(set(hostnames)) == 1
-    master_addr = None
-    if comm.rank == 0:
-        master_addr = _master_address(single_host)
-    master_addr = comm.bcast(master_addr, root=0)
-    port = comm.bcast(_find_free_port() if comm.rank == 0 else None, root=0)
+    if launch.launcher == "mpiexec":
+        comm = launch_env.comm()
+        hostnames = comm.allgather(socket.gethostname())
+        single_host = len(set(hostnames)) == 1
+        addr = launch.master_addr
+        if addr is None:
+            addr = comm.bcast(_master_address(single_host) if comm.rank == 0 else None, root=0)
+        port = launch.master_port
+        if port is None:
+            port = comm.bcast(_find_free_port() if comm.rank == 0 else None, root=0)
+    elif launch.launcher in ("torchrun", "srun"):
+        addr, port = launch.master_addr, launch.master_port
+        if addr is None or port is None:
+            from .errors import UsageError
 
-    os.environ["MASTER_ADDR"] = master_addr
-    os.environ["MASTER_PORT"] = str(port)
-    os.environ["RANK"] = str(comm.rank)
-    os.environ["WORLD_SIZE"] = str(comm.size)
-    if backend == "gloo" and single_host and "GLOO_SOCKET_IFNAME" not in os.environ:
-        # Gloo otherwise binds to whatever the hostname resolves to, which in containers
-        # is often missing or unreachable; all ranks share this machine, so loopback works.
+            raise UsageError(
+                f"{launch.launcher} started {launch.world_size} ranks but MASTER_ADDR / MASTER_PORT are not set; "
+                "export both (rank 0's host and a free port) before launching"
+            )
+        single_host = launch.local_world_size == launch.world_size
+    else:
+        addr, port, single_host = "127.0.0.1", _find_free_port(), True
+    if single_host and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # Gloo otherwise binds to whatever the hostname resolves to, which in containers is often missing or
+        # unreachable; all ranks share this machine, so loopback works.
         os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
 
-    dist.init_process_group(backend=backend, init_method="env://")
+    if launch.launcher == "torchrun":
+        # torchrun's own rendezvous variables (and its agent's store, when it offers one).
+        init = "env://"
+    else:
+        init = f"tcp://{_url_host(addr)}:{port}"
+    dist.init_process_group(
+        backend=backend(), init_method=init, rank=launch.rank, world_size=launch.world_size
+    )
     # Tear the group down before MPI finalizes; a live gloo group at interpreter exit aborts
     # the process under mpiexec.
     atexit.register(_destroy_process_group)
+
+
+def _url_host(addr):
+    return f"[{addr}]" if ":" in addr else addr
 
 
 def _destroy_process_group():
@@ -64,23 +93,21 @@ def _destroy_process_group():
     # Every rank tears its group down together, and none exits before all have: a rank that exits first closes
     # its gloo sockets (rank 0 also the rendezvous store) under the others' background threads, which then abort
     # the process ("terminate called without an active exception", seen about once in ten two-rank runs).
-    comm = MPI.COMM_WORLD
-    comm.Barrier()
-    dist.destroy_process_group()
-    comm.Barrier()
+    if launch_env.info().launcher == "mpiexec":
+        comm = launch_env.comm()
+        comm.Barrier()
+        dist.destroy_process_group()
+        comm.Barrier()
+    else:
+        launch_env.comm().Barrier()
+        dist.destroy_process_group()
 
 
 def _master_address(single_host):
     if single_host:
         # Every rank runs here, so loopback always reaches rank 0.
         return "127.0.0.1"
-    try:
-        return socket.gethostbyname(socket.getfqdn())
-    except OSError as exc:
-        raise RuntimeError(
-            f"cannot resolve the address of rank 0's host {socket.getfqdn()!r} "
-            "for a multi-machine run; fix the host's name resolution"
-        ) from exc
+    return launch_env.resolve_host(socket.getfqdn())
 
 
 def _loopback_interface():
@@ -92,11 +119,13 @@ def _loopback_interface():
 
 def dev():
     """
-    The device this rank should use.
+    The device this rank should use: the GPU of its node-local rank (one each; see launch_env.gpu_index), else
+    the CPU.
     """
     if th.cuda.is_available():
-        index = MPI.COMM_WORLD.Get_rank() % GPUS_PER_NODE
-        return th.device(f"cuda:{index % th.cuda.device_count()}")
+        launch = launch_env.info()
+        index = launch_env.gpu_index(launch.local_rank, launch.local_world_size, th.cuda.device_count())
+        return th.device(f"cuda:{index}")
     return th.device("cpu")
 
 
@@ -105,7 +134,7 @@ def load_state_dict(path, **kwargs):
     Load a checkpoint without every rank hitting the file system: rank 0 reads the bytes
     and broadcasts them. All ranks must call this together. kwargs go to torch.load.
     """
-    comm = MPI.COMM_WORLD
+    comm = launch_env.comm()
     if comm.Get_rank() == 0:
         try:
             with bf.BlobFile(path, "rb") as f:

@@ -20,9 +20,9 @@ def exit_with_usage_error(parser, exc):
     Print a UsageError as argparse prints its own errors, without the long usage text (ADM's scripts have dozens
     of flags) and once per run rather than once per MPI rank; exit with status 2.
     """
-    from mpi4py import MPI
+    from .launch_env import rank
 
-    if MPI.COMM_WORLD.rank == 0:
+    if rank() == 0:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     raise SystemExit(2)
 

@@ -220,9 +220,9 @@ class PAGFlags(GuidanceFlags):
             # and batch size repeats its samples. (They still depend on the batch: the draws have its shape.)
             import torch
 
-            from .run_store import mpi_comm
+            from .launch_env import rank
 
-            torch.manual_seed(int(getattr(args, "seed", 0)) + mpi_comm().rank)
+            torch.manual_seed(int(getattr(args, "seed", 0)) + rank())
         return PAGGuidedModel(
             model, scale=args.pag_scale, layers=args.pag_layers, t_range=self.t_range(args), kind=kind, **params
         )

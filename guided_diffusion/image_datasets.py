@@ -7,8 +7,9 @@ import random
 
 import blobfile as bf
 import numpy as np
-from mpi4py import MPI
 from torch.utils.data import DataLoader, Dataset
+
+from . import launch_env
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
@@ -45,7 +46,7 @@ def load_data(
 
     images is an NCHW float tensor in [-1, 1]; kwargs holds "y", the class index, when
     class_cond is set. The class of a file is the part of its name before the first "_",
-    and classes are numbered in sorted order of those names. Each MPI rank reads its own
+    and classes are numbered in sorted order of those names. Each rank reads its own
     shard of the files.
 
     data_dir may also be an .npz file in ADM's sample/reference layout: `arr_0` NHWC uint8
@@ -53,7 +54,7 @@ def load_data(
     """
     if not data_dir:
         raise ValueError("unspecified data directory")
-    shard, num_shards = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    shard, num_shards = launch_env.rank(), launch_env.world_size()
     if data_dir.endswith(".npz"):
         if not bf.exists(data_dir):
             raise FileNotFoundError(f"dataset file does not exist: {data_dir}")

@@ -340,11 +340,11 @@ class Logger:
 
 
 def get_rank_without_mpi_import():
-    # Checking the launcher's environment avoids initialising MPI just to name log files.
-    for varname in ["PMI_RANK", "OMPI_COMM_WORLD_RANK"]:
-        if varname in os.environ:
-            return int(os.environ[varname])
-    return 0
+    # Checking the launcher's environment (mpiexec, torchrun or srun) avoids initialising MPI just to name log
+    # files.
+    from .launch_env import rank_from_env
+
+    return rank_from_env()
 
 
 def mpi_weighted_mean(comm, local_name2valcount):

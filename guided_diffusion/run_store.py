@@ -17,6 +17,10 @@ cannot mix samples of two models whose files share a name and size.
 
 A run holds a lock on its output folder (.run.lock, an flock the kernel drops when the process dies), taken by
 rank 0, so a second job on the same folder stops at start and names the holder instead of racing on the parts.
+
+With --shard i/n a run samples only the i-th of n contiguous slices of the row's batches (so its batches are the
+whole run's batches), into samples_{N}x{H}x{W}x{C}_shard{i}of{n}.npz with its own work folder; each shard is an
+independent, resumable job, and merge_shards joins the n shard files into the single .npz one run would write.
 """
 
 import errno
@@ -56,9 +60,12 @@ class RunComplete(Exception):
 
 
 def mpi_comm():
-    from mpi4py import MPI
+    """
+    The run's communicator, whichever launcher started it (mpiexec, torchrun, srun; see launch_env.py).
+    """
+    from .launch_env import comm
 
-    return MPI.COMM_WORLD
+    return comm()
 
 
 def _all_ok(comm, error):
@@ -70,13 +77,63 @@ def _all_ok(comm, error):
         raise UsageError(error)
 
 
-def output_paths(out_dir, num_samples, image_shape):
+def run_output_path(out_dir, args, image_shape):
     """
-    (final .npz, work folder) for a run; image_shape is (H, W, C).
+    The .npz a run of these flags writes (the shard's own file under --shard).
+    """
+    return output_paths(out_dir, args.num_samples, image_shape, parse_shard(getattr(args, "shard", "")))[0]
+
+
+def lock_name(args):
+    """
+    The lock file of a run: one per output folder, or one per shard, since a row's shards are independent jobs
+    that share their folder.
+    """
+    shard = parse_shard(getattr(args, "shard", ""))
+    return f".run-shard{shard[0]}of{shard[1]}.lock" if shard else LOCK_NAME
+
+
+def output_paths(out_dir, num_samples, image_shape, shard=None):
+    """
+    (final .npz, work folder) for a run; image_shape is (H, W, C); shard (i, n) or None.
     """
     shape_str = "x".join(str(d) for d in (num_samples, *image_shape))
-    final = os.path.join(out_dir, f"samples_{shape_str}.npz")
+    suffix = f"_shard{shard[0]}of{shard[1]}" if shard else ""
+    final = os.path.join(out_dir, f"samples_{shape_str}{suffix}.npz")
     return final, final[: -len(".npz")] + "_parts"
+
+
+def parse_shard(text):
+    """
+    (i, n) for --shard "i/n" (0 <= i < n), None for "".
+    """
+    if not text:
+        return None
+    pieces = str(text).split("/")
+    if len(pieces) != 2 or not all(p.strip().isdigit() for p in pieces):
+        raise UsageError(f"--shard {text!r} is malformed: expected i/n, e.g. 0/4 for the first of four shards")
+    index, count = int(pieces[0]), int(pieces[1])
+    if not 0 <= index < count:
+        raise UsageError(f"--shard {text!r}: the shard index must be 0 .. {count - 1} for {count} shards")
+    return index, count
+
+
+def shard_range(num_samples, batch_size, shard):
+    """
+    The half-open index range of shard (i, n): the i-th of n contiguous, near-equal slices of the run's batches of
+    batch_size, so that every shard samples exactly the batches one whole run would.
+    """
+    batches = -(-num_samples // batch_size)
+    if shard is None:
+        return 0, num_samples
+    index, count = shard
+    if count > batches:
+        raise UsageError(
+            f"--shard {index}/{count}: {num_samples} samples in batches of {batch_size} make only {batches} "
+            f"batch(es); use at most {batches} shards"
+        )
+    first, last = index * batches // count, (index + 1) * batches // count
+    return first * batch_size, min(num_samples, last * batch_size)
 
 
 def part_name(start, end):
@@ -105,16 +162,16 @@ def finished_ranges(parts_dir):
     return sorted(r for r in ranges if r is not None)
 
 
-def missing_batches(num_samples, done, batch_size):
+def missing_batches(num_samples, done, batch_size, first=0):
     """
-    Cut the indices 0 .. num_samples - 1 that no range in `done` covers into batches of at most batch_size
+    Cut the indices first .. num_samples - 1 that no range in `done` covers into batches of at most batch_size
     consecutive indices; each run of missing indices is cut separately, so every batch is one range.
     """
     covered = np.zeros(num_samples, dtype=bool)
     for start, end in done:
         covered[start:end] = True
     batches = []
-    index = 0
+    index = first
     while index < num_samples:
         if covered[index]:
             index += 1
@@ -136,6 +193,11 @@ def run_record(script, args, checkpoint_flags=()):
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in FLAGS_FREE_ON_RESUME}
     for flag in checkpoint_flags:
         flags[flag] = file_record(flags[flag])
+    shard = parse_shard(getattr(args, "shard", ""))
+    if shard:
+        # A shard's slice follows from --batch_size, so a resumed shard must keep it.
+        first, last = shard_range(args.num_samples, args.batch_size, shard)
+        flags["shard_range"] = f"{first}-{last}"
     return {"script": script, "flags": flags}
 
 
@@ -213,13 +275,13 @@ def _held_message(out_dir, holder):
     )
 
 
-def lock_holder(out_dir):
+def lock_holder(out_dir, name=LOCK_NAME):
     """
     Who holds the lock on out_dir (a text naming the pid and host), or None when nobody does. Creates nothing.
     """
     import fcntl
 
-    lock_path = os.path.join(out_dir, LOCK_NAME)
+    lock_path = os.path.join(out_dir, name)
     try:
         fd = os.open(lock_path, os.O_RDONLY)
     except OSError:
@@ -241,8 +303,8 @@ class RunLock:
     when the process ends in any way, so a lock left by a killed job is simply taken over.
     """
 
-    def __init__(self, out_dir):
-        self.path = os.path.join(out_dir, LOCK_NAME)
+    def __init__(self, out_dir, name=LOCK_NAME):
+        self.path = os.path.join(out_dir, name)
         self.fd = None
 
     def acquire(self):
@@ -287,14 +349,14 @@ class RunLock:
         self.fd = None
 
 
-def acquire_run_lock(out_dir, comm):
+def acquire_run_lock(out_dir, comm, name=LOCK_NAME):
     """
     Rank 0 takes the lock on out_dir; every rank raises the same UsageError when another job holds it.
     :return: the RunLock (release it when the run ends; a no-op on other ranks).
     """
     from . import logger
 
-    lock = RunLock(out_dir)
+    lock = RunLock(out_dir, name)
     error = None
     if comm.rank == 0:
         try:
@@ -348,7 +410,7 @@ def _check_outputs(out_dir, args, final_path, record, write_grid, locked):
         reason = unwritable_reason(grid, is_folder=False)
         if reason:
             raise UsageError(f"--grid {reason}; pass a path you can write to, or a bare file name for the output folder")
-    holder = None if locked else lock_holder(out_dir)
+    holder = None if locked else lock_holder(out_dir, lock_name(args))
     if holder:
         raise UsageError(_held_message(out_dir, holder))
     if final_path is None or getattr(args, "overwrite", False):
@@ -442,12 +504,13 @@ def _prepare_work_folder(parts_dir, record):
     return None
 
 
-def _join_parts(parts_dir, num_samples):
+def _join_parts(parts_dir, num_samples, first=0):
     """
-    Read the parts and return the lists of arrays of the whole run, checking that every index is there once.
+    Read the parts and return the lists of arrays of the whole run (indices first .. num_samples - 1), checking
+    that every index is there once.
     """
     ranges = finished_ranges(parts_dir)
-    expected = 0
+    expected = first
     for start, end in ranges:
         if start != expected:
             kind = "overlap" if start < expected else "gap"
@@ -513,8 +576,11 @@ def run_sampling(
 
     comm = comm if comm is not None else mpi_comm()
     stop_after = _stop_after()
-    final_path, parts_dir = output_paths(out_dir, args.num_samples, image_shape)
-    grid = grid_path(args.grid, out_dir)
+    shard = parse_shard(getattr(args, "shard", ""))
+    first, last = shard_range(args.num_samples, args.batch_size, shard)
+    final_path, parts_dir = output_paths(out_dir, args.num_samples, image_shape, shard)
+    # Shards share one output folder: the grid comes with the merge, not from each shard.
+    grid = grid_path(args.grid, out_dir) if not shard else ""
 
     error = None
     if comm.rank == 0:
@@ -526,16 +592,21 @@ def run_sampling(
     _all_ok(comm, error)
     # Every rank plans from rank 0's listing, so all of them agree on who samples what.
     done = comm.bcast(finished_ranges(parts_dir) if comm.rank == 0 else None, root=0)
-    todo = missing_batches(args.num_samples, done, args.batch_size)
+    todo = missing_batches(last, done, args.batch_size, first)
     mine = todo[comm.rank :: comm.size]
     done_count = sum(end - start for start, end in done)
+    total = last - first
     if comm.rank == 0:
+        if shard:
+            logger.log(f"shard {shard[0]}/{shard[1]}: samples {first} .. {last - 1} of {args.num_samples}")
+            if args.grid:
+                logger.log("no --grid for a shard: scripts/merge_shards.py --grid draws it from the merged samples")
         if done:
-            logger.log(f"resuming: {done_count} of {args.num_samples} samples already in {parts_dir}")
-        logger.log(f"sampling {args.num_samples - done_count} images in {len(todo)} batches on {comm.size} rank(s)")
+            logger.log(f"resuming: {done_count} of {total} samples already in {parts_dir}")
+        logger.log(f"sampling {total - done_count} images in {len(todo)} batches on {comm.size} rank(s)")
 
     progress = tqdm(
-        total=args.num_samples,
+        total=total,
         initial=done_count,
         unit="sample",
         desc="sampling",
@@ -558,13 +629,13 @@ def run_sampling(
             raise SystemExit(STOP_EXIT_CODE)
     comm.Barrier()
     if comm.rank == 0:
-        progress.update(args.num_samples - progress.n)
+        progress.update(total - progress.n)
     progress.close()
 
     error = None
     if comm.rank == 0:
         try:
-            arrays = _join_parts(parts_dir, args.num_samples)
+            arrays = _join_parts(parts_dir, last, first)
         except RuntimeError as exc:
             error = f"{exc}; delete {parts_dir} and rerun"
         else:
@@ -572,7 +643,11 @@ def run_sampling(
             write_json_atomic(
                 final_record_path(final_path), final_record(script, args, record, final_path, grid, device, comm.size)
             )
-            save_npz_atomic(final_path, arrays)
+            if shard:
+                named = {f"arr_{k}": a for k, a in enumerate(arrays)}
+                save_npz_atomic(final_path, dict(named, sample_range=np.array([first, last])))
+            else:
+                save_npz_atomic(final_path, arrays)
             shutil.rmtree(parts_dir)
             logger.log(f"saving to {final_path}")
             if grid:
@@ -603,3 +678,54 @@ def final_record(script, args, record, final_path, grid, device, ranks):
         "grid": os.path.abspath(grid) if grid else None,
         "environment": environment(device=device, ranks=ranks),
     }
+
+
+def merge_shards(folder):
+    """
+    Join the shard files samples_{N}x{H}x{W}x{C}_shard{i}of{n}.npz in `folder` into samples_{N}x{H}x{W}x{C}.npz
+    (atomically), the file one run of the whole row writes; the shard files stay. :return: the merged path.
+    """
+    import re
+
+    pattern = re.compile(r"samples_(\d+(?:x\d+)+)_shard(\d+)of(\d+)\.npz")
+    groups = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        match = pattern.fullmatch(name)
+        if match:
+            groups.setdefault((match.group(1), int(match.group(3))), {})[int(match.group(2))] = name
+    if not groups:
+        raise UsageError(f"no shard files (samples_NxHxWxC_shardIofN.npz) in {folder}")
+    if len(groups) > 1:
+        kinds = ", ".join(f"samples_{shape}_shard*of{n}" for shape, n in sorted(groups))
+        raise UsageError(f"{folder} holds shards of more than one run ({kinds}); keep one run's shards per folder")
+    (shape, count), names = next(iter(groups.items()))
+    missing = [i for i in range(count) if i not in names]
+    if missing:
+        raise UsageError(
+            f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} of samples_{shape} are not finished in "
+            f"{folder}; run them (--shard i/{count}) and merge again"
+        )
+    num_samples = int(shape.split("x")[0])
+    columns, expected = None, 0
+    for index in range(count):
+        path = os.path.join(folder, names[index])
+        with np.load(path) as data:
+            start, end = (int(v) for v in data["sample_range"])
+            arrays = [data[f"arr_{k}"] for k in range(len(data.files) - 1)]
+        if start != expected or any(len(a) != end - start for a in arrays):
+            raise UsageError(
+                f"{names[index]} holds samples {start} .. {end - 1}, but the shards before it end at "
+                f"{expected}: the shards were run with different --batch_size; rerun them with one"
+            )
+        expected = end
+        if columns is None:
+            columns = [[] for _ in arrays]
+        if len(arrays) != len(columns):
+            raise UsageError(f"{names[index]} holds {len(arrays)} arrays, the first shard {len(columns)}")
+        for column, array in zip(columns, arrays):
+            column.append(array)
+    if expected != num_samples:
+        raise UsageError(f"the shards of samples_{shape} end at sample {expected}, expected {num_samples}")
+    final = os.path.join(folder, f"samples_{shape}.npz")
+    save_npz_atomic(final, [np.concatenate(column) for column in columns])
+    return final

@@ -30,10 +30,11 @@ from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported
 from .flag_files import FlagFileArgumentParser
 from .guidance import check_guidance_args, guidance_defaults, guide_model
 from .image_output import grid_format, to_uint8_images
+from .precision import apply_precision_policy, not_deterministic_note, precision_flags
 from .random_streams import PerSampleNoise
 from . import run_store
-from .run_store import RunComplete, mpi_comm, run_record, run_sampling
-from .script_util import add_dict_to_argparser, args_to_dict
+from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
+from .script_util import add_dict_to_argparser, args_to_dict, str2bool
 
 
 def sampling_defaults():
@@ -65,6 +66,13 @@ def create_sampling_argparser(description, defaults):
     merged.update(guidance_defaults())
     parser = FlagFileArgumentParser(description=" ".join(description.split()))
     add_dict_to_argparser(parser, merged)
+    parser.add_argument(
+        "--shard", default="", type=str,
+        help="i/n: sample only the i-th of n slices of the run's batches (0 <= i < n), as an independent, "
+             "resumable job writing samples_..._shardIofN.npz; join the n shards with scripts/merge_shards.py",
+    )
+    for flag, default, help_text in precision_flags():
+        parser.add_argument(f"--{flag}", default=default, type=str2bool, help=help_text)
     return parser
 
 
@@ -125,6 +133,7 @@ def check_sampling_args(args):
         raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     if args.grid:
         grid_format(args.grid)
+    shard_range(args.num_samples, args.batch_size, parse_shard(getattr(args, "shard", "")))
 
 
 def check_diffusion_args(args):
@@ -214,14 +223,16 @@ def start_run(args, checkpoints, kind="diffusion", check=None, output=None, inpu
         for flag, what in checkpoints.items()
     }
     resolve_output_folder(args.out_dir, "--out_dir")
-    # No torch.distributed group is needed: ranks share work through files and MPI alone.
+    # Ranks share work through files and the launcher's communicator (MPI, or torch.distributed's gloo under
+    # torchrun and srun).
     comm = mpi_comm()
+    apply_precision_policy(getattr(args, "allow_tf32", False), getattr(args, "deterministic", False))
     global _run_folder
     out_dir = choose_run_folder(args.out_dir, comm)
     final_path, record = None, None
     if output is not None:
         script, image_size = output
-        final_path = run_store.output_paths(out_dir, args.num_samples, (image_size, image_size, 3))[0]
+        final_path = run_store.run_output_path(out_dir, args, (image_size, image_size, 3))
         if comm.rank == 0:
             record = run_record(script, args, checkpoint_flags=tuple(paths) + tuple(input_flags))
     run_store.check_outputs(comm, out_dir, args, final_path, record, write_grid)
@@ -246,6 +257,16 @@ def say(run, message):
     run.notes.append(message)
     if run.comm.rank == 0:
         print(message, flush=True)
+
+
+def say_if_not_deterministic(run, args, reason):
+    """
+    Say in one line that --deterministic cannot hold on this run's device because `reason` (what runs a backward
+    pass through reflection padding, or None) has no deterministic CUDA kernel.
+    """
+    note = not_deterministic_note(getattr(args, "deterministic", False), run.device, reason)
+    if note:
+        say(run, note)
 
 
 def load_checkpoint(run, module, flag, what, use_fp16):
@@ -312,8 +333,8 @@ def finish_run(script, args, run, image_size, sample_batch, input_flags=(), writ
     """
     if run.record is None and run.comm.rank == 0:
         run.record = run_record(script, args, checkpoint_flags=tuple(run.paths) + tuple(input_flags))
-    final_path = run_store.output_paths(run.out_dir, args.num_samples, (image_size, image_size, 3))[0]
-    lock = run_store.acquire_run_lock(run.out_dir, run.comm)
+    final_path = run_store.run_output_path(run.out_dir, args, (image_size, image_size, 3))
+    lock = run_store.acquire_run_lock(run.out_dir, run.comm, run_store.lock_name(args))
     try:
         # Again under the lock: another job may have finished or started this folder since start_run looked.
         run_store.check_outputs(run.comm, run.out_dir, args, final_path, run.record, write_grid, locked=True)

@@ -105,7 +105,7 @@ class TrainLoop:
         if resume_checkpoint:
             self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
             logger.log(f"loading model from checkpoint: {resume_checkpoint}...")
-            # Every rank takes part: load_state_dict broadcasts rank 0's bytes over MPI.
+            # Every rank takes part: load_state_dict broadcasts rank 0's bytes to the others.
             self.model.load_state_dict(
                 dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev())
             )

@@ -69,9 +69,9 @@ def main():
 
 def seed_everything(seed):
     # Each rank gets its own stream; the schedule sampler draws from numpy, flips from `random`.
-    from mpi4py import MPI
+    from guided_diffusion import launch_env
 
-    seed = seed + MPI.COMM_WORLD.Get_rank()
+    seed = seed + launch_env.rank()
     random.seed(seed)
     np.random.seed(seed)
     th.manual_seed(seed)

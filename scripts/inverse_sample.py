@@ -28,6 +28,7 @@ from guided_diffusion.inverse import (
     GRADIENT_THROUGH,
     MASK_TYPES,
     OPERATORS,
+    BlurOperator,
     InpaintingOperator,
     add_measurement_noise,
     create_operator,
@@ -184,6 +185,18 @@ def check_args(args):
     return build_operator(args)
 
 
+def reflection_pad_backward(args, operator):
+    """
+    What in DPS's backward pass goes through reflection padding (a blur operator, a blurring guidance), or None.
+    """
+    parts = []
+    if isinstance(operator, BlurOperator):
+        parts.append(f"the {args.task} operator")
+    if getattr(args, "sag_scale", 0) or (getattr(args, "pag_scale", 0) and args.pag_perturbation == "blur"):
+        parts.append("the guidance's Gaussian blur")
+    return " and ".join(parts) or None
+
+
 def sample(args):
     images = load_images(args)
     if args.num_samples <= 0:
@@ -197,6 +210,7 @@ def sample(args):
     operator = run.checked.to(run.device)
     _, guided, diffusion = cli.build_guided_model(args, run, create_model_and_diffusion, model_and_diffusion_defaults)
     cli.say(run, f"DPS: {describe_task(args, operator)}, step size {args.dps_scale}, noise sigma {args.sigma}")
+    cli.say_if_not_deterministic(run, args, reflection_pad_backward(args, operator))
 
     def sample_batch(start, end, generators):
         truth = th.from_numpy(images[start:end]).float().permute(0, 3, 1, 2).to(run.device) / 127.5 - 1

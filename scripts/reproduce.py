@@ -4,6 +4,7 @@ reference batch, write results/<name>/metrics.json, then results/table.md and re
 the results folder holds.
 
     python scripts/reproduce.py 'adm256_*' --mpi 8 -- --batch_size 32
+    python scripts/reproduce.py 'adm256_*' --launcher torchrun --nproc 8 -- --batch_size 32
     python scripts/reproduce.py 'digits16_*'
 
 CONFIG is a config name (configs/NAME.cfg), a path, or a glob over config names. Flags after `--` go to the
@@ -50,6 +51,44 @@ from guided_diffusion.run_store import (  # noqa: E402
 )
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")
+LAUNCHERS = ("mpiexec", "torchrun", "srun", "none")
+
+
+def launch_settings(opts):
+    """
+    (launcher, number of ranks) from --launcher, --nproc and --mpi (an alias of --launcher mpiexec --nproc N);
+    ValueError for a contradiction.
+    """
+    launcher, nproc, mpi = getattr(opts, "launcher", None), getattr(opts, "nproc", None), getattr(opts, "mpi", None)
+    if mpi is not None:
+        if launcher not in (None, "mpiexec") or nproc not in (None, mpi):
+            raise ValueError(f"--mpi {mpi} means --launcher mpiexec --nproc {mpi}; give one or the other")
+        launcher, nproc = "mpiexec", mpi
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if launcher is None:
+        launcher = "mpiexec" if nproc else "none"
+    if launcher == "none" and nproc not in (None, 1):
+        raise ValueError(f"--launcher none runs one process; --nproc {nproc} needs mpiexec, torchrun or srun")
+    if launcher != "none" and nproc is None:
+        raise ValueError(f"--launcher {launcher} needs --nproc N, the number of ranks")
+    return launcher, nproc
+
+
+def launch_prefix(launcher, nproc):
+    """
+    The words before `python script.py ...` that start nproc ranks with the launcher.
+    """
+    if launcher in (None, "none"):
+        return []
+    if launcher == "mpiexec":
+        return ["mpiexec", "-n", str(nproc)]
+    if launcher == "torchrun":
+        # torchrun as a module of this interpreter, so the ranks run the same Python; it then takes the script.
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    if launcher == "srun":
+        return ["srun", "--ntasks", str(nproc)]
+    raise ValueError(f"unknown launcher {launcher!r}")
 
 
 def create_argparser():
@@ -61,7 +100,13 @@ def create_argparser():
     parser.add_argument("configs", nargs="+", metavar="CONFIG", help="config names, paths or globs ('digits16_*')")
     parser.add_argument("--ref_batch", help="reference batch for every row (default: the config's ref_batch)")
     parser.add_argument("--num_samples", type=int, help="samples per row (default: the config's)")
-    parser.add_argument("--mpi", type=int, help="sample with `mpiexec -n MPI`")
+    parser.add_argument(
+        "--launcher", choices=LAUNCHERS,
+        help="how to start the sampler's ranks: mpiexec -n N, torchrun --standalone --nproc_per_node N (one node), "
+        "srun --ntasks N (inside a SLURM allocation), or none (one process); default mpiexec with --nproc, else none",
+    )
+    parser.add_argument("--nproc", type=int, help="number of sampler ranks for --launcher")
+    parser.add_argument("--mpi", type=int, help="sample with `mpiexec -n MPI` (the same as --launcher mpiexec --nproc MPI)")
     parser.add_argument("--results", default=os.path.join(REPO, "results"), help="results folder")
     parser.add_argument("--feature_net", help="evaluator feature network (default: the config's)")
     parser.add_argument("--batch_size", type=int, default=64, help="evaluator images per forward pass")
@@ -107,6 +152,12 @@ def sampler_command(row, opts, extra, missing=None, subfolder=""):
     for flag in ("out_dir",):
         if f"--{flag}" in extra:
             raise ReproduceError(f"--{flag} cannot be passed to the sampler: reproduce.py sets it (--results)")
+    if any(token == "--shard" or token.startswith("--shard=") for token in extra):
+        raise ReproduceError(
+            "--shard cannot be passed through reproduce.py, which samples whole rows: run the shards with the "
+            "sampler itself, join them with scripts/merge_shards.py and evaluate the merged .npz with "
+            "evaluations/evaluator.py"
+        )
     out_dir = os.path.join(os.path.abspath(opts.results), row.name, *([subfolder] if subfolder else []))
     first = parse_sampler_flags(row, ["@" + row.path, *extra])
     tokens = ["@" + row.path, *extra]
@@ -125,8 +176,10 @@ def sampler_command(row, opts, extra, missing=None, subfolder=""):
     tokens += ["--out_dir", out_dir]
     args = parse_sampler_flags(row, tokens)
     command = [sys.executable, os.path.join(REPO, "scripts", row.script), *tokens]
-    if opts.mpi:
-        command = ["mpiexec", "-n", str(opts.mpi), *command]
+    launcher, nproc = launch_settings(opts)
+    if launcher == "torchrun":
+        command = command[1:]  # torchrun starts the interpreter itself
+    command = [*launch_prefix(launcher, nproc), *command]
     return command, args, out_dir
 
 
@@ -338,6 +391,10 @@ def main(argv=None):
     opts = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if opts.mpi is not None and opts.mpi < 1:
         parser.error(f"--mpi must be at least 1, got {opts.mpi}")
+    try:
+        launch_settings(opts)
+    except ValueError as exc:
+        parser.error(str(exc))
     if opts.num_samples is not None and opts.num_samples < 1:
         parser.error(f"--num_samples must be positive, got {opts.num_samples}")
     if opts.seeds is not None:

@@ -1,5 +1,6 @@
 """
-Run under `mpiexec -n 2 python tests/mpi_dist_helper.py TMPDIR`; tests/test_dist_logger.py drives it.
+Run with two ranks under any launcher: `mpiexec -n 2`, `torchrun --nproc_per_node 2`, or two srun-like processes
+(python tests/mpi_dist_helper.py TMPDIR LAUNCHER); tests/test_dist_logger.py and tests/test_launch.py drive it.
 
 Each check raises on failure; rank 0 prints "ALL OK" at the end.
 """
@@ -9,21 +10,27 @@ import sys
 
 import torch as th
 import torch.distributed as dist
-from mpi4py import MPI
-
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, launch_env, logger
 
 
 def main():
     tmpdir = sys.argv[1]
-    comm = MPI.COMM_WORLD
+    launcher = sys.argv[2] if len(sys.argv) > 2 else "mpiexec"
+    launch = launch_env.info()
+    assert launch.launcher == launcher, launch
+    assert (launch.world_size, launch.local_world_size, launch.local_rank) == (2, 2, launch.rank), launch
+    launched_with = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    comm = launch_env.comm()
     rank = comm.Get_rank()
-    assert comm.Get_size() == 2, comm.Get_size()
+    assert comm.Get_size() == 2 and rank == launch.rank, (comm.Get_size(), rank)
+    assert comm.allgather(rank * 10) == [0, 10]
+    assert comm.bcast("from 0" if rank == 0 else None, root=0) == "from 0"
 
     dist_util.setup_dist()
     dist_util.setup_dist()  # a second call must be a no-op
+    assert {k: os.environ.get(k) for k in launched_with} == launched_with, "the launcher's variables changed"
     assert dist.get_world_size() == 2 and dist.get_rank() == rank
-    assert dist.get_backend() == ("nccl" if th.cuda.is_available() else "gloo")
+    assert dist.get_backend() == ("cuda:nccl,cpu:gloo" if th.cuda.is_available() else "gloo")
     total = th.tensor([float(rank + 1)])
     dist.all_reduce(total)
     assert total.item() == 3.0, total
@@ -71,6 +78,7 @@ def main():
     else:
         assert out == {"dummy": 1}, out
     comm.Barrier()
+    # The logger names rank 1's file from the launcher's variables alone.
     expected_files = {"progress.csv", "progress-rank001.csv"}
     assert set(os.listdir(logdir)) == expected_files, os.listdir(logdir)
 

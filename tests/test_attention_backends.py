@@ -266,7 +266,11 @@ def test_bad_environment_variable_fails_on_first_attention_with_its_name():
 
 @needs_cuda
 @pytest.mark.parametrize("order", ["legacy", "new"])
-@pytest.mark.parametrize("dtype,tol", [(th.float32, 2e-5), (th.float16, 2e-3)])
+# float16: the first-order worst-case rounding bound for these seeded inputs, u = 2^-11 (fp32 accumulation):
+# logits (4u + g64) sum|q||k|/sqrt(d) + u|s|, then softmax sensitivity p_j (e_j + sum_k p_k e_k) and u p_j for p in
+# half, (u + g1024) p|v| for v and the products, u|o| for the output; its max over the outputs is 0.034 (legacy),
+# 0.031 (new).
+@pytest.mark.parametrize("dtype,tol", [(th.float32, 2e-5), (th.float16, 3.5e-2)])
 def test_cuda_backends_match(order, dtype, tol):
     # ADM-256 head width (64) at a 32x32 token grid; float32 on CUDA may use TF32 in matmuls, so it is disabled.
     gen = th.Generator().manual_seed(11)

@@ -16,6 +16,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # Two ranks on a host with one GPU share it.
+    env["GUIDED_DIFFUSION_SHARE_GPUS"] = "1"
     return env
 
 
@@ -28,23 +30,24 @@ def test_setup_dist_single_process_twice():
         """
         import os, torch as th, torch.distributed as dist
         from guided_diffusion import dist_util
+        before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         dist_util.setup_dist()
-        port = os.environ["MASTER_PORT"]
         dist_util.setup_dist()
-        assert os.environ["MASTER_PORT"] == port
+        # The launcher's variables are left alone.
+        assert {k: os.environ.get(k) for k in before} == before, os.environ
         assert dist.get_world_size() == 1 and dist.get_rank() == 0
         t = th.tensor([2.0]); dist.all_reduce(t); assert t.item() == 2.0
         p = [th.ones(2)]; dist_util.sync_params(p); assert th.equal(p[0], th.ones(2))
-        print("backend", dist.get_backend(), "dev", dist_util.dev(), "addr", os.environ["MASTER_ADDR"])
+        print("backend", dist.get_backend(), "dev", dist_util.dev())
         """
     )
     res = subprocess.run(
         [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120
     )
     assert res.returncode == 0, res.stderr
-    expected_backend = "nccl" if th.cuda.is_available() else "gloo"
+    expected_backend = "cuda:nccl,cpu:gloo" if th.cuda.is_available() else "gloo"
     expected_dev = "cuda:0" if th.cuda.is_available() else "cpu"
-    assert f"backend {expected_backend} dev {expected_dev} addr 127.0.0.1" in res.stdout
+    assert f"backend {expected_backend} dev {expected_dev}" in res.stdout
 
 
 def test_dev_single_process():
@@ -88,6 +91,16 @@ def test_master_address(monkeypatch):
     monkeypatch.setattr(socket, "getfqdn", lambda: "node0.cluster")
     monkeypatch.setattr(socket, "gethostbyname", lambda name: {"node0.cluster": "10.0.0.5"}[name])
     assert dist_util._master_address(single_host=False) == "10.0.0.5"
+
+    # Debian's /etc/hosts maps the host's own name to 127.0.1.1, which no other machine reaches: take the
+    # host's other address, or say what to set.
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    addrs = [(socket.AF_INET, 0, 0, "", ("127.0.1.1", 0)), (socket.AF_INET, 0, 0, "", ("10.0.0.7", 0))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: addrs)
+    assert dist_util._master_address(single_host=False) == "10.0.0.7"
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: addrs[:1])
+    with pytest.raises(RuntimeError, match="resolves only to loopback .127.0.1.1.*set MASTER_ADDR"):
+        dist_util._master_address(single_host=False)
 
     def unresolvable(name):
         raise socket.gaierror(-2, "Name or service not known")

@@ -634,3 +634,40 @@ def test_seeds_give_mean_and_spread(reproduce, world):
 def test_bad_seeds_are_refused(reproduce, world, argv, message):
     status, _, err = run(reproduce, world, "tiny_plain", *argv)
     assert status == 2 and message in err
+
+
+@pytest.mark.parametrize("flags, prefix", [
+    (["--launcher", "torchrun", "--nproc", "2"],
+     [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+    (["--launcher", "srun", "--nproc", "4"], ["srun", "--ntasks", "4", sys.executable]),
+    (["--nproc", "3"], ["mpiexec", "-n", "3", sys.executable]),
+    (["--launcher", "mpiexec", "--nproc", "3"], ["mpiexec", "-n", "3", sys.executable]),
+    (["--launcher", "none"], [sys.executable]),
+    ([], [sys.executable]),
+])
+def test_sampler_command_launchers(reproduce, world, tmp_path, flags, prefix):
+    opts = reproduce.create_argparser().parse_args(["x", "--results", str(tmp_path), *flags])
+    row = select_configs(["tiny_pag"], str(world / "configs"))[0]
+    command, _, _ = reproduce.sampler_command(row, opts, [])
+    script = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
+    assert command[: len(prefix) + 1] == [*prefix, script]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mpi", "2", "--launcher", "torchrun"], "--mpi 2 means --launcher mpiexec --nproc 2; give one or the other"),
+    (["--launcher", "torchrun"], "--launcher torchrun needs --nproc N, the number of ranks"),
+    (["--launcher", "none", "--nproc", "2"], "--launcher none runs one process; --nproc 2 needs mpiexec"),
+    (["--nproc", "0"], "--nproc must be at least 1, got 0"),
+])
+def test_bad_launcher_flags(reproduce, flags, message):
+    opts = reproduce.create_argparser().parse_args(["x", *flags])
+    with pytest.raises(ValueError) as info:
+        reproduce.launch_settings(opts)
+    assert str(info.value).startswith(message)
+
+
+def test_shard_is_not_passed_through(reproduce, world, tmp_path):
+    opts = reproduce.create_argparser().parse_args(["x", "--results", str(tmp_path)])
+    row = select_configs(["tiny_pag"], str(world / "configs"))[0]
+    with pytest.raises(ReproduceError, match="--shard cannot be passed through reproduce.py"):
+        reproduce.sampler_command(row, opts, ["--shard", "0/2"])

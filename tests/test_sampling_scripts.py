@@ -686,6 +686,7 @@ def test_two_mpi_ranks_match_one_process(image_sample, ckpt, tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"
+    env["GUIDED_DIFFUSION_SHARE_GPUS"] = "1"  # two ranks on a one-GPU host
     env.pop(run_store.STOP_AFTER_ENV, None)
     command = [
         "mpiexec",
