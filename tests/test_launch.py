@@ -3,6 +3,7 @@ Launch detection (mpiexec, torchrun, srun, one process), the rank-to-GPU mapping
 and an srun emulation (two processes with SLURM's variables) on the CPU with gloo.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -258,9 +259,13 @@ def one_process(tmp_path_factory):
 
 
 def _check_two_rank_run(out, expected):
-    assert sorted(os.listdir(out)) == ["log-rank001.txt", "log.txt", "samples_5x16x16x3.npz"]
+    assert sorted(os.listdir(out)) == [
+        "log-rank001.txt", "log.txt", "samples_5x16x16x3.json", "samples_5x16x16x3.npz"
+    ]
     with open(out / "log.txt") as f:
         assert "sampling 5 images in 3 batches on 2 rank(s)" in f.read()
+    with open(out / "samples_5x16x16x3.json") as f:
+        assert json.load(f)["environment"]["ranks"] == 2
     with np.load(out / "samples_5x16x16x3.npz") as data:
         np.testing.assert_array_equal(data["arr_0"], expected)
 

@@ -663,11 +663,11 @@ def test_a_folder_finished_by_another_job_meanwhile_is_not_resampled(image_sampl
     run_main(image_sample, tiny_flags(out_dir=tmp_path / "other", **common))
     real = run_store.acquire_run_lock
 
-    def finished_meanwhile(out_dir, comm):
+    def finished_meanwhile(out_dir, comm, *lock_name):
         # The other job finished this folder after start_run looked and before this one took the lock.
         for name in ("samples_2x32x32x3.npz", "samples_2x32x32x3.json"):
             shutil.copy2(tmp_path / "other" / name, tmp_path / "run" / name)
-        return real(out_dir, comm)
+        return real(out_dir, comm, *lock_name)
 
     (tmp_path / "run").mkdir()
     monkeypatch.setattr(run_store, "acquire_run_lock", finished_meanwhile)

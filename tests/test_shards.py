@@ -111,3 +111,27 @@ def test_bad_shard_is_one_usage_line(image_sample, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("error: --shard '5/2': the shard index must be 0 .. 1 for 2 shards")
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_shards_of_a_row_lock_separately(tmp_path):
+    # A row's shards are independent jobs in one folder: each holds its own lock, and a second job on the same
+    # shard is still refused.
+    from types import SimpleNamespace
+
+    shard0, shard1 = SimpleNamespace(shard="0/2"), SimpleNamespace(shard="1/2")
+    lock = run_store.RunLock(str(tmp_path), run_store.lock_name(shard0))
+    assert lock.acquire() is None
+    try:
+        assert run_store.lock_holder(str(tmp_path), run_store.lock_name(shard1)) is None
+        assert run_store.lock_holder(str(tmp_path), run_store.lock_name(shard0)) is not None
+        assert run_store.lock_name(SimpleNamespace(shard="")) == run_store.LOCK_NAME
+    finally:
+        lock.release()
+
+
+def test_a_finished_shard_rerun_is_complete_not_refused(image_sample, tmp_path, capsys):
+    args = TINY_RUN + ["--out_dir", str(tmp_path), "--shard", "1/2"]
+    first = image_sample.main(args)
+    capsys.readouterr()
+    assert image_sample.main(args) == first
+    assert "already complete" in capsys.readouterr().out
