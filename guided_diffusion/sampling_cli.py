@@ -17,6 +17,7 @@ fails on bad input leaves no output folder behind. Until then messages go to std
 log.txt once the folder exists.
 """
 
+import inspect
 import os
 import sys
 from types import SimpleNamespace
@@ -25,7 +26,7 @@ from . import dist_util, logger
 from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_folder
 from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
 from .flag_files import FlagFileArgumentParser
-from .guidance import check_guidance_args, guidance_defaults, guide_model
+from .guidance import check_guidance_args, guidance_defaults, guide_model, ignored_flags_warnings
 from .image_output import grid_format, to_uint8_images
 from .random_streams import PerSampleNoise
 from .run_store import mpi_comm, run_record, run_sampling
@@ -50,16 +51,20 @@ def sampling_defaults():
     )
 
 
-def create_sampling_argparser(description, defaults):
+def create_sampling_argparser(description, defaults, script=None):
     """
     An argument parser (with @flagfile support) for the script's own defaults, the common sampling flags and
-    every guidance method's flags, in ADM's add_dict_to_argparser style.
+    every guidance method's flags, in ADM's add_dict_to_argparser style; `script` picks the help of flags whose
+    meaning is the script's own (flag_help.SCRIPT_HELP).
     """
     merged = sampling_defaults()
     merged.update(defaults)
     merged.update(guidance_defaults())
-    parser = FlagFileArgumentParser(description=" ".join(description.split()))
-    add_dict_to_argparser(parser, merged)
+    parser = FlagFileArgumentParser(
+        description=inspect.cleandoc(description),
+        epilog="Flags can also come from a file: @configs/NAME.cfg or @NAME (later flags override it).",
+    )
+    add_dict_to_argparser(parser, merged, script=script)
     return parser
 
 
@@ -171,6 +176,7 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
     check_sampling_args(args)
     check_guidance_args(args)
     check_diffusion_args(args)
+    check_attention_backend()
     checked = check(args) if check is not None else None
     paths = {
         flag: resolve_checkpoint(getattr(args, flag), f"--{flag}", what, kind if flag == "model_path" else "classifier")
@@ -179,7 +185,7 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
     resolve_output_folder(args.out_dir, "--out_dir")
     # No torch.distributed group is needed: ranks share work through files and MPI alone.
     comm = mpi_comm()
-    return SimpleNamespace(
+    run = SimpleNamespace(
         comm=comm,
         device=dist_util.dev(),
         paths=paths,
@@ -187,7 +193,23 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
         # Inside the run's bar over samples, a batch's bar over steps goes away when the batch is done.
         progress={"leave": False} if comm.rank == 0 else False,
         notes=[],
+        flags=set(vars(args)),
     )
+    for line in ignored_flags_warnings(args):
+        warn(run, line)
+    return run
+
+
+def check_attention_backend():
+    """
+    Refuse a bad $PAG_ADM_ATTENTION now: the attention layers would only read it at the first sampling step.
+    """
+    from .unet import get_attention_backend
+
+    try:
+        get_attention_backend()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def say(run, message):
@@ -199,19 +221,84 @@ def say(run, message):
         print(message, flush=True)
 
 
+def warn(run, message):
+    """
+    A warning before the output folder exists: to stderr on rank 0 now, copied into log.txt by finish_run.
+    """
+    run.notes.append(message)
+    if run.comm.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def load_checkpoint(run, module, flag, what, use_fp16):
     say(run, f"loading {what} from {run.paths[flag]}...")
-    return load_for_sampling(module, run.paths[flag], f"--{flag}", what, use_fp16, run.device)
+    return load_for_sampling(
+        module, run.paths[flag], f"--{flag}", what, use_fp16, run.device, flags=getattr(run, "flags", None)
+    )
 
 
 def create_from_flags(create, defaults, args):
     """
     create(**flags) with the flags named by defaults(); an architecture the factories reject is a UsageError.
     """
+    keys = defaults().keys()
     try:
-        return create(**args_to_dict(args, defaults().keys()))
+        check_channel_flags(args, keys)
+        return create(**args_to_dict(args, keys))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def check_channel_flags(args, keys):
+    """
+    Name the flag when the channel counts the flags give cannot be built: every level's width (the base width
+    times its multiplier) feeds GroupNorm's 32 groups and must split evenly into the attention heads.
+    """
+    from .script_util import CLASSIFIER_CHANNEL_MULTS, SR_CHANNEL_MULTS, parse_attention_resolutions, parse_channel_mult
+
+    if "classifier_width" in keys:
+        width_flag, size = "classifier_width", args.image_size
+        mults = parse_channel_mult(
+            args.classifier_channel_mult, size, CLASSIFIER_CHANNEL_MULTS, flag="--classifier_channel_mult"
+        )
+        mult_hint = " (and --classifier_channel_mult)"
+        attention = parse_attention_resolutions(args.classifier_attention_resolutions, size)
+        heads = [("64-channel heads (fixed in ADM's classifier)", 64, True)]
+    else:
+        width_flag = "num_channels"
+        if "large_size" in keys:
+            size, mult_hint = args.large_size, f" (the multipliers are fixed by --large_size {args.large_size})"
+            mults = parse_channel_mult("", size, SR_CHANNEL_MULTS, flag="--large_size")
+        else:
+            size, mult_hint = args.image_size, " (and --channel_mult)"
+            mults = parse_channel_mult(args.channel_mult, size)
+        attention = parse_attention_resolutions(args.attention_resolutions, size)
+        if args.num_head_channels != -1:
+            heads = [(f"--num_head_channels {args.num_head_channels}", args.num_head_channels, True)]
+        else:
+            heads = [(f"--num_heads {args.num_heads}", args.num_heads, False)]
+            if args.num_heads_upsample != -1:
+                heads.append((f"--num_heads_upsample {args.num_heads_upsample}", args.num_heads_upsample, False))
+    width = getattr(args, width_flag)
+    if width <= 0:
+        raise ValueError(f"--{width_flag} must be positive, got {width}")
+    for level, mult in enumerate(mults):
+        channels = int(mult * width)
+        if channels % 32:
+            raise ValueError(
+                f"--{width_flag} {width} does not fit the architecture: level {level} has {channels} channels "
+                f"({width} x {mult}), which GroupNorm cannot split into its 32 groups; choose --{width_flag}"
+                f"{mult_hint} so that every level's width is a multiple of 32"
+            )
+        if 2**level not in attention and level != len(mults) - 1:
+            continue  # no attention at this level (the middle block, at the last level, always has some)
+        for what, count, per_head in heads:
+            if count <= 0 or channels % count:
+                split = "into heads of" if per_head else "among"
+                raise ValueError(
+                    f"--{width_flag} {width} and {what} do not fit: the attention at level {level} has {channels} "
+                    f"channels, which do not split evenly {split} {count}{' heads' if not per_head else ' channels'}"
+                )
 
 
 def build_guided_model(args, run, create, defaults, what="diffusion model"):

@@ -449,14 +449,38 @@ def create_gaussian_diffusion(
     )
 
 
-def add_dict_to_argparser(parser, default_dict):
+def add_dict_to_argparser(parser, default_dict, script=None):
+    """
+    One `--name` flag per entry, with the entry as its default (ADM's names and defaults), and its help text,
+    --help group, choices and the type of a None ("off") default from flag_help.py (as `script` uses the flag).
+    """
+    from .flag_help import GROUP_ORDER, flag_help
+
+    groups = parser.__dict__.setdefault("_flag_help_groups", {})
     for k, v in default_dict.items():
+        info = flag_help(k, script)
         v_type = type(v)
         if v is None:
-            v_type = str
+            v_type = (info.type if info is not None else None) or str
         elif isinstance(v, bool):
             v_type = str2bool
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        kwargs = dict(default=v, type=v_type, metavar="BOOL" if v_type is str2bool else _METAVARS.get(v_type, "VALUE"))
+        target = parser
+        if info is not None:
+            kwargs["help"] = info.help + ("" if v in ("", None) else " (default: %(default)s)")
+            if info.choices is not None:
+                kwargs["choices"] = info.choices
+                del kwargs["metavar"]  # argparse shows the choices instead
+            if info.group not in groups:
+                groups[info.group] = parser.add_argument_group(info.group)
+            target = groups[info.group]
+        target.add_argument(f"--{k}", **kwargs)
+    # Show the groups in one order (input, model, diffusion, sampling, ..., output) whatever order they came in.
+    rank = {title: i for i, title in enumerate(GROUP_ORDER)}
+    parser._action_groups.sort(key=lambda group: rank.get(group.title, -1))
+
+
+_METAVARS = {int: "N", float: "X"}
 
 
 def args_to_dict(args, keys):

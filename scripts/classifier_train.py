@@ -213,8 +213,8 @@ def create_argparser():
         save_interval=10000,
     )
     defaults.update(classifier_and_diffusion_defaults())
-    parser = FlagFileArgumentParser()
-    add_dict_to_argparser(parser, defaults)
+    parser = FlagFileArgumentParser(description=__doc__.strip())
+    add_dict_to_argparser(parser, defaults, script="classifier_train")
     return parser
 
 

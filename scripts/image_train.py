@@ -96,8 +96,8 @@ def create_argparser():
         seed=-1,  # -1: unseeded, as in ADM
     )
     defaults.update(model_and_diffusion_defaults())
-    parser = FlagFileArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
+    parser = FlagFileArgumentParser(description=__doc__.strip())
+    add_dict_to_argparser(parser, defaults, script="image_train")
     return parser
 
 

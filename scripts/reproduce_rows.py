@@ -274,11 +274,12 @@ def how_to_get(row, key):
     return f"{source}; " if source else ""
 
 
-def run_streaming(command):
+def run_streaming(command, extra_env=None):
     """
     Run a command with its output (stdout and stderr together) passed through; return (status, last lines).
+    :param extra_env: environment variables to set for the command.
     """
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = b""
