@@ -540,3 +540,30 @@ def test_seeds_give_mean_and_spread(reproduce, world):
 def test_bad_seeds_are_refused(reproduce, world, argv, message):
     status, _, err = run(reproduce, world, "tiny_plain", *argv)
     assert status == 2 and message in err
+
+
+def test_device_places_the_sampler_too(reproduce, world, monkeypatch, tmp_path):
+    # The samplers take a GPU whenever one is visible, so --device cpu must hide them from the sampler process.
+    seen = []
+
+    def recording(command, extra_env=None):
+        seen.append(extra_env)
+        return 1, ["error: stopped by the test"]
+
+    monkeypatch.setattr(reproduce, "run_streaming", recording)
+    status, out, _ = run(reproduce, world, "tiny_plain", "--results", str(tmp_path / "results"))
+    assert status == 1 and seen == [{"CUDA_VISIBLE_DEVICES": ""}], out
+    assert reproduce.sampler_env("cuda:1", {}) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert reproduce.sampler_env("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {"CUDA_VISIBLE_DEVICES": "6"}
+    assert reproduce.sampler_env("cuda", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {}
+    with pytest.raises(ReproduceError, match="--device 'cuda:2': no such GPU"):
+        reproduce.sampler_env("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
+
+
+def test_run_streaming_sets_the_extra_environment(monkeypatch, capsys):
+    import reproduce_rows
+
+    status, tail = reproduce_rows.run_streaming(
+        [sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"], {"CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert status == 0 and tail == ["''"]
