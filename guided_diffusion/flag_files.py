@@ -31,14 +31,23 @@ def resolve_config(name, config_dir=CONFIG_DIR):
     for path in candidates:
         if os.path.isfile(path):
             return path
-    known = available_configs(config_dir)
-    close = difflib.get_close_matches(os.path.basename(name).removesuffix(CONFIG_SUFFIX), known, n=4, cutoff=0.6)
-    hint = (
-        f"did you mean {' or '.join(close)}?" if close
-        else f"{len(known)} configs are in {config_dir} (ls {config_dir} lists them)" if known
-        else f"{config_dir} holds no configs"
-    )
+    hint = suggest_names(name, available_configs(config_dir), "configs", config_dir)
     raise ValueError(f"unknown config {name!r}: no file {name} or {config_dir}/{name}{CONFIG_SUFFIX}; {hint}")
+
+
+def suggest_names(name, names, what, where, limit=10):
+    """
+    What to say after "unknown NAME": the close names ("did you mean ...?"), else the names when they are few,
+    else how many there are and where (a list of a hundred names is not an error message).
+    """
+    close = difflib.get_close_matches(os.path.basename(name).removesuffix(CONFIG_SUFFIX), names, n=4, cutoff=0.6)
+    if close:
+        return f"did you mean {' or '.join(close)}?"
+    if not names:
+        return f"{where} holds no {what}"
+    if len(names) <= limit:
+        return f"{what} in {where}: {', '.join(names)}"
+    return f"{len(names)} {what} are in {where} (ls {where} lists them)"
 
 
 def read_flag_file(path):

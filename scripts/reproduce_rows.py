@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 
-from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config
+from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config, suggest_names
 from guided_diffusion.guidance import describe_guidance
 from guided_diffusion.run_store import FLAGS_FREE_ON_RESUME
 
@@ -190,15 +190,15 @@ def select_configs(patterns, config_dir=CONFIG_DIR):
             found = [load_row(p) for p in paths if is_row(p)]
             if not found:
                 raise ReproduceError(
-                    f"no table row matches {pattern!r}; rows in {config_dir}: {', '.join(row_names(config_dir))}"
+                    f"no table row matches {pattern!r}; {suggest_names('', row_names(config_dir), 'rows', config_dir)}"
                 )
         else:
             try:
                 path = resolve_config(pattern, config_dir)
             except ValueError:
                 raise ReproduceError(
-                    f"unknown config {pattern!r}: no file {pattern} or {config_dir}/{pattern}.cfg. "
-                    f"Table rows: {', '.join(row_names(config_dir)) or '(none)'}"
+                    f"unknown config {pattern!r}: no file {pattern} or {config_dir}/{pattern}.cfg; "
+                    f"{suggest_names(pattern, row_names(config_dir), 'table rows', config_dir)}"
                 ) from None
             found = [load_row(path)]
         for row in found:

@@ -342,10 +342,16 @@ def test_sampler_command_with_mpi_and_extra_flags(reproduce, world, tmp_path):
 
 
 def test_unknown_config_name(reproduce, world):
-    status, _, err = run(reproduce, world, "tiny_nope")
+    status, _, err = run(reproduce, world, "zzz")
     assert status == 2
-    assert "error: unknown config 'tiny_nope'" in err
-    assert "Table rows: tiny_noref, tiny_pag, tiny_plain" in err
+    assert "error: unknown config 'zzz'" in err
+    assert "table rows in " in err and ": tiny_noref, tiny_pag, tiny_plain" in err
+    status, _, err = run(reproduce, world, "tiny_pga")
+    assert status == 2 and "unknown config 'tiny_pga'" in err and "did you mean tiny_pag" in err
+    # The shipped configs: the close names, not the hundred rows.
+    with pytest.raises(ReproduceError) as unknown:
+        select_configs(["digits16_layer_midle"])
+    assert "did you mean digits16_layer_middle" in str(unknown.value) and "adm256_scale_2p0" not in str(unknown.value)
 
 
 def test_glob_selects_rows_only(world):
