@@ -158,6 +158,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         kwargs.setdefault("max_help_position", 36)
         super().__init__(prog, **kwargs)
 
+    def _expand_help(self, action):
+        text = super()._expand_help(action)
+        if action.default in ("", None):
+            # "off" and "not given" are said in the help text itself.
+            text = text.replace(f" (default: {action.default})", "")
+        return text
+
 
 class FlagFileArgumentParser(argparse.ArgumentParser):
     """

@@ -172,8 +172,8 @@ FLAG_HELP = {
     "sigma": FlagHelp(TASK, "std of the Gaussian measurement noise (images in [-1, 1])"),
     "dps_scale": FlagHelp(TASK, "DPS step size: each step moves x_t along the gradient of ||y - A(x_0)|| times this"),
     "gradient_through": FlagHelp(
-        TASK, "which prediction the measurement gradient flows through: plain (the unguided model, DPS+PAG as "
-        "published) or guided", choices=GRADIENT_THROUGH
+        TASK, "which x_0 the measurement gradient flows through under PAG: plain (the unperturbed branch's, as in "
+        "the authors' PSLD+PAG code) or guided (the PAG-guided one, an ablation)", choices=GRADIENT_THROUGH
     ),
     # --- training (image_train.py, classifier_train.py) ---
     "schedule_sampler": FlagHelp(TRAINING, "how training timesteps are drawn", choices=SCHEDULE_SAMPLERS),

@@ -467,7 +467,9 @@ def add_dict_to_argparser(parser, default_dict, script=None):
         kwargs = dict(default=v, type=v_type, metavar="BOOL" if v_type is str2bool else _METAVARS.get(v_type, "VALUE"))
         target = parser
         if info is not None:
-            kwargs["help"] = info.help + ("" if v in ("", None) else " (default: %(default)s)")
+            # The value is filled in when --help is printed (a script may change it with set_defaults);
+            # flag_files.HelpFormatter leaves out an empty one.
+            kwargs["help"] = info.help + " (default: %(default)s)"
             if info.choices is not None:
                 kwargs["choices"] = info.choices
                 del kwargs["metavar"]  # argparse shows the choices instead
