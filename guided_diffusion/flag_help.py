@@ -179,7 +179,9 @@ FLAG_HELP = {
     "schedule_sampler": FlagHelp(TRAINING, "how training timesteps are drawn", choices=SCHEDULE_SAMPLERS),
     "lr": FlagHelp(TRAINING, "AdamW learning rate"),
     "weight_decay": FlagHelp(TRAINING, "AdamW weight decay"),
-    "lr_anneal_steps": FlagHelp(TRAINING, "anneal the learning rate linearly to 0 over this many steps and stop; 0: never"),
+    "lr_anneal_steps": FlagHelp(
+        TRAINING, "anneal the learning rate linearly to 0 over this many steps and stop; 0: never"
+    ),
     "microbatch": FlagHelp(TRAINING, "split each batch into micro-batches of this size; -1: no split"),
     "ema_rate": FlagHelp(TRAINING, "comma-separated EMA decay rates, one EMA checkpoint each"),
     "log_interval": FlagHelp(TRAINING, "log the losses every this many steps"),

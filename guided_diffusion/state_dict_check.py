@@ -126,7 +126,10 @@ def suggest_flags(model_sd, ckpt_sd, flags=None):
                 f"the flags give {len(model_inputs)})"
             )
         else:
-            which = "--num_res_blocks or --large_size" if super_res else "--num_res_blocks, --image_size or --channel_mult"
+            which = (
+                "--num_res_blocks or --large_size" if super_res
+                else "--num_res_blocks, --image_size or --channel_mult"
+            )
             hints.append(
                 f"{which} (the checkpoint has {len(ckpt_inputs)} input blocks, the flags give {len(model_inputs)})"
             )
