@@ -30,7 +30,7 @@ from .guidance import check_guidance_args, guidance_defaults, guide_model, ignor
 from .image_output import grid_format, to_uint8_images
 from .random_streams import PerSampleNoise
 from .run_store import mpi_comm, run_record, run_sampling
-from .script_util import add_dict_to_argparser, args_to_dict
+from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
 
 
 def sampling_defaults():
@@ -247,58 +247,6 @@ def create_from_flags(create, defaults, args):
         return create(**args_to_dict(args, keys))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-
-
-def check_channel_flags(args, keys):
-    """
-    Name the flag when the channel counts the flags give cannot be built: every level's width (the base width
-    times its multiplier) feeds GroupNorm's 32 groups and must split evenly into the attention heads.
-    """
-    from .script_util import CLASSIFIER_CHANNEL_MULTS, SR_CHANNEL_MULTS, parse_attention_resolutions, parse_channel_mult
-
-    if "classifier_width" in keys:
-        width_flag, size = "classifier_width", args.image_size
-        mults = parse_channel_mult(
-            args.classifier_channel_mult, size, CLASSIFIER_CHANNEL_MULTS, flag="--classifier_channel_mult"
-        )
-        mult_hint = " (and --classifier_channel_mult)"
-        attention = parse_attention_resolutions(args.classifier_attention_resolutions, size)
-        heads = [("64-channel heads (fixed in ADM's classifier)", 64, True)]
-    else:
-        width_flag = "num_channels"
-        if "large_size" in keys:
-            size, mult_hint = args.large_size, f" (the multipliers are fixed by --large_size {args.large_size})"
-            mults = parse_channel_mult("", size, SR_CHANNEL_MULTS, flag="--large_size")
-        else:
-            size, mult_hint = args.image_size, " (and --channel_mult)"
-            mults = parse_channel_mult(args.channel_mult, size)
-        attention = parse_attention_resolutions(args.attention_resolutions, size)
-        if args.num_head_channels != -1:
-            heads = [(f"--num_head_channels {args.num_head_channels}", args.num_head_channels, True)]
-        else:
-            heads = [(f"--num_heads {args.num_heads}", args.num_heads, False)]
-            if args.num_heads_upsample != -1:
-                heads.append((f"--num_heads_upsample {args.num_heads_upsample}", args.num_heads_upsample, False))
-    width = getattr(args, width_flag)
-    if width <= 0:
-        raise ValueError(f"--{width_flag} must be positive, got {width}")
-    for level, mult in enumerate(mults):
-        channels = int(mult * width)
-        if channels % 32:
-            raise ValueError(
-                f"--{width_flag} {width} does not fit the architecture: level {level} has {channels} channels "
-                f"({width} x {mult}), which GroupNorm cannot split into its 32 groups; choose --{width_flag}"
-                f"{mult_hint} so that every level's width is a multiple of 32"
-            )
-        if 2**level not in attention and level != len(mults) - 1:
-            continue  # no attention at this level (the middle block, at the last level, always has some)
-        for what, count, per_head in heads:
-            if count <= 0 or channels % count:
-                split = "into heads of" if per_head else "among"
-                raise ValueError(
-                    f"--{width_flag} {width} and {what} do not fit: the attention at level {level} has {channels} "
-                    f"channels, which do not split evenly {split} {count}{' heads' if not per_head else ' channels'}"
-                )
 
 
 def build_guided_model(args, run, create, defaults, what="diffusion model"):

@@ -209,3 +209,24 @@ def test_every_add_argument_in_the_scripts_has_help():
                 if not any(k.arg == "help" for k in node.keywords):
                     missing.append(f"{os.path.relpath(path, REPO_ROOT)}:{node.lineno}")
     assert missing == []
+
+
+def test_architecture_errors_name_the_flag():
+    from types import SimpleNamespace
+
+    from guided_diffusion.script_util import check_channel_flags, classifier_and_diffusion_defaults, create_classifier
+
+    model = SimpleNamespace(**{**model_and_diffusion_defaults(), "image_size": 32, "channel_mult": "1,2"})
+    check_channel_flags(model, model_and_diffusion_defaults().keys())
+    model.num_channels = 48
+    with pytest.raises(ValueError, match="--num_channels 48 does not fit the architecture: level 0 has 48 channels"):
+        check_channel_flags(model, model_and_diffusion_defaults().keys())
+    sr = SimpleNamespace(**{**sr_model_and_diffusion_defaults(), "large_size": 64, "num_channels": 40})
+    with pytest.raises(ValueError, match=r"choose --num_channels \(the multipliers are fixed by --large_size 64\)"):
+        check_channel_flags(sr, sr_model_and_diffusion_defaults().keys())
+    classifier = SimpleNamespace(**{**classifier_and_diffusion_defaults(), "image_size": 16, "classifier_width": 32,
+                                    "classifier_channel_mult": "1,2"})
+    with pytest.raises(ValueError, match="--classifier_attention_resolutions '32,16,8' for 16x16 images"):
+        check_channel_flags(classifier, classifier_and_diffusion_defaults().keys())
+    with pytest.raises(ValueError, match="--classifier_attention_resolutions '32,16,8' for 16x16 images"):
+        create_classifier(**{k: getattr(classifier, k) for k in classifier_defaults()})
