@@ -170,8 +170,8 @@ def start_run(args, checkpoints, kind="diffusion", check=None):
                         example file name uses `kind`, the others' "classifier".
     :param check: the script's own checks, check(args) -> anything (kept as run.checked).
     :return: a namespace with comm, device, paths ({flag name: checkpoint path}), checked, progress (what the
-             sampling loops' `progress` takes: a bar over a batch's steps on rank 0, False elsewhere) and notes
-             (the messages said before the log folder exists).
+             sampling loops' `progress` takes: a bar over a batch's steps on rank 0, False elsewhere), notes
+             (the messages said before the log folder exists) and flags (the script's flag names, for messages).
     """
     check_sampling_args(args)
     check_guidance_args(args)
