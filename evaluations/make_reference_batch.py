@@ -242,9 +242,15 @@ def create_argparser():
         "--seed", type=int, default=None, help="with --num: pick a random subset with this seed"
     )
     parser.add_argument("--key", default=IMAGE_KEY, help="image array in a source npz")
-    parser.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    parser.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="channels of the images written: 3 (RGB, default) or 1 (grayscale)",
+    )
     parser.add_argument("--no_stats", action="store_true", help="write the images only")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--feature_net", default="inception", help="as for evaluator.py")
     parser.add_argument("--inception_path", default=None, help="as for evaluator.py")

@@ -52,7 +52,15 @@ def read_checkpoint(path, flag, what):
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        kind = _file_kind(path)
+        if kind is not None:
+            raise UsageError(
+                f"{flag} {path!r} is not a PyTorch checkpoint ({kind}): pass the {what} checkpoint (a .pt file)"
+            ) from None
+        # torch's first line, without its advice on weights_only (which is about trusting a pickle, not this file).
+        reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        if "weights_only" in reason or "Weights only load failed" in reason:
+            reason = "its pickled data cannot be read"
         raise UsageError(
             f"{flag} {path!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {reason}); the file may "
             f"be truncated or not a .pt file: pass the {what} checkpoint itself, or download it again"
@@ -60,6 +68,30 @@ def read_checkpoint(path, flag, what):
     if _is_state_dict(state):
         return state
     raise UsageError(f"{flag} {path!r} holds {_describe_object(state)}, not a state dict of the {what}{_unwrap_hint(state)}")
+
+
+# What every file torch.save writes starts with: a zip archive (torch >= 1.6) or a pickle (protocol 2+).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _file_kind(path):
+    """
+    None for a file that starts like a torch.save file (it may still be truncated), else what it is instead.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if not head:
+        return "the file is empty"
+    if head.startswith(_TORCH_MAGIC):
+        return None
+    try:
+        head.decode("utf-8")
+        return "it is a text file"
+    except UnicodeDecodeError:
+        return "it is neither a zip archive nor a pickle, the formats torch.save writes"
 
 
 def _is_state_dict(obj):
@@ -88,13 +120,20 @@ def _unwrap_hint(obj):
     )
 
 
-def load_for_sampling(module, path, flag, what, use_fp16, device):
+def load_for_sampling(module, path, flag, what, use_fp16, device, flags=None):
     """
     Load a checkpoint into a model or classifier (every rank together: dist_util reads it on rank 0 and
     broadcasts it), then move it to `device`, convert it to fp16 if asked and put it in eval mode, as ADM does.
+
+    :param flags: the flag names of the script, so that a mismatch is explained with the script's own flags.
     """
+    from .state_dict_check import describe_mismatch
+
     state = read_checkpoint(path, flag, what)
+    mismatch = describe_mismatch(module.state_dict(), state, flags=flags) if flags is not None else None
     try:
+        if mismatch is not None:
+            raise RuntimeError(mismatch)
         module.load_state_dict(state)
     except RuntimeError as exc:
         raise UsageError(

@@ -7,7 +7,9 @@ Unknown flags are an error that names the file they came from, so a typo never b
 """
 
 import argparse
+import difflib
 import os
+import re
 import shlex
 import sys
 
@@ -29,9 +31,23 @@ def resolve_config(name, config_dir=CONFIG_DIR):
     for path in candidates:
         if os.path.isfile(path):
             return path
-    names = ", ".join(available_configs(config_dir)) or "(none)"
-    raise ValueError(f"unknown config {name!r}: no file {name} or {config_dir}/{name}{CONFIG_SUFFIX}. "
-                     f"Available configs: {names}")
+    hint = suggest_names(name, available_configs(config_dir), "configs", config_dir)
+    raise ValueError(f"unknown config {name!r}: no file {name} or {config_dir}/{name}{CONFIG_SUFFIX}; {hint}")
+
+
+def suggest_names(name, names, what, where, limit=10):
+    """
+    What to say after "unknown NAME": the close names ("did you mean ...?"), else the names when they are few,
+    else how many there are and where (a list of a hundred names is not an error message).
+    """
+    close = difflib.get_close_matches(os.path.basename(name).removesuffix(CONFIG_SUFFIX), names, n=4, cutoff=0.6)
+    if close:
+        return f"did you mean {' or '.join(close)}?"
+    if not names:
+        return f"{where} holds no {what}"
+    if len(names) <= limit:
+        return f"{what} in {where}: {', '.join(names)}"
+    return f"{len(names)} {what} are in {where} (ls {where} lists them)"
 
 
 def read_flag_file(path):
@@ -73,6 +89,7 @@ def parse_args_with_flag_files(parser, argv=None):
         tokens, origins = expand_flag_files(argv)
     except ValueError as exc:
         parser.error(str(exc))
+    tokens, origins = _attach_negative_values(parser, tokens, origins)
     args, unknown = parser.parse_known_args(tokens)
     if unknown:
         # argparse returns the unknown tokens in order, so a forward scan finds where each came from.
@@ -85,6 +102,35 @@ def parse_args_with_flag_files(parser, argv=None):
         details = "; ".join(f"{' '.join(toks)} (from {origin})" for origin, toks in where.items())
         parser.error(f"unrecognized arguments: {details}")
     return args
+
+
+# A value that starts with "-" but is not a plain negative number (argparse accepts those), e.g. "-10,400".
+_DASHED_VALUE = re.compile(r"^-[0-9.]")
+
+
+def _attach_negative_values(parser, tokens, origins):
+    """
+    `--flag -10,400` -> `--flag=-10,400`: argparse would take "-10,400" for an option and say "expected one
+    argument"; a value that starts with a digit after the dash is never one of these scripts' options.
+    """
+    out_tokens, out_origins, i = [], [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        action = parser._option_string_actions.get(tok) if tok.startswith("--") else None
+        if (
+            action is not None
+            and action.nargs is None
+            and i + 1 < len(tokens)
+            and _DASHED_VALUE.match(tokens[i + 1])
+        ):
+            out_tokens.append(f"{tok}={tokens[i + 1]}")
+            out_origins.append(origins[i])
+            i += 2
+            continue
+        out_tokens.append(tok)
+        out_origins.append(origins[i])
+        i += 1
+    return out_tokens, out_origins
 
 
 def config_flags(path):
@@ -103,10 +149,38 @@ def config_flags(path):
     return flags
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """
+    The scripts' docstrings as written, and flag help in a column wide enough for ADM's long flag names.
+    """
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("max_help_position", 36)
+        super().__init__(prog, **kwargs)
+
+    def _expand_help(self, action):
+        text = super()._expand_help(action)
+        if action.default in ("", None):
+            # "off" and "not given" are said in the help text itself.
+            text = text.replace(f" (default: {action.default})", "")
+        return text
+
+
 class FlagFileArgumentParser(argparse.ArgumentParser):
     """
-    An ArgumentParser whose parse_args understands @flag files.
+    An ArgumentParser whose parse_args understands @flag files and whose errors are one line (ADM's scripts have
+    dozens of flags: the usage text would bury the message; --help prints it).
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("usage", "%(prog)s [@CONFIG ...] [--FLAG VALUE ...]   (flags by group below)")
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        from .errors import exit_with_usage_error
+
+        exit_with_usage_error(self, message)
 
     def parse_args(self, args=None, namespace=None):
         if namespace is not None:

@@ -112,6 +112,22 @@ class GuidanceFlags:
         """
         raise NotImplementedError
 
+    # The flag that turns the method on; its other flags act only when it is on.
+    switch = ""
+
+    def ignored(self, args):
+        """
+        "--flag value" for each of the method's flags given another value than its default while the method is
+        off: those flags have no effect, which the scripts say rather than sample as if unguided in silence.
+        """
+        if self.enabled(args):
+            return []
+        return [
+            f"--{name} {getattr(args, name)}"
+            for name, default in self.defaults().items()
+            if name != self.switch and getattr(args, name, default) != default
+        ]
+
 
 # The perturbations that draw random numbers.
 RANDOM_PERTURBATIONS = ("mask", "drop", "noise")
@@ -132,6 +148,7 @@ class PAGFlags(GuidanceFlags):
     """
 
     name = "PAG"
+    switch = "pag_scale"
 
     def defaults(self):
         return dict(
@@ -139,11 +156,11 @@ class PAGFlags(GuidanceFlags):
             pag_layers="middle",
             pag_interval="",
             pag_perturbation="identity",
-            # Empty: not given. Each applies to the kinds that take it, and only to them.
-            pag_drop_rate="",
+            # None: not given. Each applies to the kinds that take it, and only to them.
+            pag_drop_rate=None,
             pag_retain_diag=False,
-            pag_blur_sigma="",
-            pag_noise_scale="",
+            pag_blur_sigma=None,
+            pag_noise_scale=None,
         )
 
     def check(self, args):
@@ -163,7 +180,8 @@ class PAGFlags(GuidanceFlags):
         required, optional = KINDS[kind]
         params = {}
         for name in PAG_PERTURBATION_FLAGS:
-            text = str(getattr(args, f"pag_{name}")).strip()
+            value = getattr(args, f"pag_{name}")
+            text = "" if value is None else str(value).strip()
             if not text:
                 continue
             if name not in required:
@@ -255,6 +273,7 @@ class SAGFlags(GuidanceFlags):
     """
 
     name = "SAG"
+    switch = "sag_scale"
 
     def defaults(self):
         from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER
@@ -375,6 +394,22 @@ def guidance_defaults():
 def check_guidance_args(args):
     for method in GUIDANCE_METHODS:
         method.check(args)
+
+
+def ignored_flags_warnings(args):
+    """
+    One line per guidance method that is off although some of its flags are given, naming them.
+    """
+    lines = []
+    for method in GUIDANCE_METHODS:
+        given = method.ignored(args)
+        if given:
+            lines.append(
+                f"warning: {method.name} is off (--{method.switch} 0), so {' '.join(given)} "
+                f"{'has' if len(given) == 1 else 'have'} no effect; give a nonzero --{method.switch} to use "
+                f"{'it' if len(given) == 1 else 'them'}"
+            )
+    return lines
 
 
 def describe_guidance(args):

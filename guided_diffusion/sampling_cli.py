@@ -19,6 +19,7 @@ run says so and exits 0; --overwrite True samples again), and another job's live
 """
 
 import datetime
+import inspect
 import os
 import sys
 import tempfile
@@ -28,13 +29,13 @@ from . import dist_util, logger
 from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_folder
 from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
 from .flag_files import FlagFileArgumentParser
-from .guidance import check_guidance_args, guidance_defaults, guide_model
+from .guidance import check_guidance_args, guidance_defaults, guide_model, ignored_flags_warnings
 from .image_output import grid_format, to_uint8_images
 from .precision import apply_precision_policy, not_deterministic_note, precision_flags
 from .random_streams import PerSampleNoise
 from . import run_store
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
-from .script_util import add_dict_to_argparser, args_to_dict, str2bool
+from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags, str2bool
 
 
 def sampling_defaults():
@@ -56,16 +57,20 @@ def sampling_defaults():
     )
 
 
-def create_sampling_argparser(description, defaults):
+def create_sampling_argparser(description, defaults, script=None):
     """
     An argument parser (with @flagfile support) for the script's own defaults, the common sampling flags and
-    every guidance method's flags, in ADM's add_dict_to_argparser style.
+    every guidance method's flags, in ADM's add_dict_to_argparser style; `script` picks the help of flags whose
+    meaning is the script's own (flag_help.SCRIPT_HELP).
     """
     merged = sampling_defaults()
     merged.update(defaults)
     merged.update(guidance_defaults())
-    parser = FlagFileArgumentParser(description=" ".join(description.split()))
-    add_dict_to_argparser(parser, merged)
+    parser = FlagFileArgumentParser(
+        description=inspect.cleandoc(description),
+        epilog="Flags can also come from a file: @configs/NAME.cfg or @NAME (later flags override it).",
+    )
+    add_dict_to_argparser(parser, merged, script=script)
     parser.add_argument(
         "--shard", default="", type=str,
         help="i/n: sample only the i-th of n slices of the run's batches (0 <= i < n), as an independent, "
@@ -211,12 +216,13 @@ def start_run(args, checkpoints, kind="diffusion", check=None, output=None, inpu
                    run's finished samples is found here (RunComplete), before any model loads.
     :param input_flags, write_grid: as finish_run's.
     :return: a namespace with comm, device, paths ({flag name: checkpoint path}), checked, progress (what the
-             sampling loops' `progress` takes: a bar over a batch's steps on rank 0, False elsewhere) and notes
-             (the messages said before the log folder exists).
+             sampling loops' `progress` takes: a bar over a batch's steps on rank 0, False elsewhere), notes
+             (the messages said before the log folder exists) and flags (the script's flag names, for messages).
     """
     check_sampling_args(args)
     check_guidance_args(args)
     check_diffusion_args(args)
+    check_attention_backend()
     checked = check(args) if check is not None else None
     paths = {
         flag: resolve_checkpoint(getattr(args, flag), f"--{flag}", what, kind if flag == "model_path" else "classifier")
@@ -237,7 +243,7 @@ def start_run(args, checkpoints, kind="diffusion", check=None, output=None, inpu
             record = run_record(script, args, checkpoint_flags=tuple(paths) + tuple(input_flags))
     run_store.check_outputs(comm, out_dir, args, final_path, record, write_grid)
     _run_folder = out_dir
-    return SimpleNamespace(
+    run = SimpleNamespace(
         comm=comm,
         device=dist_util.dev(),
         paths=paths,
@@ -247,7 +253,23 @@ def start_run(args, checkpoints, kind="diffusion", check=None, output=None, inpu
         notes=[],
         out_dir=out_dir,
         record=record,
+        flags=set(vars(args)),
     )
+    for line in ignored_flags_warnings(args):
+        warn(run, line)
+    return run
+
+
+def check_attention_backend():
+    """
+    Refuse a bad $PAG_ADM_ATTENTION now: the attention layers would only read it at the first sampling step.
+    """
+    from .unet import get_attention_backend
+
+    try:
+        get_attention_backend()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def say(run, message):
@@ -269,17 +291,30 @@ def say_if_not_deterministic(run, args, reason):
         say(run, note)
 
 
+def warn(run, message):
+    """
+    A warning before the output folder exists: to stderr on rank 0 now, copied into log.txt by finish_run.
+    """
+    run.notes.append(message)
+    if run.comm.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def load_checkpoint(run, module, flag, what, use_fp16):
     say(run, f"loading {what} from {run.paths[flag]}...")
-    return load_for_sampling(module, run.paths[flag], f"--{flag}", what, use_fp16, run.device)
+    return load_for_sampling(
+        module, run.paths[flag], f"--{flag}", what, use_fp16, run.device, flags=getattr(run, "flags", None)
+    )
 
 
 def create_from_flags(create, defaults, args):
     """
     create(**flags) with the flags named by defaults(); an architecture the factories reject is a UsageError.
     """
+    keys = defaults().keys()
     try:
-        return create(**args_to_dict(args, defaults().keys()))
+        check_channel_flags(args, keys)
+        return create(**args_to_dict(args, keys))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -170,7 +170,7 @@ def parse_channel_mult(channel_mult, image_size, defaults=DEFAULT_CHANNEL_MULTS,
     return defaults[image_size]
 
 
-def parse_attention_resolutions(attention_resolutions, image_size):
+def parse_attention_resolutions(attention_resolutions, image_size, flag="--attention_resolutions"):
     """
     "32,16,8" (feature-map sizes) -> the downsampling rates at which the U-Net puts attention.
     """
@@ -182,7 +182,8 @@ def parse_attention_resolutions(attention_resolutions, image_size):
         res = int(res)
         if res <= 0 or image_size % res:
             raise ValueError(
-                f"attention resolution {res} does not divide image size {image_size}"
+                f"attention resolution {res} does not divide image size {image_size} ({flag} "
+                f"{attention_resolutions!r} for {image_size}x{image_size} images: give feature-map sizes that divide it)"
             )
         attention_ds.append(image_size // res)
     return tuple(attention_ds)
@@ -290,7 +291,9 @@ def create_classifier(
     channel_mult = parse_channel_mult(
         classifier_channel_mult, image_size, CLASSIFIER_CHANNEL_MULTS, flag="--classifier_channel_mult"
     )
-    attention_ds = parse_attention_resolutions(classifier_attention_resolutions, image_size)
+    attention_ds = parse_attention_resolutions(
+        classifier_attention_resolutions, image_size, flag="--classifier_attention_resolutions"
+    )
 
     return EncoderUNetModel(
         image_size=image_size,
@@ -449,14 +452,93 @@ def create_gaussian_diffusion(
     )
 
 
-def add_dict_to_argparser(parser, default_dict):
+def check_channel_flags(args, keys):
+    """
+    Name the flag when the channel counts the flags give cannot be built (a ValueError), before torch fails on a
+    layer without naming one: every level's width (the base width times its multiplier) feeds GroupNorm's 32
+    groups and must split evenly into the attention heads. `keys` are the flags of the factory in use.
+    """
+    if "classifier_width" in keys:
+        width_flag, size = "classifier_width", args.image_size
+        mults = parse_channel_mult(
+            args.classifier_channel_mult, size, CLASSIFIER_CHANNEL_MULTS, flag="--classifier_channel_mult"
+        )
+        mult_hint = " (and --classifier_channel_mult)"
+        attention = parse_attention_resolutions(
+            args.classifier_attention_resolutions, size, flag="--classifier_attention_resolutions"
+        )
+        heads = [("64-channel heads (fixed in ADM's classifier)", 64, True)]
+    else:
+        width_flag = "num_channels"
+        if "large_size" in keys:
+            size, mult_hint = args.large_size, f" (the multipliers are fixed by --large_size {args.large_size})"
+            mults = parse_channel_mult("", size, SR_CHANNEL_MULTS, flag="--large_size")
+        else:
+            size, mult_hint = args.image_size, " (and --channel_mult)"
+            mults = parse_channel_mult(args.channel_mult, size)
+        attention = parse_attention_resolutions(args.attention_resolutions, size)
+        if args.num_head_channels != -1:
+            heads = [(f"--num_head_channels {args.num_head_channels}", args.num_head_channels, True)]
+        else:
+            heads = [(f"--num_heads {args.num_heads}", args.num_heads, False)]
+            if args.num_heads_upsample != -1:
+                heads.append((f"--num_heads_upsample {args.num_heads_upsample}", args.num_heads_upsample, False))
+    width = getattr(args, width_flag)
+    if width <= 0:
+        raise ValueError(f"--{width_flag} must be positive, got {width}")
+    for level, mult in enumerate(mults):
+        channels = int(mult * width)
+        if channels % 32:
+            raise ValueError(
+                f"--{width_flag} {width} does not fit the architecture: level {level} has {channels} channels "
+                f"({width} x {mult}), which GroupNorm cannot split into its 32 groups; choose --{width_flag}"
+                f"{mult_hint} so that every level's width is a multiple of 32"
+            )
+        if 2**level not in attention and level != len(mults) - 1:
+            continue  # no attention at this level (the middle block, at the last level, always has some)
+        for what, count, per_head in heads:
+            if count <= 0 or channels % count:
+                split = "into heads of" if per_head else "among"
+                raise ValueError(
+                    f"--{width_flag} {width} and {what} do not fit: the attention at level {level} has {channels} "
+                    f"channels, which do not split evenly {split} {count}{' heads' if not per_head else ' channels'}"
+                )
+
+
+def add_dict_to_argparser(parser, default_dict, script=None):
+    """
+    One `--name` flag per entry, with the entry as its default (ADM's names and defaults), and its help text,
+    --help group, choices and the type of a None ("off") default from flag_help.py (as `script` uses the flag).
+    """
+    from .flag_help import GROUP_ORDER, flag_help
+
+    groups = parser.__dict__.setdefault("_flag_help_groups", {})
     for k, v in default_dict.items():
+        info = flag_help(k, script)
         v_type = type(v)
         if v is None:
-            v_type = str
+            v_type = (info.type if info is not None else None) or str
         elif isinstance(v, bool):
             v_type = str2bool
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        kwargs = dict(default=v, type=v_type, metavar="BOOL" if v_type is str2bool else _METAVARS.get(v_type, "VALUE"))
+        target = parser
+        if info is not None:
+            # The value is filled in when --help is printed (a script may change it with set_defaults);
+            # flag_files.HelpFormatter leaves out an empty one.
+            kwargs["help"] = info.help + " (default: %(default)s)"
+            if info.choices is not None:
+                kwargs["choices"] = info.choices
+                del kwargs["metavar"]  # argparse shows the choices instead
+            if info.group not in groups:
+                groups[info.group] = parser.add_argument_group(info.group)
+            target = groups[info.group]
+        target.add_argument(f"--{k}", **kwargs)
+    # Show the groups in one order (input, model, diffusion, sampling, ..., output) whatever order they came in.
+    rank = {title: i for i, title in enumerate(GROUP_ORDER)}
+    parser._action_groups.sort(key=lambda group: rank.get(group.title, -1))
+
+
+_METAVARS = {int: "N", float: "X"}
 
 
 def args_to_dict(args, keys):

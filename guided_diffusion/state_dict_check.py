@@ -44,12 +44,18 @@ def _uses_scale_shift(sd):
     return None
 
 
-def suggest_flags(model_sd, ckpt_sd):
+def suggest_flags(model_sd, ckpt_sd, flags=None):
     """
     Return a list of human-readable hints, most likely first, naming the flags that explain the mismatch.
+
+    :param flags: the flag names of the script that loads the checkpoint: the hints then name only its flags and
+                  the scripts (not the Python factories); None: hints for a caller of the Python API.
     """
     model_keys, ckpt_keys = set(model_sd), set(ckpt_sd)
     hints = []
+    script = flags is not None
+    flags = set(flags or ())
+    super_res = "large_size" in flags
 
     def mismatch(key):
         return key in model_sd and key in ckpt_sd and _shape(model_sd[key]) != _shape(ckpt_sd[key])
@@ -66,16 +72,17 @@ def suggest_flags(model_sd, ckpt_sd):
     model_is_classifier = not any(k.startswith("output_blocks.") for k in model_keys)
     ckpt_is_classifier = not any(k.startswith("output_blocks.") for k in ckpt_keys)
     if ckpt_is_classifier and not model_is_classifier:
-        hints.append(
-            "this is a classifier checkpoint (it has no output_blocks): load it with create_classifier "
-            "(--classifier_path), not as the diffusion model"
-        )
+        if not script:
+            use = "load it with create_classifier (--classifier_path)"
+        elif "classifier_path" in flags:
+            use = "pass it as --classifier_path"
+        else:
+            use = "it is for scripts/classifier_sample.py's --classifier_path"
+        hints.append(f"this is a classifier checkpoint (it has no output_blocks): {use}, not as the diffusion model")
         return hints
     if model_is_classifier and not ckpt_is_classifier:
-        hints.append(
-            "this is a diffusion-model checkpoint (it has output_blocks): load it with "
-            "create_model_and_diffusion (--model_path), not as the classifier"
-        )
+        use = "pass it as --model_path" if script else "load it with create_model_and_diffusion (--model_path)"
+        hints.append(f"this is a diffusion-model checkpoint (it has output_blocks): {use}, not as the classifier")
         return hints
 
     if "label_emb.weight" in ckpt_keys and "label_emb.weight" not in model_keys:
@@ -86,12 +93,16 @@ def suggest_flags(model_sd, ckpt_sd):
     if mismatch("input_blocks.0.0.weight"):
         got, want = _shape(ckpt_sd["input_blocks.0.0.weight"]), _shape(model_sd["input_blocks.0.0.weight"])
         if got[1] == 2 * want[1]:
+            use = (
+                "sample it with scripts/super_res_sample.py (--large_size, --small_size, --base_samples)" if script
+                else "use sr_create_model_and_diffusion / the super-resolution flags"
+            )
             hints.append(
-                "the checkpoint is an upsampler (its input has the low-resolution image concatenated): "
-                "use sr_create_model_and_diffusion / the super-resolution flags"
+                f"the checkpoint is an upsampler (its input has the low-resolution image concatenated): {use}"
             )
         elif want[1] == 2 * got[1]:
-            hints.append("the checkpoint is a base model, not an upsampler: use create_model_and_diffusion")
+            use = "sample it with scripts/image_sample.py" if script else "use create_model_and_diffusion"
+            hints.append(f"the checkpoint is a base model, not an upsampler: {use}")
 
     if mismatch("out.2.weight") and not model_is_classifier:
         got = _shape(ckpt_sd["out.2.weight"])[0]
@@ -115,9 +126,12 @@ def suggest_flags(model_sd, ckpt_sd):
                 f"the flags give {len(model_inputs)})"
             )
         else:
+            which = (
+                "--num_res_blocks or --large_size" if super_res
+                else "--num_res_blocks, --image_size or --channel_mult"
+            )
             hints.append(
-                f"--num_res_blocks, --image_size or --channel_mult (the checkpoint has {len(ckpt_inputs)} "
-                f"input blocks, the flags give {len(model_inputs)})"
+                f"{which} (the checkpoint has {len(ckpt_inputs)} input blocks, the flags give {len(model_inputs)})"
             )
 
     ckpt_ss, model_ss = _uses_scale_shift(ckpt_sd), _uses_scale_shift(model_sd)
@@ -140,17 +154,32 @@ def suggest_flags(model_sd, ckpt_sd):
             f"{flag} (the checkpoint has attention in {len(attn_ckpt)} blocks, the flags give {len(attn_model)})"
         )
 
+    if model_is_classifier:
+        for key in sorted(model_keys & ckpt_keys):
+            if key.startswith("out.") and mismatch(key):
+                got, want = _shape(ckpt_sd[key]), _shape(model_sd[key])
+                if len(got) == len(want) and got[1:] == want[1:]:
+                    hints.append(f"--classifier_num_classes {got[0]} (the checkpoint predicts {got[0]} classes)")
+                    break
+
     if not hints:
-        hints.append(
-            "check --image_size, --num_channels, --num_res_blocks, --channel_mult and --attention_resolutions "
-            "against the flags the checkpoint was trained with"
-        )
+        if model_is_classifier:
+            names = ["--image_size", "--classifier_width", "--classifier_depth", "--classifier_channel_mult",
+                     "--classifier_attention_resolutions", "--classifier_pool"]
+        elif super_res:
+            names = ["--large_size", "--num_channels", "--num_res_blocks", "--attention_resolutions"]
+        else:
+            names = ["--image_size", "--num_channels", "--num_res_blocks", "--channel_mult", "--attention_resolutions"]
+        if script:
+            names = [n for n in names if n[2:] in flags]
+        hints.append(f"check {', '.join(names[:-1])} and {names[-1]} against the flags the checkpoint was trained with")
     return hints
 
 
-def describe_mismatch(model_sd, ckpt_sd):
+def describe_mismatch(model_sd, ckpt_sd, flags=None):
     """
     A multi-line explanation of why ckpt_sd does not load into a model with state dict model_sd, or None.
+    :param flags: as for suggest_flags.
     """
     missing = [k for k in model_sd if k not in ckpt_sd]
     unexpected = [k for k in ckpt_sd if k not in model_sd]
@@ -173,7 +202,7 @@ def describe_mismatch(model_sd, ckpt_sd):
     if wrong_shape:
         fmt = lambda k: f"{k} checkpoint {list(_shape(ckpt_sd[k]))} vs model {list(_shape(model_sd[k]))}"
         lines.append(f"  shape mismatches ({len(wrong_shape)}): {listing(wrong_shape, fmt)}")
-    hints = suggest_flags(model_sd, ckpt_sd)
+    hints = suggest_flags(model_sd, ckpt_sd, flags)
     lines.append("Most likely wrong flag: " + hints[0])
     for hint in hints[1:]:
         lines.append("Also check: " + hint)

@@ -13,7 +13,7 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import check_training_data
+from guided_diffusion.errors import check_training_data, exit_with_usage_error
 from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
@@ -21,6 +21,7 @@ from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
+    check_channel_flags,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
@@ -32,6 +33,10 @@ def main():
     parser = create_argparser()
     args = parser.parse_args()
     check_training_data(parser, args)
+    try:
+        check_channel_flags(args, classifier_and_diffusion_defaults().keys())
+    except ValueError as exc:
+        exit_with_usage_error(parser, exc)
 
     dist_util.setup_dist()
     logger.configure()
@@ -213,8 +218,8 @@ def create_argparser():
         save_interval=10000,
     )
     defaults.update(classifier_and_diffusion_defaults())
-    parser = FlagFileArgumentParser()
-    add_dict_to_argparser(parser, defaults)
+    parser = FlagFileArgumentParser(description=__doc__.strip())
+    add_dict_to_argparser(parser, defaults, script="classifier_train")
     return parser
 
 

@@ -5,8 +5,9 @@ compute FID and other metrics. ADM's flags and output, plus the guidance flags o
 (--seed), resumable runs, and a PNG grid (--grid).
 
 Runs on one process or under `mpiexec -n N`. Each sample's random draws depend only on --seed and its index (see
-guided_diffusion/random_streams.py), so with the same --batch_size any N gives bit-identical samples; another
---batch_size can move a rare pixel by one level, as the model's kernels round differently for other batch shapes.
+guided_diffusion/random_streams.py), so at the same --batch_size and thread count any N gives the same samples
+(for the random PAG perturbations and other conditions see docs/pag.md); another --batch_size can move a rare
+pixel by one level, as the model's kernels round differently for other batch shapes.
 Rerunning an interrupted command with the same output folder (--out_dir or $OPENAI_LOGDIR) finishes it without
 sampling anything twice.
 """

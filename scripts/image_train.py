@@ -8,13 +8,14 @@ import numpy as np
 import torch as th
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import check_training_data
+from guided_diffusion.errors import check_training_data, exit_with_usage_error
 from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
+    check_channel_flags,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
@@ -25,6 +26,10 @@ def main():
     parser = create_argparser()
     args = parser.parse_args()
     check_training_data(parser, args)
+    try:
+        check_channel_flags(args, model_and_diffusion_defaults().keys())
+    except ValueError as exc:
+        exit_with_usage_error(parser, exc)
 
     dist_util.setup_dist()
     logger.configure()
@@ -96,8 +101,8 @@ def create_argparser():
         seed=-1,  # -1: unseeded, as in ADM
     )
     defaults.update(model_and_diffusion_defaults())
-    parser = FlagFileArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
+    parser = FlagFileArgumentParser(description=__doc__.strip())
+    add_dict_to_argparser(parser, defaults, script="image_train")
     return parser
 
 

@@ -8,7 +8,8 @@ measurement noise --sigma, DPS's step size --dps_scale, DDPM over the diffusion'
 The images come from --data_dir: a folder of image files (sorted by path) or an .npz whose arr_0 holds uint8 NHWC
 images; they must already have the model's size. Image i's mask (inpainting with --mask_type), its measurement
 noise and its sampling noise come from its own random stream, seeded by --seed and i only, so a run gives the
-same reconstructions with any --batch_size or number of MPI ranks. Output (resumable, like image_sample.py): one
+same reconstructions with any number of MPI ranks at the same --batch_size and thread count (another
+--batch_size can move a rare pixel by one level). Output (resumable, like image_sample.py): one
 .npz with arr_0 the reconstructions, arr_1 the measurements (uint8, clipped to [-1, 1]; at the low resolution for
 super_resolution) and arr_2 the ground truth, all NHWC uint8; and a PNG grid (--grid) whose rows are
 measurement | reconstruction | ground truth for the first images.
@@ -37,7 +38,7 @@ from guided_diffusion.inverse import (
 from guided_diffusion.random_streams import PerSampleNoise
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-# DPS's intensity for each blur when --intensity is left empty (its configs: gaussian 3.0, motion 0.5).
+# DPS's intensity for each blur when --intensity is not given (its configs: gaussian 3.0, motion 0.5).
 DEFAULT_INTENSITY = {"gaussian_blur": 3.0, "motion_blur": 0.5}
 GRID_ROWS = 8
 
@@ -130,12 +131,14 @@ def build_operator(args):
 
 
 def _operator_from_flags(args):
+    if not args.task:
+        raise UsageError(f"--task is required: the inverse problem to solve, one of {', '.join(OPERATORS)}")
     if args.task not in OPERATORS:
         raise UsageError(f"--task {args.task!r} is unknown; choose one of {', '.join(OPERATORS)}")
-    intensity = args.intensity.strip()
+    intensity = args.intensity
     try:
         if args.task in ("gaussian_blur", "motion_blur"):
-            intensity = float(intensity) if intensity else DEFAULT_INTENSITY[args.task]
+            intensity = DEFAULT_INTENSITY[args.task] if intensity is None else float(intensity)
             if args.task == "gaussian_blur":
                 return create_operator("gaussian_blur", kernel_size=args.kernel_size, intensity=intensity)
             kernel = None
@@ -263,9 +266,9 @@ def create_argparser():
     defaults = dict(
         model_path="",
         data_dir="",
-        task="gaussian_blur",
+        task="",  # required
         kernel_size=61,
-        intensity="",
+        intensity=None,
         kernel_seed=0,
         kernel_path="",
         scale_factor=4,
@@ -279,7 +282,7 @@ def create_argparser():
         gradient_through="plain",
     )
     defaults.update(model_and_diffusion_defaults())
-    parser = cli.create_sampling_argparser(__doc__, defaults)
+    parser = cli.create_sampling_argparser(__doc__, defaults, script="inverse_sample")
     # All of --data_dir unless fewer are asked for; the grid is on by default.
     parser.set_defaults(num_samples=0, grid="grid.png")
     return parser

@@ -39,7 +39,7 @@ def load_digits_images(image_size=16):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets", "digits16.npz"), help="output npz path")
-    parser.add_argument("--image_size", type=int, default=16)
+    parser.add_argument("--image_size", type=int, default=16, help="size of the digit images (default: 16)")
     args = parser.parse_args()
 
     images, labels = load_digits_images(args.image_size)

@@ -110,7 +110,10 @@ def create_argparser():
     parser.add_argument("--results", default=os.path.join(REPO, "results"), help="results folder")
     parser.add_argument("--feature_net", help="evaluator feature network (default: the config's)")
     parser.add_argument("--batch_size", type=int, default=64, help="evaluator images per forward pass")
-    parser.add_argument("--device", help="evaluator device (default: cuda if available)")
+    parser.add_argument(
+        "--device",
+        help="device of the sampler and the evaluator: cpu, cuda or cuda:N (default: cuda if available)",
+    )
     parser.add_argument("--inception_path", help="Inception weights (see evaluations/README.md)")
     parser.add_argument("--model_dir", help="folder holding the checkpoints the configs name")
     parser.add_argument("--keep_going", action="store_true", help="go on with the other rows after an error")
@@ -183,7 +186,24 @@ def sampler_command(row, opts, extra, missing=None, subfolder=""):
     return command, args, out_dir
 
 
-def sample_row(row, command, args, out_dir, key):
+def sampler_env(device, environ=None):
+    """
+    The environment that puts the sampler on `device`: the samplers take a GPU whenever one is visible (ADM's
+    dist_util.dev()), so cpu hides them all and cuda:N shows only GPU N.
+    """
+    environ = os.environ if environ is None else environ
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if device and device.startswith("cuda:"):
+        index = device[len("cuda:"):]
+        visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if not index.isdigit() or (visible and int(index) >= len(visible)):
+            raise ReproduceError(f"--device {device!r}: no such GPU (CUDA_VISIBLE_DEVICES={','.join(visible)})")
+        return {"CUDA_VISIBLE_DEVICES": visible[int(index)] if visible else index}
+    return {}
+
+
+def sample_row(row, command, args, out_dir, key, device=None):
     """
     Sample unless this folder already holds the finished samples of the same settings.
     :return: (seconds spent sampling, None when the samples were there; path of the samples .npz).
@@ -206,7 +226,7 @@ def sample_row(row, command, args, out_dir, key):
     log(f"  sampling {args.num_samples} images into {out_dir}" + (" (resuming)" if os.path.isdir(parts) else ""))
     start = time.time()
     try:
-        status, tail = run_streaming(command)
+        status, tail = run_streaming(command, sampler_env(device))
     except FileNotFoundError as exc:
         raise ReproduceError(f"row {row.name}: cannot run {command[0]}: {exc}") from None
     if status == STOP_EXIT_CODE:
@@ -300,7 +320,7 @@ def run_one(row, opts, extra, subfolder=""):
         log(f"  cached: {metrics_path}")
         return args, old, "cached"
 
-    sampling_seconds, sample_batch = sample_row(row, command, args, out_dir, sampling)
+    sampling_seconds, sample_batch = sample_row(row, command, args, out_dir, sampling, opts.device)
     start = time.time()
     results = evaluate_row(row, net, opts, ref_batch, sample_batch, spec)
     sampler_record = read_json(final_record_path(sample_batch)) or {}
@@ -418,6 +438,10 @@ def main(argv=None):
         from evaluations.device import default_device
 
         opts.device = default_device()
+    try:
+        sampler_env(opts.device)
+    except ReproduceError as exc:
+        parser.error(str(exc))
 
     this_call, failures = [], []
     layout = "seeds" if opts.seeds else "single"

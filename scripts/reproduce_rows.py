@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 from guided_diffusion.assets import fetch_hint
 from guided_diffusion.file_digest import file_record
-from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config
+from guided_diffusion.flag_files import CONFIG_DIR, available_configs, resolve_config, suggest_names
 from guided_diffusion.guidance import describe_guidance
 from guided_diffusion.run_store import FLAGS_FREE_ON_RESUME
 
@@ -193,15 +193,15 @@ def select_configs(patterns, config_dir=CONFIG_DIR):
             found = [load_row(p) for p in paths if is_row(p)]
             if not found:
                 raise ReproduceError(
-                    f"no table row matches {pattern!r}; rows in {config_dir}: {', '.join(row_names(config_dir))}"
+                    f"no table row matches {pattern!r}; {suggest_names('', row_names(config_dir), 'rows', config_dir)}"
                 )
         else:
             try:
                 path = resolve_config(pattern, config_dir)
             except ValueError:
                 raise ReproduceError(
-                    f"unknown config {pattern!r}: no file {pattern} or {config_dir}/{pattern}.cfg. "
-                    f"Table rows: {', '.join(row_names(config_dir)) or '(none)'}"
+                    f"unknown config {pattern!r}: no file {pattern} or {config_dir}/{pattern}.cfg; "
+                    f"{suggest_names(pattern, row_names(config_dir), 'table rows', config_dir)}"
                 ) from None
             found = [load_row(path)]
         for row in found:
@@ -277,11 +277,12 @@ def how_to_get(row, key):
     return f"{source}; " if source else ""
 
 
-def run_streaming(command):
+def run_streaming(command, extra_env=None):
     """
     Run a command with its output (stdout and stderr together) passed through; return (status, last lines).
+    :param extra_env: environment variables to set for the command.
     """
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = b""

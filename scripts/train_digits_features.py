@@ -40,9 +40,9 @@ def random_shift(x, generator, max_shift=1):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="", help="npz with arr_0 images and arr_1 labels (default: sklearn)")
-    parser.add_argument("--out", default=DEFAULT_WEIGHTS)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=DEFAULT_WEIGHTS, help=f"where the weights go (default: {DEFAULT_WEIGHTS})")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches (default: 0)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)

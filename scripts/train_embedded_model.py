@@ -44,8 +44,12 @@ def final_loss(work_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--work_dir", default=os.path.join(REPO, "results", "digits16_train"))
-    parser.add_argument("--out", default=os.path.join(REPO, "models", "digits16.pt"))
+    parser.add_argument(
+        "--work_dir", default=os.path.join(REPO, "results", "digits16_train"), help="training log and checkpoints (a rerun resumes from them)"
+    )
+    parser.add_argument(
+        "--out", default=os.path.join(REPO, "models", "digits16.pt"), help="where the final EMA model goes"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override lr_anneal_steps (for a quick check)")
     parser.add_argument("--data", default=DATASET, help="training images (default: the shipped digits npz)")
     args = parser.parse_args()

@@ -52,12 +52,39 @@ def test_typo_in_a_config_names_the_file(tmp_path, capsys):
     assert f"unrecognized arguments: --pag_scael 3 (from {cfg})" in msg
 
 
-def test_unknown_config_name_lists_the_available_ones(capsys):
+def test_unknown_config_name_says_did_you_mean_in_one_line(capsys):
+    with pytest.raises(SystemExit) as err:
+        parser().parse_args(["@digits16_modle"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert msg.count("\n") == 1 and "usage:" not in msg
+    assert "unknown config 'digits16_modle'" in msg and "did you mean digits16_model" in msg
+    assert "adm256_scale_2p0" not in msg  # not a list of every config
     with pytest.raises(SystemExit):
         parser().parse_args(["@no_such_config"])
     msg = capsys.readouterr().err
-    assert "unknown config 'no_such_config'" in msg
-    assert "digits16_model" in msg
+    assert msg.count("\n") == 1 and "unknown config 'no_such_config'" in msg
+    assert f"{len(available_configs())} configs are in" in msg
+
+
+def test_a_bad_value_is_one_line_without_the_usage(capsys):
+    with pytest.raises(SystemExit) as err:
+        parser().parse_args(["--pag_scale", "three"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert msg == "prog: error: argument --pag_scale: invalid float value: 'three'\n"
+
+
+def test_values_that_start_with_a_dash_parse(tmp_path):
+    p = FlagFileArgumentParser(prog="prog")
+    add_dict_to_argparser(p, dict(pag_interval="", pag_scale=0.0, num_heads_upsample=-1))
+    args = p.parse_args(["--pag_interval", "-10,400", "--pag_scale", "-1.5", "--num_heads_upsample", "-1"])
+    assert args.pag_interval == "-10,400" and args.pag_scale == -1.5 and args.num_heads_upsample == -1
+    cfg = write(tmp_path / "neg.cfg", "--pag_interval -3,4\n")
+    assert p.parse_args([f"@{cfg}"]).pag_interval == "-3,4"
+    # A flag after a flag is still a flag, not its value.
+    with pytest.raises(SystemExit):
+        p.parse_args(["--pag_interval", "--pag_scale", "2"])
 
 
 def test_config_names_resolve_to_the_configs_folder():

@@ -695,14 +695,15 @@ def _bad_inputs(tmp_path, inverse_script):
     np.savez(tmp_path / "small.npz", inverse_script.images[:, :8, :8])
     (tmp_path / "empty").mkdir()
     return [
-        (dict(task="deblur"), "--task 'deblur' is unknown; choose one of gaussian_blur, motion_blur, super_resolution"),
+        (dict(task="deblur"), "argument --task: invalid choice: 'deblur' (choose from 'gaussian_blur', 'motion_blur', "),
+        (dict(), "--task is required: the inverse problem to solve, one of gaussian_blur, motion_blur, super_resolution"),
         (dict(task="inpainting", mask_path=tmp_path / "mask8.npy"), "is 8x8 but the images are 16x16"),
         (dict(task="inpainting", mask_path=tmp_path / "empty"), "--mask_path '%s' is a folder, not a file" % (tmp_path / "empty")),
         (dict(data_dir=tmp_path / "small.npz"), "is 8x8 pixels but the model (--image_size 16) needs 16x16"),
         (dict(data_dir=tmp_path / "empty"), "holds no image files"),
         (dict(data_dir=tmp_path / "nothing"), "no such file or folder"),
         (dict(task="super_resolution", scale_factor=3), "scale_factor 3 does not divide the image size 16 x 16"),
-        (dict(task="inpainting", mask_type="circle"), "--mask_type 'circle' is unknown"),
+        (dict(task="inpainting", mask_type="circle"), "argument --mask_type: invalid choice: 'circle'"),
         (dict(task="inpainting", mask_len_range="12,15"), "does not fit an image of 16 pixels"),
         (dict(task="gaussian_blur", kernel_size=61), "kernel_size 61 needs images larger than 30 pixels"),
         (dict(use_ddim=True), "--use_ddim True is not supported"),

@@ -436,10 +436,16 @@ def test_sampler_command_with_mpi_and_extra_flags(reproduce, world, tmp_path):
 
 
 def test_unknown_config_name(reproduce, world):
-    status, _, err = run(reproduce, world, "tiny_nope")
+    status, _, err = run(reproduce, world, "zzz")
     assert status == 2
-    assert "error: unknown config 'tiny_nope'" in err
-    assert "Table rows: tiny_noref, tiny_pag, tiny_plain" in err
+    assert "error: unknown config 'zzz'" in err
+    assert "table rows in " in err and ": tiny_noref, tiny_pag, tiny_plain" in err
+    status, _, err = run(reproduce, world, "tiny_pga")
+    assert status == 2 and "unknown config 'tiny_pga'" in err and "did you mean tiny_pag" in err
+    # The shipped configs: the close names, not the hundred rows.
+    with pytest.raises(ReproduceError) as unknown:
+        select_configs(["digits16_layer_midle"])
+    assert "did you mean digits16_layer_middle" in str(unknown.value) and "adm256_scale_2p0" not in str(unknown.value)
 
 
 def test_glob_selects_rows_only(world):
@@ -671,3 +677,30 @@ def test_shard_is_not_passed_through(reproduce, world, tmp_path):
     row = select_configs(["tiny_pag"], str(world / "configs"))[0]
     with pytest.raises(ReproduceError, match="--shard cannot be passed through reproduce.py"):
         reproduce.sampler_command(row, opts, ["--shard", "0/2"])
+
+
+def test_device_places_the_sampler_too(reproduce, world, monkeypatch, tmp_path):
+    # The samplers take a GPU whenever one is visible, so --device cpu must hide them from the sampler process.
+    seen = []
+
+    def recording(command, extra_env=None):
+        seen.append(extra_env)
+        return 1, ["error: stopped by the test"]
+
+    monkeypatch.setattr(reproduce, "run_streaming", recording)
+    status, out, _ = run(reproduce, world, "tiny_plain", "--results", str(tmp_path / "results"))
+    assert status == 1 and seen == [{"CUDA_VISIBLE_DEVICES": ""}], out
+    assert reproduce.sampler_env("cuda:1", {}) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert reproduce.sampler_env("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {"CUDA_VISIBLE_DEVICES": "6"}
+    assert reproduce.sampler_env("cuda", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {}
+    with pytest.raises(ReproduceError, match="--device 'cuda:2': no such GPU"):
+        reproduce.sampler_env("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
+
+
+def test_run_streaming_sets_the_extra_environment(monkeypatch, capsys):
+    import reproduce_rows
+
+    status, tail = reproduce_rows.run_streaming(
+        [sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"], {"CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert status == 0 and tail == ["''"]

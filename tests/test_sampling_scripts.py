@@ -721,6 +721,12 @@ BAD_IMAGE_SAMPLE_FLAGS = [
     (dict(pag_scale=3.0, pag_interval="1,24"), "--pag_interval '1,24' contains none of the 5 timesteps"),
     (dict(grid="grid.xyz"), "--grid 'grid.xyz': cannot tell the image format from .xyz"),
     (dict(model_path="."), "--model_path '.' is a folder, not a file"),
+    (dict(pag_scale="three"), "error: argument --pag_scale: invalid float value: 'three'"),
+    (dict(pag_perturbation="fuzz"), "argument --pag_perturbation: invalid choice: 'fuzz' (choose from 'identity'"),
+    (dict(pag_interval="-10,400"), "--pag_interval '-10,400' is out of range"),
+    (dict(num_channels=48), "--num_channels 48 does not fit the architecture: level 0 has 48 channels (48 x 1), "
+                            "which GroupNorm cannot split into its 32 groups; choose --num_channels (and --channel_mult)"),
+    (dict(num_head_channels=48), "--num_channels 32 and --num_head_channels 48 do not fit: the attention at level 1"),
 ]
 
 
@@ -732,9 +738,38 @@ def test_image_sample_rejects_bad_flags(image_sample, ckpt, tmp_path, capsys, ba
         image_sample.main(tiny_flags(**values))
     assert rejected.value.code == 2
     err = capsys.readouterr().err
-    assert err.count(": error: ") == 1
+    assert err.count(": error: ") == 1 and "usage:" not in err and "Traceback" not in err
     assert message in err
     # A run that never sampled leaves no output folder (nor log.txt) behind.
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_of_a_method_that_is_off_are_reported(image_sample, ckpt, tmp_path, capsys):
+    common = dict(model_path=ckpt.uncond, num_samples=2, batch_size=2)
+    plain = run_main(image_sample, tiny_flags(out_dir=tmp_path / "plain", **common))
+    assert "warning" not in capsys.readouterr().err
+    ignored = dict(pag_perturbation="blur", pag_blur_sigma=3, pag_layers="all", sag_interval="0,50")
+    out = run_main(image_sample, tiny_flags(out_dir=tmp_path / "off", **common, **ignored))
+    err = capsys.readouterr().err
+    pag = ("warning: PAG is off (--pag_scale 0), so --pag_layers all --pag_perturbation blur --pag_blur_sigma 3.0 "
+           "have no effect; give a nonzero --pag_scale to use them")
+    sag = "warning: SAG is off (--sag_scale 0), so --sag_interval 0,50 has no effect; give a nonzero --sag_scale"
+    assert pag in err and sag in err
+    assert pag in (tmp_path / "off" / "log.txt").read_text()
+    np.testing.assert_array_equal(out["arr_0"], plain["arr_0"])  # they did nothing, as the warning says
+
+
+def test_a_bad_attention_backend_is_refused_before_anything_runs(image_sample, ckpt, tmp_path, capsys, monkeypatch):
+    from guided_diffusion import unet
+
+    monkeypatch.setattr(unet, "_attention_backend", "flash")
+    monkeypatch.setattr(unet, "_attention_backend_source", unet.ATTENTION_BACKEND_ENV)
+    with pytest.raises(SystemExit) as rejected:
+        image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path / "run"))
+    assert rejected.value.code == 2
+    captured = capsys.readouterr()
+    assert "error: unknown attention backend PAG_ADM_ATTENTION='flash'; use one of auto" in captured.err
+    assert "Traceback" not in captured.err and "loading" not in captured.out
     assert not (tmp_path / "run").exists()
 
 
@@ -744,6 +779,7 @@ def _bad_checkpoints(folder, good):
         "truncated.pt": data[: len(data) // 2],
         "empty.pt": b"",
         "text.pt": b"not a checkpoint\n",
+        "readme.md": open(os.path.join(REPO_ROOT, "README.md"), "rb").read(),
     }
     for name, content in files.items():
         (folder / name).write_bytes(content)
@@ -755,8 +791,9 @@ def _bad_checkpoints(folder, good):
     "name, message",
     [
         ("truncated.pt", "is not a readable PyTorch checkpoint"),
-        ("empty.pt", "is not a readable PyTorch checkpoint"),
-        ("text.pt", "is not a readable PyTorch checkpoint"),
+        ("empty.pt", "is not a PyTorch checkpoint (the file is empty)"),
+        ("text.pt", "is not a PyTorch checkpoint (it is a text file): pass the diffusion model checkpoint"),
+        ("readme.md", "is not a PyTorch checkpoint (it is a text file)"),
         ("wrapped.pt", "holds a dict with keys 'model', 'step', not a state dict of the diffusion model; its 'model'"),
     ],
 )
@@ -768,7 +805,7 @@ def test_unreadable_checkpoints_get_one_line_and_no_output_folder(image_sample, 
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if ": error: " in line]
     assert len(error_lines) == 1 and str(bad) in error_lines[0] and message in error_lines[0]
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "weights_only" not in err
     assert not (tmp_path / "run").exists()
 
 
@@ -863,6 +900,25 @@ def test_classifier_sample_rejects_bad_flags(classifier_sample, ckpt, tmp_path, 
     assert ": error: " in err and message in err
 
 
+def test_checkpoint_mismatch_hints_name_this_scripts_flags(image_sample, classifier_sample, ckpt, tmp_path, capsys):
+    def error(script, argv):
+        with pytest.raises(SystemExit) as rejected:
+            script.main(argv)
+        assert rejected.value.code == 2
+        err = capsys.readouterr().err
+        assert "create_" not in err  # the Python factories are not what a script user can change
+        return err
+
+    err = error(image_sample, tiny_flags(image_size=64, model_path=ckpt.classifier, num_samples=2, out_dir=tmp_path))
+    assert "this is a classifier checkpoint (it has no output_blocks): it is for scripts/classifier_sample.py's " \
+           "--classifier_path" in err
+    err = error(classifier_sample, _classifier_flags(ckpt, classifier_num_classes=10, num_samples=2, out_dir=tmp_path))
+    assert "Most likely wrong flag: --classifier_num_classes 1000 (the checkpoint predicts 1000 classes)" in err
+    assert "--num_channels" not in err
+    err = error(classifier_sample, _classifier_flags(ckpt, classifier_path=ckpt.uncond64, num_samples=2, out_dir=tmp_path))
+    assert "this is a diffusion-model checkpoint (it has output_blocks): pass it as --model_path" in err
+
+
 # --- super_res_sample.py --------------------------------------------------------------------------------------
 
 SR_TINY = dict(
@@ -941,3 +997,18 @@ def test_small_images_are_enlarged_for_the_grid():
     np.testing.assert_array_equal(big[:, 3::4, 3::4], images)
     same = np.zeros((1, 32, 32, 3), np.uint8)
     assert enlarge_small(same) is same
+
+
+def test_super_res_mismatch_hints_name_only_its_flags(super_res_sample, sr_files, ckpt, tmp_path, capsys):
+    values = dict(SR_TINY, class_cond=True, model_path=sr_files.model, base_samples=sr_files.base, num_samples=2,
+                  out_dir=tmp_path / "run")
+    with pytest.raises(SystemExit):
+        super_res_sample.main(flags(dict(values, num_res_blocks=2)))
+    err = capsys.readouterr().err
+    assert "Most likely wrong flag: --num_res_blocks or --large_size (the checkpoint has" in err
+    assert "--channel_mult" not in err and "create_" not in err
+    with pytest.raises(SystemExit):
+        super_res_sample.main(flags(dict(values, model_path=ckpt.uncond64, class_cond=False)))
+    err = capsys.readouterr().err
+    assert "the checkpoint is a base model, not an upsampler: sample it with scripts/image_sample.py" in err
+    assert not (tmp_path / "run").exists()
