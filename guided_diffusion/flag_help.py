@@ -95,6 +95,22 @@ FLAG_HELP = {
         OUTPUT, "also write a grid image of the first samples (NAME.png or .jpg; a bare name goes into the "
         "output folder); empty: no grid"
     ),
+    "shard": FlagHelp(
+        SAMPLING, "i/n: sample only the i-th of n slices of the run's batches (0 <= i < n), as an independent, "
+        "resumable job writing samples_..._shardIofN.npz; join the n shards with scripts/merge_shards.py"
+    ),
+    "allow_tf32": FlagHelp(
+        SAMPLING, "allow TF32 (10-bit mantissa) in CUDA convolutions and matmuls: faster on Ampere and newer GPUs, "
+        "but samples differ from float32 by a few levels"
+    ),
+    "deterministic": FlagHelp(
+        SAMPLING, "use only deterministic CUDA kernels (torch.use_deterministic_algorithms), so reruns are "
+        "bit-identical where PyTorch can provide it; slower"
+    ),
+    "overwrite": FlagHelp(
+        OUTPUT, "True: remove a finished run's samples, record and grid in --out_dir and sample again (without it a "
+        "finished run is reported complete and not resampled)"
+    ),
     "out_dir": FlagHelp(
         OUTPUT, "output folder (rerun with the same one to resume); empty: $OPENAI_LOGDIR, else a fresh "
         "temporary folder"

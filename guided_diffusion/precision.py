@@ -18,18 +18,6 @@ import torch as th
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def precision_flags():
-    """
-    (flag, default, help) of the policy's flags, added to every sampling script's parser.
-    """
-    return [
-        ("allow_tf32", False, "allow TF32 (10-bit mantissa) in CUDA convolutions and matmuls: faster on Ampere "
-                              "and newer GPUs, but samples differ from float32 by a few levels; default False"),
-        ("deterministic", False, "use only deterministic CUDA kernels (torch.use_deterministic_algorithms), so "
-                                 "reruns are bit-identical where PyTorch can provide it; slower; default False"),
-    ]
-
-
 def apply_precision_policy(allow_tf32=False, deterministic=False):
     """
     Set torch's global switches for this run: TF32 off unless allowed; deterministic kernels when asked.

@@ -31,11 +31,11 @@ from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported
 from .flag_files import FlagFileArgumentParser
 from .guidance import check_guidance_args, guidance_defaults, guide_model, ignored_flags_warnings
 from .image_output import grid_format, to_uint8_images
-from .precision import apply_precision_policy, not_deterministic_note, precision_flags
+from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
 from . import run_store
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
-from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags, str2bool
+from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
 
 
 def sampling_defaults():
@@ -43,7 +43,8 @@ def sampling_defaults():
     Flags every sampling script has: ADM's (clip_denoised, num_samples, batch_size, use_ddim) and ours: the seed,
     an optional grid image of the first samples (--grid NAME.png: a bare file name goes into the output folder)
     and an optional output folder (default: the logger's folder, $OPENAI_LOGDIR or a fresh temporary folder, as in
-    ADM), and --overwrite to sample again into a folder that holds a finished run.
+    ADM), --overwrite to sample again into a folder that holds a finished run, --shard i/n (run_store) and the
+    CUDA precision policy's --allow_tf32 and --deterministic (precision.py).
     """
     return dict(
         clip_denoised=True,
@@ -54,6 +55,9 @@ def sampling_defaults():
         grid="",
         out_dir="",
         overwrite=False,
+        shard="",
+        allow_tf32=False,
+        deterministic=False,
     )
 
 
@@ -71,13 +75,6 @@ def create_sampling_argparser(description, defaults, script=None):
         epilog="Flags can also come from a file: @configs/NAME.cfg or @NAME (later flags override it).",
     )
     add_dict_to_argparser(parser, merged, script=script)
-    parser.add_argument(
-        "--shard", default="", type=str,
-        help="i/n: sample only the i-th of n slices of the run's batches (0 <= i < n), as an independent, "
-             "resumable job writing samples_..._shardIofN.npz; join the n shards with scripts/merge_shards.py",
-    )
-    for flag, default, help_text in precision_flags():
-        parser.add_argument(f"--{flag}", default=default, type=str2bool, help=help_text)
     return parser
 
 
