@@ -213,16 +213,9 @@ class PAGFlags(GuidanceFlags):
     def wrap(self, model, diffusion, args):
         from .pag import PAGGuidedModel
 
+        # The random kinds draw from each sample's own perturbation stream inside the run's batches
+        # (random_streams.py), so no global seeding is needed for them.
         kind, params = self.perturbation(args)
-        if kind in RANDOM_PERTURBATIONS:
-            # These draw from torch's global generator, as in the official code, which the scripts use for nothing
-            # else; seed it like the official seed_everything (seed + rank), so a rerun with the same flags, ranks
-            # and batch size repeats its samples. (They still depend on the batch: the draws have its shape.)
-            import torch
-
-            from .run_store import mpi_comm
-
-            torch.manual_seed(int(getattr(args, "seed", 0)) + mpi_comm().rank)
         return PAGGuidedModel(
             model, scale=args.pag_scale, layers=args.pag_layers, t_range=self.t_range(args), kind=kind, **params
         )
