@@ -323,7 +323,7 @@ class PAGGuidedModel:
         plain = self.model(x, t, **model_kwargs)
         return plain, self._combine(x, plain, perturbed, rows)
 
-    def _perturbation_for(self, rows, batch_size):
+    def _perturbation_for(self, rows, batch_size, device):
         """
         The perturbation of this call: inside random_streams.batch_streams, a random one draws each guided row's
         part of the map from that sample's own perturbation generator; otherwise from the global generator, as
@@ -337,7 +337,7 @@ class PAGGuidedModel:
             raise ValueError(
                 f"PAG called on a batch of {batch_size} inside batch_streams for {len(batch.indices)} samples"
             )
-        generators = batch.perturbation_generators()
+        generators = batch.perturbation_generators(device)
         if rows is not True:
             generators = [generators[i] for i in rows.tolist()]
         return perturbation.with_generators(generators)
@@ -349,13 +349,14 @@ class PAGGuidedModel:
     def _perturbed_pass(self, x, t, model_kwargs, rows):
         n = x.shape[0]
         kwargs = {k: _take_rows(v, rows, n) for k, v in model_kwargs.items()}
-        with perturb_attention(self.model, self.layers, self._perturbation_for(rows, n)):
+        with perturb_attention(self.model, self.layers, self._perturbation_for(rows, n, x.device)):
             return self.model(_take_rows(x, rows, n), _take_rows(t, rows, n), **kwargs)
 
     def _batched_pass(self, x, t, model_kwargs, rows):
         n = x.shape[0]
         kwargs = {k: _append_rows(v, rows, n) for k, v in model_kwargs.items()}
-        with perturb_attention(self.model, self.layers, self._perturbation_for(rows, n), rows=slice(n, None)):
+        perturbation = self._perturbation_for(rows, n, x.device)
+        with perturb_attention(self.model, self.layers, perturbation, rows=slice(n, None)):
             out = self.model(_append_rows(x, rows, n), _append_rows(t, rows, n), **kwargs)
         return out[:n], out[n:]
 
@@ -374,7 +375,8 @@ class PAGGuidedModel:
         h = _append_rows(h, rows, n)
         hs = [_append_rows(skip, rows, n) for skip in hs]
         emb = _append_rows(emb, rows, n)
-        with perturb_attention(model, self.layers, self._perturbation_for(rows, n), rows=slice(n, None)):
+        perturbation = self._perturbation_for(rows, n, x.device)
+        with perturb_attention(model, self.layers, perturbation, rows=slice(n, None)):
             h, _ = model.run_stages(h, emb, hs, first)
         out = model.out(h.type(x.dtype))
         return out[:n], out[n:]

@@ -24,7 +24,8 @@ spatial grid. The random kinds (mask, drop, noise) draw in one of two ways, with
     official order (one draw per perturbed block and forward pass), so a seeded forward equals the official
     module's; this is what a perturbation does by itself;
   - with_generators(g) gives a copy whose row r of the batch draws its [heads, T, T] part from generator g[r]
-    (random_streams.py), so a sample's perturbation depends on its own stream only; the scripts sample this way.
+    (on g[r]'s device; random_streams.py), so a sample's perturbation depends on its own stream only; the scripts
+    sample this way.
 """
 
 import math
@@ -115,7 +116,7 @@ class AttentionPerturbation:
             )
         shape = (weight.shape[0] // rows,) + tuple(weight.shape[1:])
         draw = th.randn if normal else th.rand
-        parts = th.cat([draw(shape, generator=g) for g in self.generators])
+        parts = th.cat([draw(shape, generator=g, device=g.device) for g in self.generators])
         return parts.to(device=weight.device, dtype=weight.dtype if normal else th.float32)
 
     def logits(self, weight):

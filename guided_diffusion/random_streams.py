@@ -16,7 +16,10 @@ generator per sample, seeded from SeedSequence(S, spawn_key=(i, PERTURBATION_STR
 draws above: at every forward pass of the perturbed branch, each perturbed attention block (in module order)
 takes one draw shaped (heads, T, T) for the sample's own map, as the official modules draw one shaped like the
 whole batch's map. The samplers call the perturbed branch once per step, so these draws are a function of S, i
-and the step.
+and the step. The maps are large (T^2 per head: 1024^2 at ADM-256's 32x32 blocks), so this generator lives on
+the maps' device: on the CPU the numbers are the same everywhere; a CUDA generator seeded the same way gives
+other numbers than the CPU's, and torch's CUDA generator may lay its draws out by the GPU's size, so across
+ranks they agree on GPUs of one model.
 
 A batch's noise is the stack of its samples' draws (PerSampleNoise), so what sample i draws depends on S and i
 only, not on the batch size, the number of ranks or which batch or rank it lands in. Draws happen on the CPU and
@@ -39,9 +42,9 @@ import torch as th
 PERTURBATION_STREAM = 1
 
 
-def _generator(seed, spawn_key):
+def _generator(seed, spawn_key, device="cpu"):
     state = np.random.SeedSequence(seed, spawn_key=spawn_key).generate_state(2, np.uint32)
-    gen = th.Generator(device="cpu")
+    gen = th.Generator(device=device)
     gen.manual_seed(int(state[0]) | (int(state[1]) << 32))
     return gen
 
@@ -53,11 +56,11 @@ def sample_generator(seed, index):
     return _generator(seed, (index,))
 
 
-def perturbation_generator(seed, index):
+def perturbation_generator(seed, index, device="cpu"):
     """
-    The CPU generator of sample `index`'s random attention perturbations (see the module docstring).
+    The generator of sample `index`'s random attention perturbations (see the module docstring), on `device`.
     """
-    return _generator(seed, (index, PERTURBATION_STREAM))
+    return _generator(seed, (index, PERTURBATION_STREAM), device)
 
 
 class SampleBatch:
@@ -68,15 +71,17 @@ class SampleBatch:
     def __init__(self, seed, indices):
         self.seed = int(seed)
         self.indices = [int(i) for i in indices]
-        self._perturbation_generators = None
+        self._perturbation_generators = {}
 
-    def perturbation_generators(self):
+    def perturbation_generators(self, device="cpu"):
         """
-        One perturbation generator per row, made on first use and then consumed across the batch's steps.
+        One perturbation generator per row on the maps' device, made on first use and then consumed across the
+        batch's steps.
         """
-        if self._perturbation_generators is None:
-            self._perturbation_generators = [perturbation_generator(self.seed, i) for i in self.indices]
-        return self._perturbation_generators
+        device = th.device(device)
+        if device not in self._perturbation_generators:
+            self._perturbation_generators[device] = [perturbation_generator(self.seed, i, device) for i in self.indices]
+        return self._perturbation_generators[device]
 
 
 _current_batch = None

@@ -29,7 +29,11 @@ from test_sampling_scripts import (  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KINDS = [("mask", dict(drop_rate=0.3, retain_diag=True)), ("drop", dict(drop_rate=0.3)), ("noise", dict(noise_scale=0.5))]
+KINDS = [
+    ("mask", dict(drop_rate=0.3, retain_diag=True)),
+    ("drop", dict(drop_rate=0.3)),
+    ("noise", dict(noise_scale=0.5)),
+]
 
 
 @pytest.fixture
