@@ -37,11 +37,11 @@ def _timestep(diffusion, index):
     return int(timestep_map[index])
 
 
-def _sample_names(rows):
+def _sample_names(rows, batch_size):
     from .random_streams import current_batch
 
     batch = current_batch()
-    if batch is not None:
+    if batch is not None and len(batch.indices) == batch_size:
         indices = [batch.indices[r] for r in rows]
         return "sample" + ("s" if len(indices) > 1 else ""), indices
     return "batch row" + ("s" if len(rows) > 1 else ""), rows
@@ -56,7 +56,7 @@ def check_finite(sample, diffusion, index, model, cond_fn=None, sampler="samplin
         return
     bad = (~th.isfinite(sample)).flatten(1).any(dim=1)
     rows = bad.nonzero().flatten().tolist()
-    what, names = _sample_names(rows)
+    what, names = _sample_names(rows, sample.shape[0])
     shown = ", ".join(str(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
     steps = diffusion.num_timesteps
     message = (
