@@ -95,3 +95,20 @@ def test_official_random_mask_nan_stops_the_script_and_writes_nothing(image_samp
     done = image_sample.main(tiny_flags(**dict(flags, out_dir=tmp_path / "kept"), pag_retain_diag=True))
     with np.load(done) as data:
         assert data["arr_0"].shape == (4, 32, 32, 3)
+
+
+@pytest.mark.parametrize("use_ddim", [False, True])
+def test_guarded_loop_equals_the_bare_steps_bit_for_bit(use_ddim):
+    # The guard only reads: a finite run is the chain of the diffusion's own steps, unchanged.
+    diffusion = create_gaussian_diffusion(steps=100, timestep_respacing="5")
+    model = _NaNAt(-1)
+    x_T = th.randn(2, 3, 4, 4, generator=th.Generator().manual_seed(1))
+    draws = [th.randn(2, 3, 4, 4, generator=th.Generator().manual_seed(2 + k)) for k in range(5)]
+    feed = iter(draws)
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    guarded = loop(model, (2, 3, 4, 4), noise=x_T, noise_fn=lambda x: next(feed))
+    step = diffusion.ddim_sample if use_ddim else diffusion.p_sample
+    img = x_T
+    for k, i in enumerate(range(4, -1, -1)):
+        img = step(model, img, th.tensor([i, i]), noise_fn=lambda x: draws[k])["sample"]
+    assert th.equal(guarded, img)
