@@ -18,6 +18,7 @@ import torch as th
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
+from .nonfinite import check_finite
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
@@ -460,7 +461,8 @@ class GaussianDiffusion:
     ):
         """
         Like p_sample_loop(), but yield the output of p_sample() at every
-        timestep, from T - 1 down to 0.
+        timestep, from T - 1 down to 0. A step that gives NaN or Inf raises
+        nonfinite.NonFiniteSampleError before it is yielded.
         """
         if device is None:
             device = _default_device(model, noise)
@@ -484,6 +486,7 @@ class GaussianDiffusion:
                     model_kwargs=model_kwargs,
                     noise_fn=noise_fn,
                 )
+                check_finite(out["sample"], self, i, model, cond_fn)
                 yield out
                 img = out["sample"]
 
@@ -619,7 +622,7 @@ class GaussianDiffusion:
     ):
         """
         Like ddim_sample_loop(), but yield the output of ddim_sample() at
-        every timestep.
+        every timestep; NaN or Inf raise as in p_sample_loop_progressive().
         """
         if device is None:
             device = _default_device(model, noise)
@@ -644,6 +647,7 @@ class GaussianDiffusion:
                     eta=eta,
                     noise_fn=noise_fn,
                 )
+                check_finite(out["sample"], self, i, model, cond_fn)
                 yield out
                 img = out["sample"]
 

@@ -129,9 +129,6 @@ class GuidanceFlags:
         ]
 
 
-# The perturbations that draw random numbers.
-RANDOM_PERTURBATIONS = ("mask", "drop", "noise")
-
 # PAG's perturbation parameters: flag suffix -> what it is, for messages.
 PAG_PERTURBATION_FLAGS = {
     "drop_rate": "the probability of masking (mask) or zeroing (drop) each attention weight",
@@ -231,16 +228,9 @@ class PAGFlags(GuidanceFlags):
     def wrap(self, model, diffusion, args):
         from .pag import PAGGuidedModel
 
+        # The random kinds draw from each sample's own perturbation stream inside the run's batches
+        # (random_streams.py), so no global seeding is needed for them.
         kind, params = self.perturbation(args)
-        if kind in RANDOM_PERTURBATIONS:
-            # These draw from torch's global generator, as in the official code, which the scripts use for nothing
-            # else; seed it like the official seed_everything (seed + rank), so a rerun with the same flags, ranks
-            # and batch size repeats its samples. (They still depend on the batch: the draws have its shape.)
-            import torch
-
-            from .launch_env import rank
-
-            torch.manual_seed(int(getattr(args, "seed", 0)) + rank())
         return PAGGuidedModel(
             model, scale=args.pag_scale, layers=args.pag_layers, t_range=self.t_range(args), kind=kind, **params
         )

@@ -35,6 +35,7 @@ import torch as th
 import torch.nn.functional as F
 
 from .gaussian_diffusion import _nonzero_mask, _timestep_indices
+from .nonfinite import check_finite
 from .pag import PAGGuidedModel
 
 # DPS's measurement noise on its Gaussian-noise tasks.
@@ -568,7 +569,8 @@ def _check_dps_args(diffusion, model, noise, measurement, operator, scale, gradi
 def dps_sample_loop_progressive(diffusion, model, noise, measurement, operator, scale, model_kwargs=None,
                                 progress=False, noise_fn=None, clip_denoised=True, gradient_through="plain"):
     """
-    Like dps_sample_loop, but yield dps_sample's dict at every timestep, from T - 1 down to 0.
+    Like dps_sample_loop, but yield dps_sample's dict at every timestep, from T - 1 down to 0; a step that gives
+    NaN or Inf raises nonfinite.NonFiniteSampleError.
     """
     _check_dps_args(diffusion, model, noise, measurement, operator, scale, gradient_through)
     indices = _timestep_indices(diffusion.num_timesteps, progress)
@@ -577,6 +579,7 @@ def dps_sample_loop_progressive(diffusion, model, noise, measurement, operator, 
         t = th.tensor([i] * noise.shape[0], device=noise.device)
         out = dps_sample(diffusion, model, img, t, measurement, operator, scale, model_kwargs, noise_fn,
                          clip_denoised, gradient_through)
+        check_finite(out["sample"], diffusion, i, model, sampler="DPS sampling")
         if progress:
             indices.set_postfix(distance=float(out["distance"].mean()), refresh=False)
         yield out

@@ -22,6 +22,7 @@ import math
 import torch as th
 
 from .perturbations import is_identity, make_perturbation, real_number
+from .random_streams import current_batch
 from .unet import AttentionBlock, SuperResModel, UNetModel
 
 # Layer aliases: alias -> prefix of the module names it selects.
@@ -256,6 +257,29 @@ class PAGGuidedModel:
             f"batched={self.batched}, share_prefix={self.share_prefix}, perturbation={self.perturbation.describe()!r})"
         )
 
+    def describe(self):
+        """
+        One line for logs and messages.
+        """
+        interval = "all" if self.t_range is None else f"{self.t_range[0]:g}..{self.t_range[1]:g}"
+        return (
+            f"PAG (scale {self.scale:g}, layers {','.join(self.layers)}, t {interval}, "
+            f"perturbation {self.perturbation.describe()})"
+        )
+
+    def nonfinite_hint(self):
+        """
+        What may make this guidance give NaN, for the samplers' non-finite guard ("" when nothing is known).
+        """
+        p = self.perturbation
+        if p.kind == "mask" and not p.params["retain_diag"]:
+            return (
+                "the random mask (as in the official attention_mask) can mask every logit of an attention row, "
+                "whose softmax is NaN; --pag_retain_diag (the official attention_mask_identity) never masks the "
+                "diagonal, or lower --pag_drop_rate"
+            )
+        return ""
+
     def parameters(self, recurse=True):
         """
         The wrapped model's parameters, so code that finds the device from them (as ADM's samplers do) works.
@@ -299,6 +323,25 @@ class PAGGuidedModel:
         plain = self.model(x, t, **model_kwargs)
         return plain, self._combine(x, plain, perturbed, rows)
 
+    def _perturbation_for(self, rows, batch_size, device):
+        """
+        The perturbation of this call: inside random_streams.batch_streams, a random one draws each guided row's
+        part of the map from that sample's own perturbation generator; otherwise from the global generator, as
+        the official code.
+        """
+        perturbation = self.perturbation
+        batch = current_batch()
+        if not perturbation.random or batch is None:
+            return perturbation
+        if len(batch.indices) != batch_size:
+            raise ValueError(
+                f"PAG called on a batch of {batch_size} inside batch_streams for {len(batch.indices)} samples"
+            )
+        generators = batch.perturbation_generators(device)
+        if rows is not True:
+            generators = [generators[i] for i in rows.tolist()]
+        return perturbation.with_generators(generators)
+
     def _two_passes(self, x, t, model_kwargs, rows):
         plain = self.model(x, t, **model_kwargs)
         return plain, self._perturbed_pass(x, t, model_kwargs, rows)
@@ -306,13 +349,14 @@ class PAGGuidedModel:
     def _perturbed_pass(self, x, t, model_kwargs, rows):
         n = x.shape[0]
         kwargs = {k: _take_rows(v, rows, n) for k, v in model_kwargs.items()}
-        with perturb_attention(self.model, self.layers, self.perturbation):
+        with perturb_attention(self.model, self.layers, self._perturbation_for(rows, n, x.device)):
             return self.model(_take_rows(x, rows, n), _take_rows(t, rows, n), **kwargs)
 
     def _batched_pass(self, x, t, model_kwargs, rows):
         n = x.shape[0]
         kwargs = {k: _append_rows(v, rows, n) for k, v in model_kwargs.items()}
-        with perturb_attention(self.model, self.layers, self.perturbation, rows=slice(n, None)):
+        perturbation = self._perturbation_for(rows, n, x.device)
+        with perturb_attention(self.model, self.layers, perturbation, rows=slice(n, None)):
             out = self.model(_append_rows(x, rows, n), _append_rows(t, rows, n), **kwargs)
         return out[:n], out[n:]
 
@@ -331,7 +375,8 @@ class PAGGuidedModel:
         h = _append_rows(h, rows, n)
         hs = [_append_rows(skip, rows, n) for skip in hs]
         emb = _append_rows(emb, rows, n)
-        with perturb_attention(model, self.layers, self.perturbation, rows=slice(n, None)):
+        perturbation = self._perturbation_for(rows, n, x.device)
+        with perturb_attention(model, self.layers, perturbation, rows=slice(n, None)):
             h, _ = model.run_stages(h, emb, hs, first)
         out = model.out(h.type(x.dtype))
         return out[:n], out[n:]

@@ -18,9 +18,14 @@ prefix:
     noise       after the softmax, noise_scale * N(0, 1) is added to each weight
 
 `blur` and `avgpool2d` filter the map as a T x T image, as the official modules do; they do not reshape it to the
-spatial grid. The random kinds draw from torch's global generator of the map's device, with the map's shape
-[rows * heads, T, T] and in the official order (one draw per perturbed block and forward pass), so a seeded
-forward equals the official module's.
+spatial grid. The random kinds (mask, drop, noise) draw in one of two ways, with the same distribution:
+
+  - from torch's global generator of the map's device, with the map's shape [rows * heads, T, T] and in the
+    official order (one draw per perturbed block and forward pass), so a seeded forward equals the official
+    module's; this is what a perturbation does by itself;
+  - with_generators(g) gives a copy whose row r of the batch draws its [heads, T, T] part from generator g[r]
+    (on g[r]'s device; random_streams.py), so a sample's perturbation depends on its own stream only; the scripts
+    sample this way.
 """
 
 import math
@@ -78,9 +83,41 @@ class AttentionPerturbation:
     """
 
     kind = ""
+    # Whether the perturbation draws random numbers.
+    random = False
 
     def __init__(self, **params):
         self.params = params
+        self.generators = None
+
+    def with_generators(self, generators):
+        """
+        A copy whose random draws come from one CPU generator per batch row (None: the global generator).
+        """
+        copy = type(self)(**self.params)
+        copy.generators = None if generators is None else list(generators)
+        return copy
+
+    def _draw(self, weight, normal=False):
+        """
+        Uniform [0, 1) (or standard normal) numbers shaped like the map `weight` [rows * heads, T, T]: a float32
+        draw from the global generator on the map's device (normal: randn_like, the map's dtype), as the official
+        modules draw, or, with generators, row r's [heads, T, T] from generators[r].
+        """
+        if self.generators is None:
+            if normal:
+                return th.randn_like(weight)
+            return th.rand(weight.shape, device=weight.device)
+        rows = len(self.generators)
+        if rows == 0 or weight.shape[0] % rows:
+            raise ValueError(
+                f"perturbation {self.kind!r}: an attention map of {weight.shape[0]} rows * heads cannot be split "
+                f"among {rows} per-sample generators"
+            )
+        shape = (weight.shape[0] // rows,) + tuple(weight.shape[1:])
+        draw = th.randn if normal else th.rand
+        parts = th.cat([draw(shape, generator=g, device=g.device) for g in self.generators])
+        return parts.to(device=weight.device, dtype=weight.dtype if normal else th.float32)
 
     def logits(self, weight):
         return weight
@@ -117,9 +154,10 @@ class IdentityPerturbation(AttentionPerturbation):
 
 class MaskPerturbation(AttentionPerturbation):
     kind = "mask"
+    random = True
 
     def logits(self, weight):
-        masked = th.rand(weight.shape, device=weight.device) < self.params["drop_rate"]
+        masked = self._draw(weight) < self.params["drop_rate"]
         if self.params["retain_diag"]:
             masked.diagonal(dim1=-2, dim2=-1).fill_(False)
         return weight.masked_fill(masked, -float("inf"))
@@ -127,9 +165,10 @@ class MaskPerturbation(AttentionPerturbation):
 
 class DropPerturbation(AttentionPerturbation):
     kind = "drop"
+    random = True
 
     def weights(self, weight):
-        keep = th.rand(weight.shape, device=weight.device) > self.params["drop_rate"]
+        keep = self._draw(weight) > self.params["drop_rate"]
         return weight * keep
 
 
@@ -150,10 +189,11 @@ class AvgPool2dPerturbation(AttentionPerturbation):
 
 class NoisePerturbation(AttentionPerturbation):
     kind = "noise"
+    random = True
 
     def weights(self, weight):
-        # randn_like: the noise has the map's dtype (float16 under --use_fp16), as in the official module.
-        return weight + th.randn_like(weight) * self.params["noise_scale"]
+        # The noise has the map's dtype (float16 under --use_fp16), as the official module's randn_like.
+        return weight + self._draw(weight, normal=True) * self.params["noise_scale"]
 
 
 _CLASSES = {

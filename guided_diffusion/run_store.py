@@ -36,7 +36,7 @@ from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic, un
 from .errors import UsageError
 from .file_digest import file_record
 from .image_output import first_samples, save_grid
-from .random_streams import sample_generator
+from .random_streams import batch_streams, sample_generator
 
 # Set to a positive integer k, a run stops (exit status 3) after each rank has finished k batches: an interrupted
 # run on demand, for testing resumption.
@@ -615,7 +615,8 @@ def run_sampling(
     )
     for batch_number, (start, end) in enumerate(mine):
         generators = [sample_generator(args.seed, i) for i in range(start, end)]
-        arrays = sample_batch(start, end, generators)
+        with batch_streams(args.seed, range(start, end)):
+            arrays = sample_batch(start, end, generators)
         save_npz_atomic(os.path.join(parts_dir, part_name(start, end)), arrays)
         if comm.rank == 0:
             # The parts on disk count the other ranks' work too.

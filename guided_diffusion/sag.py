@@ -170,6 +170,12 @@ class SAGGuidedModel:
             f"map_heads={self.map_heads}, t_range={self.t_range}, clip_denoised={self.clip_denoised})"
         )
 
+    def describe(self):
+        """
+        One line for logs and messages.
+        """
+        return f"SAG (scale {self.scale:g}, layer {self.layer}, blur sigma {self.blur_sigma:g})"
+
     def parameters(self, recurse=True):
         return self.model.parameters(recurse)
 

@@ -30,6 +30,7 @@ from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_f
 from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
 from .flag_files import FlagFileArgumentParser
 from .guidance import check_guidance_args, guidance_defaults, guide_model, ignored_flags_warnings
+from .nonfinite import NonFiniteSampleError
 from .image_output import grid_format, to_uint8_images
 from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
@@ -93,6 +94,14 @@ def run_main(parser, sample, argv=None, args=None):
         return done.path
     except UsageError as exc:
         exit_with_usage_error(parser, exc)
+    except NonFiniteSampleError as exc:
+        # Raised by one rank's batch: that rank says it, and the whole job stops (the others would wait for it).
+        sys.stderr.write(f"\n{parser.prog}: error: {exc}\n")
+        sys.stderr.flush()
+        comm = mpi_comm()
+        if comm.size > 1:
+            comm.Abort(1)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         if mpi_comm().rank == 0:
             sys.stderr.write(f"\n{parser.prog}: interrupted. {_how_to_resume(args)}\n")

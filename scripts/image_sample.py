@@ -4,10 +4,11 @@ compute FID and other metrics. ADM's flags and output, plus the guidance flags o
 (Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval), reproducible per-sample seeding
 (--seed), resumable runs, and a PNG grid (--grid).
 
-Runs on one process or under `mpiexec -n N`. Each sample's random draws depend only on --seed and its index (see
-guided_diffusion/random_streams.py), so at the same --batch_size and thread count any N gives the same samples
-(for the random PAG perturbations and other conditions see docs/pag.md); another --batch_size can move a rare
-pixel by one level, as the model's kernels round differently for other batch shapes.
+Runs on one process or under `mpiexec -n N`. Each sample's random draws (noise, label, random PAG perturbation)
+depend only on --seed and its index (see guided_diffusion/random_streams.py), so with the same --batch_size, the
+same torch thread count and the same CPU kernels any N gives bit-identical samples (mpiexec gives torch one thread
+per rank: compare with OMP_NUM_THREADS=1 python ...); another --batch_size or thread count can move a rare pixel by
+a level, as the model's kernels round differently (docs/determinism.md).
 Rerunning an interrupted command with the same output folder (--out_dir or $OPENAI_LOGDIR) finishes it without
 sampling anything twice.
 """

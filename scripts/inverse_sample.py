@@ -8,8 +8,8 @@ measurement noise --sigma, DPS's step size --dps_scale, DDPM over the diffusion'
 The images come from --data_dir: a folder of image files (sorted by path) or an .npz whose arr_0 holds uint8 NHWC
 images; they must already have the model's size. Image i's mask (inpainting with --mask_type), its measurement
 noise and its sampling noise come from its own random stream, seeded by --seed and i only, so a run gives the
-same reconstructions with any number of MPI ranks at the same --batch_size and thread count (another
---batch_size can move a rare pixel by one level). Output (resumable, like image_sample.py): one
+same reconstructions with any number of MPI ranks at the same --batch_size and thread count, and within a
+kernel's rounding with another --batch_size (docs/determinism.md). Output (resumable, like image_sample.py): one
 .npz with arr_0 the reconstructions, arr_1 the measurements (uint8, clipped to [-1, 1]; at the low resolution for
 super_resolution) and arr_2 the ground truth, all NHWC uint8; and a PNG grid (--grid) whose rows are
 measurement | reconstruction | ground truth for the first images.

@@ -11,7 +11,14 @@ from guided_diffusion import script_util as su
 from guided_diffusion import unet
 from guided_diffusion.pag import PAGGuidedModel
 
-from test_attention_backends import model_inputs, random_model
+from error_bounds import (
+    FLOAT16_U,
+    attention_error_bound,
+    float16_roundings,
+    pag_amplification,
+    probabilistic_bound,
+)
+from test_attention_backends import ORDERS, model_inputs, random_model, reference_attention
 
 needs_cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="CUDA is not available")
 
@@ -57,6 +64,14 @@ def attention_dtypes(model):
 
 def relative_error(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def forward_bound(half, out, *args, **kwargs):
+    """
+    The relative error bound of the float16 model's output (tests/error_bounds.py: lambda sqrt(n) u for its n
+    float16 roundings, all outputs together failing with probability below 1e-6).
+    """
+    return probabilistic_bound(float16_roundings(half, *args, **kwargs), FLOAT16_U, out.numel())
 
 
 def test_convert_to_fp16_converts_the_torso_and_keeps_dtype_in_step():
@@ -110,7 +125,22 @@ def test_cpu_half_forward_runs_in_half_and_matches_float32(use_new_attention_ord
     assert len(seen) == 7 and all(pair == (th.float16, th.float16) for pair in seen)
     assert out.dtype == th.float32
     assert th.isfinite(out).all()
-    assert relative_error(out, expected) < 1e-2
+    assert relative_error(out, expected) < forward_bound(half, out, x, t, y=y)
+
+
+@needs_cpu_half
+@pytest.mark.parametrize("order", ["legacy", "new"])
+@pytest.mark.parametrize("backend", ["einsum", "sdpa"])
+def test_cpu_half_attention_within_its_rounding_bound(order, backend):
+    if backend == "sdpa" and not unet.SDPA_AVAILABLE:
+        pytest.skip("this torch has no sdpa with a scale argument")
+    # The check of test_attention_backends.test_cuda_backends_match, on this CPU's float16 kernels.
+    qkv = th.randn(2, 3 * 4 * 64, 256, generator=th.Generator().manual_seed(11))
+    with unet.attention_backend(backend):
+        out = ORDERS[order](4)(qkv.half())
+    error = (out.double() - reference_attention(qkv, 4, order)).abs()
+    bound = attention_error_bound(qkv, 4, order, FLOAT16_U)
+    assert (error <= bound).all(), f"{(error / bound).max().item():.3g} times the bound"
 
 
 @needs_cpu_half
@@ -133,6 +163,17 @@ def test_einsum_softmax_runs_in_float32_for_half_input(monkeypatch):
     assert out.dtype == th.float16
 
 
+def pag_bound(full, half, scale, layers, out, x, t, **kwargs):
+    """
+    The absolute error bound of a float16 PAG output: each branch's forward bound, grown by PAG's combination
+    (error_bounds.pag_amplification), relative to the larger float32 branch.
+    """
+    plain = full(x, t, **kwargs)
+    perturbed = PAGGuidedModel(full, -1.0, layers, batched=False)(x, t, **kwargs)
+    size = max(plain.abs().max().item(), perturbed.abs().max().item())
+    return pag_amplification(scale) * forward_bound(half, out, x, t, **kwargs) * size
+
+
 @needs_cpu_half
 def test_cpu_half_pag_wrapper_all_modes_agree():
     full, half = half_pair(False)
@@ -141,16 +182,17 @@ def test_cpu_half_pag_wrapper_all_modes_agree():
     with th.no_grad():
         with unet.attention_backend("einsum"):
             expected = PAGGuidedModel(full, 3.0, layers, batched=False)(x, t, y=y)
+            bound = pag_bound(full, half, 3.0, layers, expected, x, t, y=y)
         outputs = {}
         for name, kwargs in [("two-pass", dict(batched=False)), ("batched", dict(share_prefix=False)),
                              ("shared", dict())]:
             outputs[name] = PAGGuidedModel(half, 3.0, layers, **kwargs)(x, t, y=y)
+    # The three ways run the same float16 operations on batches of different shapes, which the CPU's float16
+    # kernels may block and round differently (AVX-512 FP16 does): each agrees with float32 within the bound, and
+    # so with the others within twice it. Their agreement at float32 precision is tested in test_pag.py.
     for name, out in outputs.items():
         assert out.dtype == th.float32, name
-        assert relative_error(out, expected) < 2e-2, name
-    # One model, one precision: the three ways see the same float16 activations up to the batch composition.
-    assert relative_error(outputs["shared"], outputs["batched"]) < 1e-3
-    assert relative_error(outputs["shared"], outputs["two-pass"]) < 1e-2
+        assert (out - expected).abs().max().item() < bound, name
 
 
 @needs_cpu_half
@@ -160,10 +202,14 @@ def test_cpu_half_ddim_pag_sampling_runs():
     noise = th.randn(2, 3, 8, 8, generator=th.Generator().manual_seed(4))
     kwargs = dict(model_kwargs={"y": th.tensor([3, 4])}, noise=noise, clip_denoised=True)
     with th.no_grad():
-        expected = diffusion.ddim_sample_loop(PAGGuidedModel(full, 3.0, "middle"), (2, 3, 8, 8), **kwargs)
         sample = diffusion.ddim_sample_loop(PAGGuidedModel(half, 3.0, "middle"), (2, 3, 8, 8), **kwargs)
+    # The loop runs with a float16 model and returns float32. No closeness to the float32 run is asserted: DDIM's
+    # first step multiplies eps's error by sqrt((1 - abar) / abar) (about 160 at t = 999) before clipping, so the
+    # worst-case bound on the final sample is larger than its range [-1, 1]; closeness is bounded per forward pass
+    # above.
     assert sample.dtype == th.float32
-    assert (sample - expected).abs().max().item() < 5e-2
+    assert th.isfinite(sample).all()
+    assert sample.abs().max().item() <= 1.0
 
 
 @needs_cuda
@@ -173,13 +219,20 @@ def test_cuda_half_forward_and_pag_match_float32(use_new_attention_order, backen
     full, half = half_pair(use_new_attention_order, device="cuda", num_head_channels=16)
     x, t, y = (value.cuda() for value in model_inputs(batch_size=4))
     seen, hooks = attention_dtypes(half)
-    with th.no_grad(), unet.attention_backend(backend):
-        expected = full(x, t, y=y)
-        out = half(x, t, y=y)
-        guided_full = PAGGuidedModel(full, 3.0, "all", batched=False)(x, t, y=y)
-        guided_half = PAGGuidedModel(half, 3.0, "all")(x, t, y=y)
+    # The float32 reference without TF32 (which rounds products to float16's 11 bits, PyTorch's cuDNN default).
+    previous = (th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32)
+    th.backends.cuda.matmul.allow_tf32 = th.backends.cudnn.allow_tf32 = False
+    try:
+        with th.no_grad(), unet.attention_backend(backend):
+            expected = full(x, t, y=y)
+            out = half(x, t, y=y)
+            guided_full = PAGGuidedModel(full, 3.0, "all", batched=False)(x, t, y=y)
+            guided_half = PAGGuidedModel(half, 3.0, "all")(x, t, y=y)
+            bound = pag_bound(full, half, 3.0, "all", guided_full, x, t, y=y)
+    finally:
+        th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32 = previous
     for hook in hooks:
         hook.remove()
     assert seen and all(pair == (th.float16, th.float16) for pair in seen)
-    assert relative_error(out, expected) < 1e-2
-    assert relative_error(guided_half, guided_full) < 2e-2
+    assert relative_error(out, expected) < forward_bound(half, out, x, t, y=y)
+    assert (guided_half - guided_full).abs().max().item() < bound
