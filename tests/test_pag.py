@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from guided_diffusion.attention_hooks import AttentionHook
+from guided_diffusion.perturbations import make_perturbation
 from guided_diffusion.pag import (
     OFFICIAL_IMAGENET256_LAYERS,
     PAGGuidedModel,
@@ -127,7 +129,7 @@ def hand_pag(model, names, scale, x, t, kwargs):
 
 
 def all_perturb_off(model):
-    return all(m.perturb is None for m in model.modules() if isinstance(m, AttentionBlock))
+    return all(m.hook is None for m in model.modules() if isinstance(m, AttentionBlock))
 
 
 # --- layer names --------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def test_perturbing_rows_equals_perturbing_them_alone(rows):
     model = tiny_unet()
     x, t, kwargs = batch()
     with torch.no_grad():
-        with perturb_attention(model, "all", rows=rows):
+        with perturb_attention(model, "all", rows=rows, batch_size=3):
             mixed = model(x, t, **kwargs)
         with perturb_attention(model, "all"):
             alone = model(x[[0, 2]], t[[0, 2]], y=kwargs["y"][[0, 2]])
@@ -249,14 +251,15 @@ def test_perturbing_rows_equals_perturbing_them_alone(rows):
 def test_context_restores_state_on_exception():
     model = tiny_unet()
     blocks = dict(model.named_modules())
-    blocks["middle_block.1"].perturb = slice(0, 1)
+    before = AttentionHook(perturbation=make_perturbation("identity"), rows=torch.tensor([True, False, False]))
+    blocks["middle_block.1"].hook = before
     with pytest.raises(RuntimeError, match="boom"):
         with perturb_attention(model, "middle,output_blocks.0.1") as perturbed:
-            assert [b.perturb for b in perturbed] == [True, True]
+            assert [b.hook.rows for b in perturbed] == [None, None]  # every row
             raise RuntimeError("boom")
-    assert blocks["middle_block.1"].perturb == slice(0, 1)
-    assert blocks["output_blocks.0.1"].perturb is None
-    blocks["middle_block.1"].perturb = None
+    assert blocks["middle_block.1"].hook is before
+    assert blocks["output_blocks.0.1"].hook is None
+    blocks["middle_block.1"].hook = None
     # A failing guided call (class-conditional model without labels) leaves every block unperturbed.
     x, t, _ = batch()
     for batched, share in [(True, True), (True, False), (False, False)]:
