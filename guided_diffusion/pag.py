@@ -21,25 +21,14 @@ import contextlib
 import torch as th
 
 from .attention_hooks import hooked, perturbation_rows
-from .guided_model import GuidedModel, check_scale, check_t_range, guided_rows, take_rows
+from .guided_model import GuidedModel, check_scale, check_t_range, guided_rows, take_rows  # noqa: F401
 from .perturbations import make_perturbation
 from .random_streams import current_batch
-from .unet import LAYER_ALIASES, SuperResModel, UNetModel, attention_block_names, resolve_layers
+from .unet import LAYER_ALIASES, SuperResModel, UNetModel, attention_block_names, resolve_layers  # noqa: F401
 
-# Names other modules and user code import from here.
+# check_scale, check_t_range, guided_rows (guided_model.py), LAYER_ALIASES, attention_block_names and
+# resolve_layers (unet.py) are imported here for code written against pag.py, as is _take_rows.
 _take_rows = take_rows
-__all__ = [
-    "LAYER_ALIASES",
-    "OFFICIAL_IMAGENET256_LAYERS",
-    "PAGGuidedModel",
-    "attention_block_names",
-    "check_scale",
-    "check_t_range",
-    "guided_rows",
-    "perturb_attention",
-    "resolve_layers",
-    "scale_from_guide_scale",
-]
 
 # The blocks the official PAG code perturbs on ADM's ImageNet 256x256 model (256x256_diffusion).
 OFFICIAL_IMAGENET256_LAYERS = "input_blocks.14.1,input_blocks.16.1,input_blocks.17.1,middle_block.1"

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from guided_diffusion.attention_hooks import AttentionHook
+from guided_diffusion.attention_hooks import AttentionHook, perturbation_rows
 from guided_diffusion.perturbations import make_perturbation
 from guided_diffusion.pag import (
     OFFICIAL_IMAGENET256_LAYERS,
@@ -246,6 +246,31 @@ def test_perturbing_rows_equals_perturbing_them_alone(rows):
         plain = model(x[[1]], t[[1]], y=kwargs["y"][[1]])
     torch.testing.assert_close(mixed[[0, 2]], alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(mixed[[1]], plain, rtol=0, atol=1e-5)
+
+
+def test_perturbation_rows_reach_the_block_as_a_bool_mask_or_none():
+    assert perturbation_rows(True) is None and perturbation_rows(None) is None
+    assert perturbation_rows(torch.tensor([0, 2]), 3).tolist() == [True, False, True]
+    assert perturbation_rows(slice(1, None), 3).tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="indices or a slice need batch_size"):
+        perturbation_rows(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="must be True, a bool mask"):
+        perturbation_rows([0, 2], 3)
+    model = tiny_unet()
+    x, t, kwargs = batch()
+    with torch.no_grad():
+        with perturb_attention(model, "middle", rows=torch.tensor([True, False])) as blocks:
+            assert blocks[0].hook.rows.dtype == torch.bool
+            with pytest.raises(ValueError, match=r"perturbation mask has shape \(2,\), expected \(3,\)"):
+                model(x, t, **kwargs)
+        assert all_perturb_off(model)
+        # A mask of every row takes the whole-batch path: a seeded random perturbation draws as for rows=True.
+        outs = []
+        for rows in (True, torch.ones(3, dtype=torch.bool)):
+            torch.manual_seed(5)
+            with perturb_attention(model, "all", "mask", rows=rows, drop_rate=0.3, retain_diag=True):
+                outs.append(model(x, t, **kwargs))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_context_restores_state_on_exception():
