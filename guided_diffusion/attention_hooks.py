@@ -21,7 +21,8 @@ class AttentionHook:
     :param rows: with a perturbation, the rows it applies to: None (every row) or a bool mask [N] over the batch
                  (perturbation_rows turns other selections into one of these).
     :param capture: None, or called as capture(qkv, spatial_shape) on every forward before the attention (Self-
-                    Attention Guidance reads the block's map from it).
+                    Attention Guidance reads the block's map from it); also when the backward pass recomputes a
+                    forward, since the block binds its hook when the forward runs.
     """
 
     perturbation: object = None
