@@ -238,7 +238,22 @@ class GaussianDiffusion:
         B, C = x.shape[:2]
         assert t.shape == (B,)
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
+        return self.p_mean_variance_of(model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
 
+    def call_model(self, model, x, t, model_kwargs=None):
+        """
+        Call model(x, timesteps, **model_kwargs) with the timesteps p_mean_variance gives the model at the step
+        indices t (rescaled with rescale_timesteps; the original timesteps under respacing), and return what it
+        returns: e.g. the (plain, guided) pair of a GuidedModel's plain_and_guided.
+        """
+        return model(x, self._scale_timesteps(t), **(model_kwargs or {}))
+
+    def p_mean_variance_of(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
+        """
+        p_mean_variance from a model output already computed at x (see call_model).
+        """
+        B, C = x.shape[:2]
+        assert t.shape == (B,)
         if self.model_var_type in [ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE]:
             assert model_output.shape == (B, C * 2, *x.shape[2:])
             model_output, model_var_values = th.split(model_output, C, dim=1)
@@ -266,28 +281,11 @@ class GaussianDiffusion:
         else:
             raise NotImplementedError(self.model_var_type)
 
-        def process_xstart(x_pred):
-            if denoised_fn is not None:
-                x_pred = denoised_fn(x_pred)
-            if clip_denoised:
-                return x_pred.clamp(-1, 1)
-            return x_pred
-
+        pred_xstart = self.pred_xstart(model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(
-                self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
-            )
             model_mean = model_output
-        elif self.model_mean_type in [ModelMeanType.START_X, ModelMeanType.EPSILON]:
-            if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
-            else:
-                pred_xstart = process_xstart(
-                    self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
-                )
-            model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
         else:
-            raise NotImplementedError(self.model_mean_type)
+            model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
 
         assert model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape
         return {
@@ -296,6 +294,29 @@ class GaussianDiffusion:
             "log_variance": model_log_variance,
             "pred_xstart": pred_xstart,
         }
+
+    def pred_xstart(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
+        """
+        The prediction of x_0 that p_mean_variance makes from a model output at x (step indices t): from its
+        first C channels (the output has C, or 2C with learned variances), through denoised_fn, then clipped to
+        [-1, 1] if clip_denoised.
+        """
+        C = x.shape[1]
+        if model_output.shape[1] != C and self.model_var_type in [ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE]:
+            model_output = model_output[:, :C]
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            x_pred = self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
+        elif self.model_mean_type == ModelMeanType.START_X:
+            x_pred = model_output
+        elif self.model_mean_type == ModelMeanType.EPSILON:
+            x_pred = self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+        else:
+            raise NotImplementedError(self.model_mean_type)
+        if denoised_fn is not None:
+            x_pred = denoised_fn(x_pred)
+        if clip_denoised:
+            return x_pred.clamp(-1, 1)
+        return x_pred
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         assert x_t.shape == eps.shape

@@ -1,6 +1,6 @@
 """
 Noisy linear inverse problems y = A(x) + n solved with Diffusion Posterior Sampling (DPS, Chung et al., ICLR 2023),
-optionally with Perturbed-Attention Guidance, on our GaussianDiffusion / SpacedDiffusion.
+optionally with a guidance method (PAG, SAG: guided_model.py), on our GaussianDiffusion / SpacedDiffusion.
 
 The operators follow the DPS reference code (DPS2022/diffusion-posterior-sampling) so that its task configs
 translate one to one: the same names and parameters (create_operator("gaussian_blur", kernel_size=61,
@@ -18,11 +18,12 @@ ancestral step and then randn_like(y) for the noisy measurement DPS computes (an
 norm over the whole batch; we take one norm per image, which is the same at batch 1 and makes a batch equal its
 images run one by one.
 
-With a PAGGuidedModel the ancestral step uses the PAG-guided eps while the measurement gradient flows through the
-x0 of the unperturbed branch only, as in the authors' PSLD+PAG code (the x0 for the measurement loss comes from
-the unperturbed e_t_cond). The perturbed branch then runs without autograd, so PAG adds a forward pass but no
-backward cost. gradient_through="guided" takes the gradient through the guided x0 instead (for ablations; it
-backpropagates through both branches).
+With a guided model (guided_model.GuidedModel: PAG, SAG) the ancestral step uses the guided eps while the
+measurement gradient flows through the x0 of the plain (unperturbed, undegraded) pass only, as in the authors'
+PSLD+PAG code (the x0 for the measurement loss comes from the unperturbed e_t_cond). The method's second pass then
+runs without autograd (GuidedModel.plain_and_guided), so guidance adds a forward pass but no backward cost.
+gradient_through="guided" takes the gradient through the guided x0 instead (for ablations; it backpropagates
+through both passes, and for SAG also through the degraded image built from the plain pass's x0).
 """
 
 import inspect
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from .gaussian_diffusion import _nonzero_mask, _timestep_indices
 from .nonfinite import check_finite
-from .pag import PAGGuidedModel
+from .guided_model import GuidedModel
 
 # DPS's measurement noise on its Gaussian-noise tasks.
 DEFAULT_SIGMA = 0.05
@@ -493,20 +494,6 @@ def add_measurement_noise(y, sigma=DEFAULT_SIGMA, generators=None):
 GRADIENT_THROUGH = ("plain", "guided")
 
 
-class _BothOutputs:
-    """
-    Stands in for a PAGGuidedModel in p_mean_variance: returns the guided output and keeps the unperturbed one.
-    """
-
-    def __init__(self, guided_model):
-        self.guided_model = guided_model
-        self.plain = None
-
-    def __call__(self, x, t, **model_kwargs):
-        self.plain, guided = self.guided_model.plain_and_guided(x, t, **model_kwargs)
-        return guided
-
-
 def _image_norms(residual):
     # One norm per image, each computed as DPS computes its single (batch-1) norm.
     return th.stack([th.linalg.norm(r[None]) for r in residual])
@@ -523,17 +510,13 @@ def dps_sample(diffusion, model, x, t, measurement, operator, scale, model_kwarg
     draw = th.randn_like if noise_fn is None else noise_fn
     x = x.detach().requires_grad_(True)
     with th.enable_grad():
-        if isinstance(model, PAGGuidedModel) and gradient_through == "plain":
-            both = _BothOutputs(model)
-            out = diffusion.p_mean_variance(both, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-            plain = both.plain
-            # x0 of the unperturbed output, through the same eps -> x0 and clipping as the guided one.
-            x0 = diffusion.p_mean_variance(
-                lambda *args, **kwargs: plain, x, t, clip_denoised=clip_denoised
-            )["pred_xstart"]
+        if isinstance(model, GuidedModel) and gradient_through == "plain":
+            plain, guided = diffusion.call_model(model.plain_and_guided, x, t, model_kwargs)
         else:
-            out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-            x0 = out["pred_xstart"]
+            plain = guided = diffusion.call_model(model, x, t, model_kwargs)
+        out = diffusion.p_mean_variance_of(guided, x, t, clip_denoised=clip_denoised)
+        # The measurement's x0, through the same eps -> x0 and clipping as the guided one.
+        x0 = out["pred_xstart"] if plain is guided else diffusion.pred_xstart(plain, x, t, clip_denoised=clip_denoised)
         noise = draw(x)
         sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
         # DPS computes q_sample(y, t) here for its projection-based methods; "ps" ignores it but it draws.
@@ -592,11 +575,12 @@ def dps_sample_loop(diffusion, model, noise, measurement, operator, scale, model
     Diffusion Posterior Sampling ("ps") from x_T = noise given the measurement y = operator(x) + n.
 
     :param diffusion: a GaussianDiffusion or SpacedDiffusion (DPS samples with DDPM over its steps).
-    :param model: the model, or a PAGGuidedModel (see the module docstring for how PAG enters).
+    :param model: the model, or a guided model such as PAGGuidedModel or SAGGuidedModel (see the module docstring
+                  for how guidance enters).
     :param scale: DPS's step size (its config's conditioning.params.scale).
     :param progress: a bar over the steps, as for GaussianDiffusion.p_sample_loop (True, or tqdm options).
     :param noise_fn: replaces th.randn_like for both draws of each step (e.g. random_streams.PerSampleNoise).
-    :param gradient_through: with a PAGGuidedModel, "plain" (the unperturbed x0, default) or "guided".
+    :param gradient_through: with a guided model, "plain" (the x0 of the plain pass, default) or "guided".
     :return: the reconstructions x_0 (not differentiable).
     """
     final = None

@@ -91,6 +91,9 @@ class SpacedDiffusion(GaussianDiffusion):
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
 
+    def call_model(self, model, *args, **kwargs):
+        return super().call_model(self._wrap_model(model), *args, **kwargs)
+
     def training_losses(self, model, *args, **kwargs):
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 

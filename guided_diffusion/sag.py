@@ -31,11 +31,12 @@ import numbers
 import torch as th
 import torch.nn.functional as F
 
+from .attention_hooks import hooked
 from .gaussian_diffusion import ModelMeanType
-from .pag import _take_rows, check_scale, check_t_range, guided_rows, resolve_layers
+from .guided_model import GuidedModel, take_rows
 from .perturbations import gaussian_blur2d
 from .respace import SpacedDiffusion
-from .unet import QKVAttention, QKVAttentionLegacy
+from .unet import QKVAttention, QKVAttentionLegacy, resolve_layers
 
 # The official attention_masking's torchvision GaussianBlur(kernel_size=31, sigma=blur_sigma).
 SAG_BLUR_KERNEL = 31
@@ -63,16 +64,12 @@ def capture_qkv(block):
     yielded list. The block's previous capture is back on exit, also when the body raises.
     """
     seen = []
-    previous = block.capture
 
     def capture(qkv, spatial):
         seen.append((qkv.detach().float(), spatial))
 
-    block.capture = capture
-    try:
+    with hooked([block], capture=capture):
         yield seen
-    finally:
-        block.capture = previous
 
 
 def attention_map(qkv, num_heads, legacy=True):
@@ -98,7 +95,7 @@ def attention_mask(weight, spatial, image_size):
     return F.interpolate(mask, tuple(image_size), mode="nearest")
 
 
-class SAGGuidedModel:
+class SAGGuidedModel(GuidedModel):
     """
     A model wrapper whose output is guided by Self-Attention Guidance; call it like the model,
     `guided(x, t, **model_kwargs)`, e.g. as the model of diffusion.p_sample_loop / ddim_sample_loop.
@@ -116,6 +113,8 @@ class SAGGuidedModel:
     :param clip_denoised: clip x0 to [-1, 1] before blurring, as the sampler's clip_denoised does.
     """
 
+    name = "SAG"
+
     def __init__(
         self,
         model,
@@ -127,8 +126,7 @@ class SAGGuidedModel:
         t_range=None,
         clip_denoised=True,
     ):
-        scale = check_scale(scale, "SAG")
-        t_range = check_t_range(t_range)
+        super().__init__(model, scale, t_range)
         try:
             names = resolve_layers(model, layer)
         except ValueError as exc:
@@ -152,32 +150,30 @@ class SAGGuidedModel:
             )
         if diffusion.model_mean_type != ModelMeanType.EPSILON:
             raise ValueError(f"SAG needs a model that predicts eps, not {diffusion.model_mean_type}")
-        self.model = model
         self.diffusion = diffusion
-        self.scale = scale
         self.layer = names[0]
         self.block = block
         # torchvision's GaussianBlur hands its sigma over as a float32 draw from [sigma, sigma].
         self.blur_sigma = float(th.tensor(blur_sigma, dtype=th.float32))
         self.map_heads = map_heads
-        self.t_range = t_range
         self.clip_denoised = bool(clip_denoised)
         self._model_timesteps = _model_timesteps(diffusion)
 
-    def __repr__(self):
-        return (
-            f"SAGGuidedModel(scale={self.scale}, layer={self.layer!r}, blur_sigma={self.blur_sigma:g}, "
-            f"map_heads={self.map_heads}, t_range={self.t_range}, clip_denoised={self.clip_denoised})"
-        )
+    def settings(self):
+        return [
+            ("scale", self.scale),
+            ("layer", repr(self.layer)),
+            ("blur_sigma", f"{self.blur_sigma:g}"),
+            ("map_heads", self.map_heads),
+            ("t_range", self.t_range),
+            ("clip_denoised", self.clip_denoised),
+        ]
 
     def describe(self):
         """
         One line for logs and messages.
         """
         return f"SAG (scale {self.scale:g}, layer {self.layer}, blur sigma {self.blur_sigma:g})"
-
-    def parameters(self, recurse=True):
-        return self.model.parameters(recurse)
 
     def diffusion_index(self, t):
         """
@@ -194,35 +190,23 @@ class SAGGuidedModel:
             )
         return index
 
-    def __call__(self, x, t, **model_kwargs):
+    def _guided_eps(self, x, t, model_kwargs, rows, autograd):
         n = x.shape[0]
-        rows = guided_rows(self.scale, self.t_range, t, n)
-        if rows is None:
-            return self.model(x, t, **model_kwargs)
         with capture_qkv(self.block) as seen:
             plain = self.model(x, t, **model_kwargs)
         if not seen:
             raise RuntimeError(f"SAG: the attention block {self.layer} did not run in the model's forward pass")
         qkv, spatial = seen[-1]
-        channels = x.shape[1]
-        if plain.shape[1] not in (channels, 2 * channels):
-            raise ValueError(
-                f"model output has {plain.shape[1]} channels; SAG expects {channels} (eps) or {2 * channels} "
-                f"(eps and variance) for an input with {channels} channels"
-            )
+        channels = self.check_channels(x, plain)
         if th.is_tensor(t) and t.dim() == 0:
             t = t.expand(n)
-        x_g, t_g = _take_rows(x, rows, n), _take_rows(t, rows, n)
-        kwargs = {k: _take_rows(v, rows, n) for k, v in model_kwargs.items()}
-        eps = _take_rows(plain, rows, n)[:, :channels]
-        degraded = self.degrade(x_g, t_g, eps, _take_rows(qkv, rows, n), spatial)
-        eps_bar = self.model(degraded, t_g, **kwargs)[:, :channels]
-        guided = eps_bar + (1.0 + self.scale) * (eps - eps_bar)
-        if rows is True:
-            return th.cat([guided, plain[:, channels:]], dim=1)
-        out = plain.clone()
-        out[rows, :channels] = guided
-        return out
+        x_g, t_g = take_rows(x, rows, n), take_rows(t, rows, n)
+        kwargs = {k: take_rows(v, rows, n) for k, v in model_kwargs.items()}
+        eps = take_rows(plain, rows, n)[:, :channels]
+        with th.set_grad_enabled(autograd and th.is_grad_enabled()):
+            degraded = self.degrade(x_g, t_g, eps, take_rows(qkv, rows, n), spatial)
+            eps_bar = self.model(degraded, t_g, **kwargs)[:, :channels]
+        return plain, eps_bar + (1.0 + self.scale) * (eps - eps_bar)
 
     def degrade(self, x, t, eps, qkv, spatial):
         """

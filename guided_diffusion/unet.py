@@ -2,7 +2,8 @@
 ADM's U-Net (UNetModel, SuperResModel) and noisy-image classifier (EncoderUNetModel).
 
 Module names and registration order match the released checkpoints exactly; attention blocks additionally carry
-the perturbation switch used by Perturbed-Attention Guidance (see AttentionBlock.perturb).
+the hook that guidance methods perturb or read them through (see AttentionBlock and attention_hooks.py), and
+resolve_layers names them.
 """
 
 from abc import abstractmethod
@@ -15,6 +16,7 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention_hooks import row_mask
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     checkpoint,
@@ -227,52 +229,14 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-# AttentionBlock._forward's default: use the block's `perturb` as it is at call time.
-_CURRENT = object()
-
-
-def _perturb_mask(perturb, batch_size, device):
-    """
-    Turn an AttentionBlock.perturb value into None (no row perturbed), True (all rows) or a bool mask [N].
-    """
-    if perturb is None or perturb is False:
-        return None
-    if perturb is True:
-        return True
-    if isinstance(perturb, slice):
-        mask = th.zeros(batch_size, dtype=th.bool, device=device)
-        mask[perturb] = True
-    else:
-        mask = th.as_tensor(perturb, device=device)
-        if mask.dtype != th.bool:
-            index = mask
-            mask = th.zeros(batch_size, dtype=th.bool, device=device)
-            mask[index] = True
-    if mask.shape != (batch_size,):
-        raise ValueError(
-            f"perturbation mask has shape {tuple(mask.shape)}, expected ({batch_size},) for this batch"
-        )
-    if bool(mask.all()):
-        return True
-    if not bool(mask.any()):
-        return None
-    return mask
-
-
 class AttentionBlock(nn.Module):
     """
     Multi-head self-attention over all spatial positions.
 
-    `perturb` implements the perturbation of Perturbed-Attention Guidance: when set, the attention map of the
-    selected batch rows is replaced by the identity, so each token attends only to itself and the attention
-    output is V (per head); proj_out and the residual apply as usual. Values: None (off), True (every row), or the
-    rows to perturb as a slice, an index tensor or a bool mask over the batch.
-
-    `perturbation` chooses what happens to the map of the perturbed rows: None (the identity, computed as V
-    without any map) or an AttentionPerturbation of perturbations.py (the map is computed and changed).
-
-    `capture`, when set, is called as capture(qkv, spatial_shape) on every forward, before the attention (Self-
-    Attention Guidance reads the block's attention map from it).
+    `hook` (attention_hooks.AttentionHook, None by default) is how guidance changes the block: its perturbation
+    replaces the attention map of the selected batch rows (Perturbed-Attention Guidance: by the identity, so each
+    token attends only to itself and the attention output is V, per head; proj_out and the residual apply as
+    usual), and its capture sees the block's qkv on every forward (Self-Attention Guidance reads the map from it).
     """
 
     def __init__(
@@ -302,48 +266,42 @@ class AttentionBlock(nn.Module):
             # Split heads before splitting qkv.
             self.attention = QKVAttentionLegacy(self.num_heads)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
-        self.perturb = None
-        self.perturbation = None
-        self.capture = None
+        self.hook = None
 
     def forward(self, x):
         # ADM checkpoints attention blocks whenever gradients are needed, whatever use_checkpoint says: the
-        # attention maps are the largest activations of the network. The perturbation is bound now: the backward
-        # pass recomputes _forward, possibly after the caller has switched `perturb` back.
-        return checkpoint(
-            functools.partial(self._forward, perturb=self.perturb, perturbation=self.perturbation),
-            (x,),
-            self.parameters(),
-            True,
-        )
+        # attention maps are the largest activations of the network. The hook is bound now: the backward pass
+        # recomputes _forward, possibly after the caller has put the previous hook back.
+        return checkpoint(functools.partial(self._forward, hook=self.hook), (x,), self.parameters(), True)
 
-    def _forward(self, x, perturb=_CURRENT, perturbation=_CURRENT):
-        if perturb is _CURRENT:
-            perturb = self.perturb
-        if perturbation is _CURRENT:
-            perturbation = self.perturbation
+    def _forward(self, x, hook=None):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(x))
-        if self.capture is not None:
-            self.capture(qkv, tuple(spatial))
-        h = self._attend(qkv, perturb, perturbation)
+        if hook is not None and hook.capture is not None:
+            hook.capture(qkv, tuple(spatial))
+        if hook is None or hook.perturbation is None:
+            h = self.attention(qkv)
+        else:
+            h = self._perturbed_attention(qkv, hook.perturbation, row_mask(hook, b, qkv.device))
         h = self.proj_out(h)
         return (x + h).reshape(b, c, *spatial)
 
-    def _attend(self, qkv, perturb, perturbation=None):
-        mask = _perturb_mask(perturb, qkv.shape[0], qkv.device)
-        if mask is None:
+    def _perturbed_attention(self, qkv, perturbation, mask):
+        """
+        The attention with the perturbation applied to the map of the rows in `mask` (None: every row).
+        """
+        if mask is not None and not bool(mask.any()):
             return self.attention(qkv)
-        if perturbation is None or getattr(perturbation, "kind", None) == "identity":
+        if perturbation.kind == "identity":
             identity = self.attention.values(qkv)
-            if mask is True:
+            if mask is None:
                 return identity
             # Only the unperturbed rows pay for the attention map.
             out = identity.clone()
             out[~mask] = self.attention(qkv[~mask])
             return out
-        if mask is True:
+        if mask is None:
             # The whole batch in one call: random perturbations then draw with the full map's shape, as the
             # official modules do.
             return self.attention.attend_with_map(qkv, perturbation.logits, perturbation.weights)
@@ -352,6 +310,68 @@ class AttentionBlock(nn.Module):
         out[mask] = perturbed
         out[~mask] = self.attention(qkv[~mask])
         return out
+
+
+# Layer aliases: alias -> prefix of the module names it selects.
+LAYER_ALIASES = {
+    "all": "",
+    "middle": "middle_block.",
+    "input": "input_blocks.",
+    "encoder": "input_blocks.",
+    "output": "output_blocks.",
+    "decoder": "output_blocks.",
+}
+
+
+def attention_block_names(model):
+    """
+    The module names of the model's attention blocks, in module order (e.g. "input_blocks.14.1").
+    """
+    return [name for name, module in model.named_modules() if isinstance(module, AttentionBlock)]
+
+
+def resolve_layers(model, layers):
+    """
+    Turn a layer selection into the sorted list of attention block names it denotes.
+
+    :param layers: a comma-separated string or a list of exact module names ("middle_block.1") and aliases
+                   ("all", "middle", "input"/"encoder", "output"/"decoder").
+    :return: the selected names in module order, without duplicates.
+    :raises ValueError: for a name that is not one of the model's attention blocks, or an empty selection.
+    """
+    if isinstance(layers, str):
+        items = layers.split(",")
+    elif isinstance(layers, (list, tuple)):
+        items = list(layers)
+    else:
+        raise ValueError(
+            f"layers must be a comma-separated string or a list of names, got {type(layers).__name__}"
+        )
+    names = attention_block_names(model)
+    selected = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"layer names must be strings, got {item!r}")
+        item = item.strip()
+        if not item:
+            continue
+        if item.lower() in LAYER_ALIASES:
+            prefix = LAYER_ALIASES[item.lower()]
+            matches = [name for name in names if name.startswith(prefix)]
+            if not matches:
+                raise ValueError(f"layer alias {item!r} selects no attention block of this model")
+            selected.update(matches)
+        elif item in names:
+            selected.add(item)
+        else:
+            raise ValueError(
+                f"unknown attention block {item!r}; this model's attention blocks are: "
+                f"{', '.join(names) if names else '(none)'}; aliases: all, middle, input (or encoder), output "
+                "(or decoder)"
+            )
+    if not selected:
+        raise ValueError(f"no attention block selected (layers={layers!r})")
+    return [name for name in names if name in selected]
 
 
 def _attention_map(q, k, logits_fn=None):

@@ -19,6 +19,7 @@ from guided_diffusion.inverse import create_operator, dps_sample_loop
 from guided_diffusion.pag import PAGGuidedModel, perturb_attention
 from guided_diffusion.random_streams import PerSampleNoise, sample_generator
 from guided_diffusion.respace import SpacedDiffusion
+from guided_diffusion.sag import SAGGuidedModel
 from guided_diffusion.script_util import create_model
 from guided_diffusion.unet import UNetModel
 
@@ -311,6 +312,9 @@ class ReferenceDPS:
             v = v.unsqueeze(-1)
         return v.expand_as(target)
 
+    def clipped_x0(self, img, time, eps):
+        return (self.at(self.recip, time, img) * img - self.at(self.recipm1, time, img) * eps).clamp(-1, 1)
+
     def eps_and_var(self, model, x, i):
         out = model(x, torch.tensor([self.kept[i]]))
         return torch.split(out, 3, dim=1)
@@ -407,34 +411,50 @@ class PAGRule:
         return torch.cat([eps + self.scale * (eps - perturbed[:, :3]), out[:, 3:]], dim=1)
 
 
-def test_pag_dps_follows_the_rule():
+def deblur_problem():
+    """
+    The tiny model, its diffusion, a Gaussian-blur operator, a noisy measurement of one image, x_T and the
+    reference loop.
+    """
     model, diffusion, op = tiny_model(3), tiny_diffusion(), make_operator("gaussian_blur")
     x = random_images(1, 16, seed=4)
     torch.manual_seed(1)
     y = inverse.add_measurement_noise(op.forward(x), 0.05)
     x_T = torch.randn(1, 3, 16, 16)
-    ref = ReferenceDPS(KEPT)
-    rule = PAGRule(model, 2.0, ["middle_block.1"])
+    return model, diffusion, op, y, x_T, ReferenceDPS(KEPT)
 
-    def plain_x0(img, i, time):
-        eps = rule.plain[:, :3]
-        return (ref.at(ref.recip, time, img) * img - ref.at(ref.recipm1, time, img) * eps).clamp(-1, 1)
 
+def assert_dps_follows(diffusion, guided, x_T, y, op, ref, rule, plain_x0, guided_rule):
+    """
+    DPS with a guided model equals the reference loop stepping with rule(x, t) and taking the gradient through
+    plain_x0; with gradient_through="guided" it equals the reference loop over guided_rule (the gradient through
+    that output's own x0); the two differ. Returns the RNG state the runs started from.
+    """
     state = torch.get_rng_state()
-    guided = PAGGuidedModel(model, 2.0, "middle")
     ours = dps_sample_loop(diffusion, guided, x_T.clone(), y, op, 0.5)
     torch.set_rng_state(state)
     want = ref.run(rule, x_T.clone(), y, op.forward, 0.5, x0_model=plain_x0)
     torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
-
-    # The ablation: the gradient through the guided x0 (the reference's own x0, from the guided eps).
     torch.set_rng_state(state)
     ours_guided = dps_sample_loop(diffusion, guided, x_T.clone(), y, op, 0.5, gradient_through="guided")
     torch.set_rng_state(state)
-    want_guided = ref.run(lambda a, b: torch.cat(list(_pag_two_pass(model, a, b, 2.0)), 1), x_T.clone(), y,
-                          op.forward, 0.5)
+    want_guided = ref.run(guided_rule, x_T.clone(), y, op.forward, 0.5)
     torch.testing.assert_close(ours_guided, want_guided, rtol=0, atol=1e-5)
     assert (ours_guided - ours).abs().max() > 1e-4
+    return state
+
+
+def test_pag_dps_follows_the_rule():
+    model, diffusion, op, y, x_T, ref = deblur_problem()
+    rule = PAGRule(model, 2.0, ["middle_block.1"])
+
+    def plain_x0(img, i, time):
+        return ref.clipped_x0(img, time, rule.plain[:, :3])
+
+    guided = PAGGuidedModel(model, 2.0, "middle")
+    # The ablation's reference: the gradient through the guided x0 (the reference's own x0, from the guided eps).
+    two_pass = lambda a, b: torch.cat(list(_pag_two_pass(model, a, b, 2.0)), 1)  # noqa: E731
+    state = assert_dps_follows(diffusion, guided, x_T, y, op, ref, rule, plain_x0, two_pass)
 
     # PAG scale 0 is plain DPS.
     torch.set_rng_state(state)
@@ -477,6 +497,38 @@ def test_plain_and_guided_draws_a_random_perturbation_as_the_guided_call_does():
     torch.testing.assert_close(plain, guided.model(x, t), rtol=0, atol=0)
     torch.manual_seed(4)
     assert (guided.plain_and_guided(x, t)[1] - out).abs().max() > 1e-4  # the mask is drawn, not fixed
+
+
+def test_sag_dps_takes_the_gradient_through_the_plain_pass():
+    # Every guided model composes with DPS the same way: the ancestral step from the guided output, the
+    # measurement gradient through the x0 of the plain pass (for SAG: the undegraded one), or with
+    # gradient_through="guided" through the guided x0 (both SAG passes and the degraded image).
+    model, diffusion, op, y, x_T, ref = deblur_problem()
+    sag = SAGGuidedModel(model, diffusion, 1.5, "middle", blur_sigma=3.0)
+    plain = {}
+
+    def rule(img, t):
+        plain["eps"] = model(img, t)[:, :3]
+        return sag(img, t)
+
+    def plain_x0(img, i, time):
+        return ref.clipped_x0(img, time, plain["eps"])
+
+    assert_dps_follows(diffusion, sag, x_T, y, op, ref, rule, plain_x0, sag)
+
+
+def test_sag_degraded_pass_has_no_autograd():
+    model = tiny_model()
+    sag = SAGGuidedModel(model, tiny_diffusion(), 2.0, "middle", blur_sigma=3.0)
+    x = random_images(1, 16).requires_grad_(True)
+    t = torch.tensor([600])
+    plain, out = sag.plain_and_guided(x, t)
+    torch.testing.assert_close(out, sag(x, t), rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain, model(x, t), rtol=0, atol=0)
+    # guided eps = eps_bar + (1 + s) (eps - eps_bar) with eps_bar a constant to autograd: (1 + s) d(eps)/dx.
+    g_guided = torch.autograd.grad(out[:, :3].sum(), x, retain_graph=True)[0]
+    g_plain = torch.autograd.grad(plain[:, :3].sum(), x)[0]
+    torch.testing.assert_close(g_guided, 3.0 * g_plain, rtol=1e-5, atol=1e-6)
 
 
 def test_dps_argument_errors():

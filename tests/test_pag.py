@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from guided_diffusion.attention_hooks import AttentionHook, perturbation_rows
+from guided_diffusion.perturbations import make_perturbation
 from guided_diffusion.pag import (
     OFFICIAL_IMAGENET256_LAYERS,
     PAGGuidedModel,
@@ -127,7 +129,7 @@ def hand_pag(model, names, scale, x, t, kwargs):
 
 
 def all_perturb_off(model):
-    return all(m.perturb is None for m in model.modules() if isinstance(m, AttentionBlock))
+    return all(m.hook is None for m in model.modules() if isinstance(m, AttentionBlock))
 
 
 # --- layer names --------------------------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def test_perturbing_rows_equals_perturbing_them_alone(rows):
     model = tiny_unet()
     x, t, kwargs = batch()
     with torch.no_grad():
-        with perturb_attention(model, "all", rows=rows):
+        with perturb_attention(model, "all", rows=rows, batch_size=3):
             mixed = model(x, t, **kwargs)
         with perturb_attention(model, "all"):
             alone = model(x[[0, 2]], t[[0, 2]], y=kwargs["y"][[0, 2]])
@@ -246,17 +248,43 @@ def test_perturbing_rows_equals_perturbing_them_alone(rows):
     torch.testing.assert_close(mixed[[1]], plain, rtol=0, atol=1e-5)
 
 
+def test_perturbation_rows_reach_the_block_as_a_bool_mask_or_none():
+    assert perturbation_rows(True) is None and perturbation_rows(None) is None
+    assert perturbation_rows(torch.tensor([0, 2]), 3).tolist() == [True, False, True]
+    assert perturbation_rows(slice(1, None), 3).tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="indices or a slice need batch_size"):
+        perturbation_rows(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="must be True, a bool mask"):
+        perturbation_rows([0, 2], 3)
+    model = tiny_unet()
+    x, t, kwargs = batch()
+    with torch.no_grad():
+        with perturb_attention(model, "middle", rows=torch.tensor([True, False])) as blocks:
+            assert blocks[0].hook.rows.dtype == torch.bool
+            with pytest.raises(ValueError, match=r"perturbation mask has shape \(2,\), expected \(3,\)"):
+                model(x, t, **kwargs)
+        assert all_perturb_off(model)
+        # A mask of every row takes the whole-batch path: a seeded random perturbation draws as for rows=True.
+        outs = []
+        for rows in (True, torch.ones(3, dtype=torch.bool)):
+            torch.manual_seed(5)
+            with perturb_attention(model, "all", "mask", rows=rows, drop_rate=0.3, retain_diag=True):
+                outs.append(model(x, t, **kwargs))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_context_restores_state_on_exception():
     model = tiny_unet()
     blocks = dict(model.named_modules())
-    blocks["middle_block.1"].perturb = slice(0, 1)
+    before = AttentionHook(perturbation=make_perturbation("identity"), rows=torch.tensor([True, False, False]))
+    blocks["middle_block.1"].hook = before
     with pytest.raises(RuntimeError, match="boom"):
         with perturb_attention(model, "middle,output_blocks.0.1") as perturbed:
-            assert [b.perturb for b in perturbed] == [True, True]
+            assert [b.hook.rows for b in perturbed] == [None, None]  # every row
             raise RuntimeError("boom")
-    assert blocks["middle_block.1"].perturb == slice(0, 1)
-    assert blocks["output_blocks.0.1"].perturb is None
-    blocks["middle_block.1"].perturb = None
+    assert blocks["middle_block.1"].hook is before
+    assert blocks["output_blocks.0.1"].hook is None
+    blocks["middle_block.1"].hook = None
     # A failing guided call (class-conditional model without labels) leaves every block unperturbed.
     x, t, _ = batch()
     for batched, share in [(True, True), (True, False), (False, False)]:

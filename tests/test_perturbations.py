@@ -178,7 +178,7 @@ def ours(model, layers, kind, params, x, t, kwargs, seed):
 
 def blocks_clean(model):
     return all(
-        m.perturb is None and m.perturbation is None and m.capture is None
+        m.hook is None
         for m in model.modules()
         if isinstance(m, AttentionBlock)
     )
@@ -254,7 +254,7 @@ def test_context_restores_the_perturbation_on_exception():
     model = tiny_unet()
     with pytest.raises(RuntimeError, match="boom"):
         with perturb_attention(model, "middle", "blur", blur_sigma=2.0) as blocks:
-            assert blocks[0].perturbation.kind == "blur" and blocks[0].perturb is True
+            assert blocks[0].hook.perturbation.kind == "blur" and blocks[0].hook.rows is None  # every row
             raise RuntimeError("boom")
     assert blocks_clean(model)
     # A bad kind fails before any block is touched.

@@ -300,7 +300,7 @@ def test_images_smaller_than_the_blur_kernel_are_reported():
     with pytest.raises(ValueError, match=r"kernel size 31 \(reflect padding 15\) needs inputs larger than 15x15, got 8x8"):
         with torch.no_grad():
             guided(x, torch.full((1,), diffusion.timestep_map[3]), y=torch.tensor([1]))
-    assert all(m.capture is None for m in model.modules() if isinstance(m, AttentionBlock))
+    assert all(m.hook is None for m in model.modules() if isinstance(m, AttentionBlock))
 
 
 # --- the command-line flags and the scripts ---------------------------------------------------------------------
