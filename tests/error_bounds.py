@@ -70,6 +70,20 @@ def pag_amplification(scale):
     return 1.0 + 2.0 * abs(scale)
 
 
+def split_heads_float64(qkv, n_heads, order):
+    """
+    q, k, v in float64, each [batch, heads, channels, tokens], from the channel layout of each attention order
+    ("legacy": heads split before q, k, v; "new": q, k, v split before heads).
+    """
+    bs, width, length = qkv.shape
+    ch = width // (3 * n_heads)
+    if order == "legacy":
+        parts = qkv.double().reshape(bs, n_heads, 3, ch, length)
+        return parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]
+    parts = qkv.double().reshape(bs, 3, n_heads, ch, length)
+    return parts[:, 0], parts[:, 1], parts[:, 2]
+
+
 def attention_error_bound(qkv, n_heads, order, u, input_u=None, accumulation_u=FLOAT32_U):
     """
     The first-order worst-case bound, per output element, of attention computed in a precision of unit roundoff
@@ -86,14 +100,8 @@ def attention_error_bound(qkv, n_heads, order, u, input_u=None, accumulation_u=F
       |da|   <= sum_s |dw_s| |v_s| + (input_u + g_T) sum_s w_s |v_s| + u |a|
     """
     input_u = u if input_u is None else input_u
-    bs, width, length = qkv.shape
-    ch = width // (3 * n_heads)
-    if order == "legacy":
-        parts = qkv.double().reshape(bs, n_heads, 3, ch, length)
-        q, k, v = parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]
-    else:
-        parts = qkv.double().reshape(bs, 3, n_heads, ch, length)
-        q, k, v = parts[:, 0], parts[:, 1], parts[:, 2]
+    q, k, v = split_heads_float64(qkv, n_heads, order)
+    bs, _, ch, length = q.shape
     logits = th.einsum("nhct,nhcs->nhts", q, k) / math.sqrt(ch)
     w = th.softmax(logits, dim=-1)
     products = th.einsum("nhct,nhcs->nhts", q.abs(), k.abs()) / math.sqrt(ch)

@@ -15,7 +15,7 @@ from guided_diffusion import unet
 from guided_diffusion.pag import PAGGuidedModel
 
 from conftest import REPO_ROOT, TINY_ADM_FLAGS, randomize, reference_file
-from error_bounds import FLOAT16_U, FLOAT32_U, attention_error_bound
+from error_bounds import FLOAT16_U, FLOAT32_U, attention_error_bound, split_heads_float64
 
 needs_sdpa = pytest.mark.skipif(not unet.SDPA_AVAILABLE, reason="this torch has no sdpa with a scale argument")
 needs_cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="CUDA is not available")
@@ -27,14 +27,8 @@ def reference_attention(qkv, n_heads, order, identity=False):
     """
     Multi-head attention written out per head in float64, from the channel layout of each order.
     """
-    bs, width, length = qkv.shape
-    ch = width // (3 * n_heads)
-    if order == "legacy":
-        parts = qkv.double().reshape(bs, n_heads, 3, ch, length)
-        q, k, v = parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]
-    else:
-        parts = qkv.double().reshape(bs, 3, n_heads, ch, length)
-        q, k, v = parts[:, 0], parts[:, 1], parts[:, 2]
+    q, k, v = split_heads_float64(qkv, n_heads, order)
+    bs, _, ch, length = q.shape
     out = th.zeros(bs, n_heads, ch, length, dtype=th.float64)
     for n in range(bs):
         for h in range(n_heads):
