@@ -15,7 +15,6 @@ the output names which were used. Precision and recall always need the reference
 Reference activations are cached, so each reference batch is embedded once per feature network.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from guided_diffusion.atomic_io import write_json_atomic
+from guided_diffusion.errors import OneLineErrorParser
 from evaluations.device import resolve_device
 from evaluations.feature_nets import (
     embed_batch,
@@ -545,7 +545,7 @@ def format_results(results):
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="evaluator.py",
         description="IS, FID, sFID, precision, recall and KID of a sample batch against a reference "
         "batch (ADM's evaluator in PyTorch)."

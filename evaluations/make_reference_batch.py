@@ -16,7 +16,6 @@ evaluator uses the statistics only with that same network). --no_stats writes th
 Images are streamed in and out, so large batches never sit in memory whole.
 """
 
-import argparse
 import os
 import sys
 
@@ -38,6 +37,7 @@ from evaluations.frechet import compute_statistics
 from evaluations.npz_io import IMAGE_KEY, BatchFormatError, NpzImageReader, NpzWriter
 from evaluations.output_paths import check_output_file
 # The same crop-and-resize recipe the training data loader uses, so a reference batch matches training data.
+from guided_diffusion.errors import OneLineErrorParser
 from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files
 
 
@@ -225,7 +225,7 @@ def make_reference_batch(
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="make_reference_batch.py",
         description="Build an ADM-style reference batch (arr_0 plus FID statistics)."
     )

@@ -2,6 +2,7 @@
 The error the command-line scripts turn into one `prog: error: ...` line and exit status 2.
 """
 
+import argparse
 import os
 
 # The checkout holding this package; the configs' relative paths (models/, datasets/) are relative to it.
@@ -64,3 +65,12 @@ def check_training_data(parser, args):
             check_data_dir(args.val_data_dir, "--val_data_dir")
     except UsageError as exc:
         exit_with_usage_error(parser, exc)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """
+    An ArgumentParser whose errors are one `prog: error: ...` line, printed once per run (--help prints the usage).
+    """
+
+    def error(self, message):
+        exit_with_usage_error(self, message)

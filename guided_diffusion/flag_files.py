@@ -13,6 +13,8 @@ import re
 import shlex
 import sys
 
+from .errors import OneLineErrorParser
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG_SUFFIX = ".cfg"
 
@@ -166,7 +168,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-class FlagFileArgumentParser(argparse.ArgumentParser):
+class FlagFileArgumentParser(OneLineErrorParser):
     """
     An ArgumentParser whose parse_args understands @flag files and whose errors are one line (ADM's scripts have
     dozens of flags: the usage text would bury the message; --help prints it).
@@ -176,11 +178,6 @@ class FlagFileArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("usage", "%(prog)s [@CONFIG ...] [--FLAG VALUE ...]   (flags by group below)")
         super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        from .errors import exit_with_usage_error
-
-        exit_with_usage_error(self, message)
 
     def parse_args(self, args=None, namespace=None):
         if namespace is not None:

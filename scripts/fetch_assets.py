@@ -35,6 +35,7 @@ for folder in (REPO, SCRIPTS):
         sys.path.insert(0, folder)
 
 from guided_diffusion import assets  # noqa: E402
+from guided_diffusion.errors import OneLineErrorParser  # noqa: E402
 from guided_diffusion.download import DownloadError, discard_part, download_part, part_path, remote_size  # noqa: E402
 from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config  # noqa: E402
 
@@ -46,7 +47,7 @@ class FetchUsageError(Exception):
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         usage="%(prog)s [options] NAME [NAME ...]\n       %(prog)s --list [--dest DIR] [--remote_sizes]",
         description=__doc__.strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

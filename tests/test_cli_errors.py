@@ -1,0 +1,25 @@
+"""
+The command-line tools outside the samplers also answer a bad flag with one `prog: error: ...` line, no usage text.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("evaluations/evaluator.py", ["--ref_stats", "bogus", "a.npz", "b.npz"], "argument --ref_stats: invalid choice"),
+    ("evaluations/make_reference_batch.py", [], "the following arguments are required: source, out"),
+    ("scripts/fetch_assets.py", ["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_a_bad_flag_is_one_line(script, argv, expected, tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *argv], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    name = os.path.basename(script)
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"{name}: error: {expected}"), res.stderr
+    assert res.stderr.count("\n") == 1 and "usage:" not in res.stderr
