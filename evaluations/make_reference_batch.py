@@ -20,9 +20,6 @@ import argparse
 import os
 import sys
 
-if __name__ == "__main__" and not __package__:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 from tqdm.auto import tqdm
 
