@@ -1,8 +1,9 @@
 """
 Running table rows for scripts/reproduce.py. One run of a row (once per --seeds seed) goes through these steps:
 
-    prepare_run      the sampler command and flags, and every file the row needs (checkpoints, reference batch or
-                     images to restore, feature network), all missing ones in one message before any sampling
+    prepare_run      the sampler command and flags (sampler_launch.py), and every file the row needs (checkpoints,
+                     reference batch or images to restore, feature network), all missing ones in one message
+                     before any sampling
     run_key          what the figures depend on: the sampler's flags and inputs by content, the reference batch,
                      the feature network and the evaluator's scoring version
     sample_row       the samples, unless the folder already holds those of the same settings (a stopped run resumes)
@@ -12,11 +13,10 @@ Running table rows for scripts/reproduce.py. One run of a row (once per --seeds 
 run_rows runs the rows of one call and says what became of each, for the results table (results_table.py).
 """
 
+import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, List, Optional
 
 from .assets import fetch_command, fetch_hint
@@ -33,11 +33,8 @@ from .run_store import (
     record_differences,
     run_record,
 )
-from .sampler_flags import SAMPLER_ARGPARSERS
-from .sampler_launch import launch_command, run_streaming, sampler_env
-from .table_rows import ReproduceError, read_json
-
-CHECKPOINT_FLAGS = ("model_path", "classifier_path")
+from .sampler_launch import CHECKPOINT_FLAGS, run_streaming, sampler_command, sampler_env
+from .table_rows import ReproduceError, how_to_get, read_json
 
 # Flags that do not change the samples, left out of the records compared (as in the samplers' resumable runs).
 FREE_FLAGS = FLAGS_FREE_ON_RESUME
@@ -45,82 +42,6 @@ FREE_FLAGS = FLAGS_FREE_ON_RESUME
 
 def log(msg):
     print(msg, flush=True)
-
-
-# --- the sampler command --------------------------------------------------------------------------------------
-
-
-def parse_sampler_flags(row, tokens):
-    parser = SAMPLER_ARGPARSERS[row.script]()
-    try:
-        return parser.parse_args(tokens)
-    except SystemExit:
-        raise ReproduceError(f"row {row.name}: its flags do not parse with {row.script} (see the message above)")
-
-
-def check_passed_flags(extra):
-    """
-    Refuse sampler flags (after `--`) that reproduce.py sets itself or cannot honour.
-    """
-    for flag in ("out_dir",):
-        if f"--{flag}" in extra:
-            raise ReproduceError(f"--{flag} cannot be passed to the sampler: reproduce.py sets it (--results)")
-    if any(token == "--shard" or token.startswith("--shard=") for token in extra):
-        raise ReproduceError(
-            "--shard cannot be passed through reproduce.py, which samples whole rows: run the shards with the "
-            "sampler itself, join them with scripts/merge_shards.py and evaluate the merged .npz with "
-            "evaluations/evaluator.py"
-        )
-
-
-def sampler_command(row, opts, extra, missing=None, subfolder=""):
-    """
-    (command, parsed flags, output folder) for sampling one row; missing checkpoints are noted in `missing`.
-    """
-    missing = [] if missing is None else missing
-    check_passed_flags(extra)
-    out_dir = os.path.join(os.path.abspath(opts.results), row.name, *([subfolder] if subfolder else []))
-    first = parse_sampler_flags(row, ["@" + row.path, *extra])
-    tokens = ["@" + row.path, *extra]
-    for flag in CHECKPOINT_FLAGS:
-        value = getattr(first, flag, "")
-        if value:
-            path = resolve_checkpoint(row, flag, value, opts, f"--{flag}" in extra, missing)
-            tokens += [f"--{flag}", path]
-    data_dir = getattr(first, "data_dir", "")
-    if row.restoration and data_dir and not os.path.isabs(data_dir) and not os.path.exists(data_dir):
-        # Configs name the shipped data relative to the repository, like the checkpoints.
-        if os.path.exists(os.path.join(REPO_ROOT, data_dir)):
-            tokens += ["--data_dir", os.path.join(REPO_ROOT, data_dir)]
-    if opts.num_samples is not None:
-        tokens += ["--num_samples", str(opts.num_samples)]
-    tokens += ["--out_dir", out_dir]
-    args = parse_sampler_flags(row, tokens)
-    command = launch_command([sys.executable, os.path.join(REPO_ROOT, "scripts", row.script), *tokens], opts)
-    return command, args, out_dir
-
-
-def resolve_checkpoint(row, flag, value, opts, from_command_line, missing):
-    """
-    The absolute path of a checkpoint flag: --model_dir/FILE when given, else the config's path taken from the
-    repository root (the command line's from the current folder). A missing file is noted in `missing`.
-    """
-    name = (row.meta.get("model") if flag == "model_path" else "") or os.path.basename(value)
-    if opts.model_dir and not from_command_line:
-        path = os.path.join(os.path.abspath(opts.model_dir), name)
-    else:
-        path = os.path.abspath(value) if from_command_line else os.path.join(REPO_ROOT, value)
-    if not os.path.isfile(path):
-        missing.append(
-            f"checkpoint {name} (--{flag}) not found at {path}. {how_to_get(row, 'model_source')}put it there, "
-            f"or pass --model_dir DIR with {name} in DIR{fetch_hint(path)}."
-        )
-    return path
-
-
-def how_to_get(row, key):
-    source = row.meta.get(key, "").rstrip(".")
-    return f"{source}; " if source else ""
 
 
 # --- pre-flight -------------------------------------------------------------------------------------------------
@@ -154,7 +75,7 @@ class RowRun:
 
     row: Any
     command: List[str]
-    args: SimpleNamespace
+    args: argparse.Namespace
     out_dir: str
     ref_batch: Optional[str]  # None for an inverse-problem row: its ground truth comes with its samples
     feature_net: str

@@ -1,17 +1,91 @@
 """
-Starting a sampling script for scripts/reproduce.py: the launcher that starts its ranks (mpiexec, torchrun, srun
-or one process), the environment that puts it on the chosen device, and running it with its output passed through
-and stopped with the caller.
+Starting a table row's sampling script for scripts/reproduce.py: its command (the row's flags checked with the
+script's own parser, checkpoints found, the output folder set), the launcher that starts its ranks (mpiexec,
+torchrun, srun or one process), the environment that puts it on the chosen device, and running it with its output
+passed through and stopped with the caller.
 """
 
 import os
 import subprocess
 import sys
 
+from .assets import fetch_hint
 from .errors import REPO_ROOT
-from .table_rows import ReproduceError
+from .table_rows import ReproduceError, how_to_get
 
+CHECKPOINT_FLAGS = ("model_path", "classifier_path")
 LAUNCHERS = ("mpiexec", "torchrun", "srun", "none")
+
+
+def parse_sampler_flags(row, tokens):
+    # Imported with the first row: the sampling layer is not needed to refuse a bad command line.
+    from .sampler_flags import SAMPLER_ARGPARSERS
+
+    parser = SAMPLER_ARGPARSERS[row.script]()
+    try:
+        return parser.parse_args(tokens)
+    except SystemExit:
+        raise ReproduceError(f"row {row.name}: its flags do not parse with {row.script} (see the message above)")
+
+
+def check_passed_flags(extra):
+    """
+    Refuse sampler flags (after `--`) that reproduce.py sets itself or cannot honour.
+    """
+    for flag in ("out_dir",):
+        if f"--{flag}" in extra:
+            raise ReproduceError(f"--{flag} cannot be passed to the sampler: reproduce.py sets it (--results)")
+    if any(token == "--shard" or token.startswith("--shard=") for token in extra):
+        raise ReproduceError(
+            "--shard cannot be passed through reproduce.py, which samples whole rows: run the shards with the "
+            "sampler itself, join them with scripts/merge_shards.py and evaluate the merged .npz with "
+            "evaluations/evaluator.py"
+        )
+
+
+def sampler_command(row, opts, extra, missing=None, subfolder=""):
+    """
+    (command, parsed flags, output folder) for sampling one row; missing checkpoints are noted in `missing`.
+    """
+    missing = [] if missing is None else missing
+    check_passed_flags(extra)
+    out_dir = os.path.join(os.path.abspath(opts.results), row.name, *([subfolder] if subfolder else []))
+    first = parse_sampler_flags(row, ["@" + row.path, *extra])
+    tokens = ["@" + row.path, *extra]
+    for flag in CHECKPOINT_FLAGS:
+        value = getattr(first, flag, "")
+        if value:
+            path = resolve_checkpoint(row, flag, value, opts, f"--{flag}" in extra, missing)
+            tokens += [f"--{flag}", path]
+    data_dir = getattr(first, "data_dir", "")
+    if row.restoration and data_dir and not os.path.isabs(data_dir) and not os.path.exists(data_dir):
+        # Configs name the shipped data relative to the repository, like the checkpoints.
+        if os.path.exists(os.path.join(REPO_ROOT, data_dir)):
+            tokens += ["--data_dir", os.path.join(REPO_ROOT, data_dir)]
+    if opts.num_samples is not None:
+        tokens += ["--num_samples", str(opts.num_samples)]
+    tokens += ["--out_dir", out_dir]
+    args = parse_sampler_flags(row, tokens)
+    command = launch_command([sys.executable, os.path.join(REPO_ROOT, "scripts", row.script), *tokens], opts)
+    return command, args, out_dir
+
+
+def resolve_checkpoint(row, flag, value, opts, from_command_line, missing):
+    """
+    The absolute path of a checkpoint flag: --model_dir/FILE when given, else the config's path taken from the
+    repository root (the command line's from the current folder). A missing file is noted in `missing`.
+    """
+    name = (row.meta.get("model") if flag == "model_path" else "") or os.path.basename(value)
+    if opts.model_dir and not from_command_line:
+        path = os.path.join(os.path.abspath(opts.model_dir), name)
+    else:
+        path = os.path.abspath(value) if from_command_line else os.path.join(REPO_ROOT, value)
+    if not os.path.isfile(path):
+        missing.append(
+            f"checkpoint {name} (--{flag}) not found at {path}. {how_to_get(row, 'model_source')}put it there, "
+            f"or pass --model_dir DIR with {name} in DIR{fetch_hint(path)}."
+        )
+    return path
 
 
 def launch_settings(opts):

@@ -204,6 +204,14 @@ def row_names(config_dir=CONFIG_DIR):
     return [n for n in available_configs(config_dir) if is_row(os.path.join(config_dir, n + ".cfg"))]
 
 
+def how_to_get(row, key):
+    """
+    The row's `# model_source:` or `# ref_batch_source:` as the start of a missing-file message ("" without one).
+    """
+    source = row.meta.get(key, "").rstrip(".")
+    return f"{source}; " if source else ""
+
+
 # --- labels and records ----------------------------------------------------------------------------------------
 
 

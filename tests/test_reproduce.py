@@ -21,8 +21,7 @@ import torch as th
 from guided_diffusion import pag, row_runner, run_store, sampler_launch
 from guided_diffusion.flag_files import available_configs, expand_flag_files, resolve_config
 from guided_diffusion.results_table import render_table
-from guided_diffusion.row_runner import sampler_command
-from guided_diffusion.sampler_launch import launch_settings, run_streaming, sampler_env
+from guided_diffusion.sampler_launch import launch_settings, run_streaming, sampler_command, sampler_env
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.table_rows import (
     ReproduceError,
