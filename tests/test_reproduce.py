@@ -21,6 +21,7 @@ import torch as th
 from guided_diffusion import pag, row_runner, run_store, sampler_launch
 from guided_diffusion.flag_files import available_configs, expand_flag_files, resolve_config
 from guided_diffusion.results_table import render_table
+from guided_diffusion.sampler_flags import image_sample_argparser
 from guided_diffusion.sampler_launch import launch_settings, run_streaming, sampler_command, sampler_env
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.table_rows import (
@@ -94,7 +95,7 @@ def reproduce():
 
 @pytest.fixture(scope="module")
 def image_sample_parser():
-    return _load_module(os.path.join(REPO_ROOT, "scripts", "image_sample.py"), "image_sample_for_reproduce").create_argparser
+    return image_sample_argparser
 
 
 @pytest.fixture(scope="module")
@@ -700,3 +701,23 @@ def test_run_streaming_sets_the_extra_environment(monkeypatch, capsys):
         [sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"], {"CUDA_VISIBLE_DEVICES": ""}
     )
     assert status == 0 and tail == ["''"]
+
+
+def test_feature_nets_load_once_per_spec_and_retry_a_failed_load(monkeypatch):
+    import evaluations.feature_nets
+
+    loads = []
+
+    def loading(spec, device=None, inception_path=None):
+        loads.append((spec, device, inception_path))
+        if spec == "absent":
+            raise FileNotFoundError("no such weights")
+        return object()
+
+    monkeypatch.setattr(evaluations.feature_nets, "load_feature_net", loading)
+    nets = row_runner.FeatureNets("cpu", "w.pth")
+    assert nets.get("a") is nets.get("a") and nets.get("b") is not nets.get("a")
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError):
+            nets.get("absent")
+    assert loads == [("a", "cpu", "w.pth"), ("b", "cpu", "w.pth"), ("absent", "cpu", "w.pth"), ("absent", "cpu", "w.pth")]
