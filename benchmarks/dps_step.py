@@ -19,19 +19,15 @@ Example:
 """
 
 import argparse
-import os
 import statistics
-import sys
 
 import torch as th
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion.atomic_io import write_json_atomic  # noqa: E402
-from guided_diffusion.inverse import add_measurement_noise, create_operator, dps_sample  # noqa: E402
-from guided_diffusion.pag import PAGGuidedModel  # noqa: E402
-from guided_diffusion.script_util import create_gaussian_diffusion, create_model  # noqa: E402
-from pag_overhead import timed  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
+from guided_diffusion.atomic_io import write_json_atomic
+from guided_diffusion.inverse import add_measurement_noise, create_operator, dps_sample
+from guided_diffusion.pag import PAGGuidedModel
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model
+from pag_overhead import timed  # (this folder is on sys.path when a benchmark runs as a script)
 
 
 def dps_ffhq_model(image_size):

@@ -16,11 +16,7 @@ float16 mode and how far its features, and the FID between two halves of the ima
 """
 
 import argparse
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import torch

@@ -21,13 +21,11 @@ import tempfile
 import numpy as np
 import torch as th
 
+from guided_diffusion import script_util as su
+from guided_diffusion.atomic_io import write_json_atomic
+from guided_diffusion.precision import apply_precision_policy
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from guided_diffusion import script_util as su  # noqa: E402
-from guided_diffusion.atomic_io import write_json_atomic  # noqa: E402
-from guided_diffusion.precision import apply_precision_policy  # noqa: E402
-
 REFERENCE = os.environ.get("ADM_REFERENCE_DIR", os.path.join(os.path.dirname(REPO), "shared", "adm_reference"))
 CHECKS = ("golden", "tf32", "ranks")
 # The embedded model, five steps, eight samples in batches of four.

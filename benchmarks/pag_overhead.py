@@ -20,17 +20,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch as th
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion.atomic_io import write_json_atomic  # noqa: E402
-from guided_diffusion.pag import OFFICIAL_IMAGENET256_LAYERS, PAGGuidedModel  # noqa: E402
-from guided_diffusion.script_util import create_model, model_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.atomic_io import write_json_atomic
+from guided_diffusion.pag import OFFICIAL_IMAGENET256_LAYERS, PAGGuidedModel
+from guided_diffusion.script_util import create_model, model_and_diffusion_defaults
 
 DEFAULT_SPECS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),

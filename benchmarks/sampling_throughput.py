@@ -31,19 +31,17 @@ import sys
 
 import torch as th
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion import unet  # noqa: E402
-from guided_diffusion.atomic_io import write_json_atomic  # noqa: E402
-from guided_diffusion.flag_files import config_flags, resolve_config  # noqa: E402
-from guided_diffusion.pag import PAGGuidedModel  # noqa: E402
-from guided_diffusion.precision import apply_precision_policy  # noqa: E402
-from guided_diffusion.script_util import (  # noqa: E402
+from guided_diffusion import unet
+from guided_diffusion.atomic_io import write_json_atomic
+from guided_diffusion.flag_files import config_flags, resolve_config
+from guided_diffusion.pag import PAGGuidedModel
+from guided_diffusion.precision import apply_precision_policy
+from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     str2bool,
 )
-from pag_overhead import timed  # noqa: E402  (this folder is on sys.path when a benchmark runs as a script)
+from pag_overhead import timed  # (this folder is on sys.path when a benchmark runs as a script)
 
 DEVICE_DEFAULTS = {
     "cpu": dict(image_size=64, num_channels=64, steps=2, batch_size=2, repeats=3, warmup=1),

@@ -22,10 +22,6 @@ import queue
 import sys
 import threading
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script: make the repository root importable.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm

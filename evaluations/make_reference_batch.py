@@ -19,9 +19,6 @@ Images are streamed in and out, so large batches never sit in memory whole.
 import os
 import sys
 
-if __name__ == "__main__" and not __package__:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np
 from tqdm.auto import tqdm
 

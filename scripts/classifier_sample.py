@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from guided_diffusion import sampling_cli as cli
 from guided_diffusion.errors import UsageError
 from guided_diffusion.random_streams import draw_labels
+from guided_diffusion.sampler_flags import classifier_sample_argparser
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     classifier_defaults,
@@ -79,10 +80,7 @@ def sample(args):
 
 
 def create_argparser():
-    defaults = dict(model_path="", classifier_path="", classifier_scale=1.0)
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(classifier_defaults())
-    return cli.create_sampling_argparser(__doc__, defaults)
+    return classifier_sample_argparser(__doc__)
 
 
 if __name__ == "__main__":

@@ -28,16 +28,10 @@ import os
 import sys
 import urllib.error
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(SCRIPTS)
-for folder in (REPO, SCRIPTS):
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-
-from guided_diffusion import assets  # noqa: E402
-from guided_diffusion.errors import OneLineErrorParser  # noqa: E402
-from guided_diffusion.download import DownloadError, discard_part, download_part, part_path, remote_size  # noqa: E402
-from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config  # noqa: E402
+from guided_diffusion import assets
+from guided_diffusion.download import DownloadError, discard_part, download_part, part_path, remote_size
+from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
+from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")
 
@@ -111,7 +105,7 @@ def config_needs(path):
     The files a flag file needs: [(file name, path as the config gives it, what for)]: its checkpoints, and for a
     table row also its reference batch and its feature network's weights, as reproduce.py looks them up.
     """
-    from reproduce_rows import ReproduceError, _is_row_meta, read_metadata
+    from guided_diffusion.table_rows import ReproduceError, is_row_metadata, read_metadata
 
     try:
         meta = read_metadata(path)
@@ -125,7 +119,7 @@ def config_needs(path):
             needs.append((os.path.basename(name), flags[flag], f"--{flag}"))
     if meta.get("ref_batch"):
         needs.append((os.path.basename(meta["ref_batch"]), meta["ref_batch"], "reference batch"))
-    feature_net = meta.get("feature_net") or ("inception" if _is_row_meta(meta) else "")
+    feature_net = meta.get("feature_net") or ("inception" if is_row_metadata(meta) else "")
     if feature_net == "inception":
         needs.append((assets.INCEPTION, assets.INCEPTION, "feature network"))
     return needs
@@ -150,7 +144,7 @@ def resolve_names(names, config_dir=CONFIG_DIR):
             if asset is not None:
                 add(asset)
                 continue
-            local = given if os.path.isabs(given) else os.path.join(REPO, given)
+            local = given if os.path.isabs(given) else os.path.join(REPO_ROOT, given)
             if os.path.exists(local):
                 notes.append(f"{label}: {given} ({why}) is present at {local}; nothing to fetch")
             else:

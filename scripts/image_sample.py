@@ -22,6 +22,7 @@ from guided_diffusion.flag_files import expand_flag_files
 from guided_diffusion.guidance import describe_guidance
 from guided_diffusion.random_streams import draw_labels
 from guided_diffusion.run_store import mpi_comm
+from guided_diffusion.sampler_flags import image_sample_argparser
 from guided_diffusion.script_util import NUM_CLASSES, create_model_and_diffusion, model_and_diffusion_defaults
 
 
@@ -86,9 +87,7 @@ def sample(args):
 
 
 def create_argparser():
-    defaults = dict(model_path="")
-    defaults.update(model_and_diffusion_defaults())
-    return cli.create_sampling_argparser(__doc__, defaults)
+    return image_sample_argparser(__doc__)
 
 
 if __name__ == "__main__":

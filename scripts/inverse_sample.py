@@ -36,6 +36,7 @@ from guided_diffusion.inverse import (
     dps_sample_loop,
 )
 from guided_diffusion.random_streams import PerSampleNoise
+from guided_diffusion.sampler_flags import inverse_sample_argparser
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 # DPS's intensity for each blur when --intensity is not given (its configs: gaussian 3.0, motion 0.5).
@@ -263,29 +264,7 @@ def write_triplet_grid(path, arrays):
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        data_dir="",
-        task="",  # required
-        kernel_size=61,
-        intensity=None,
-        kernel_seed=0,
-        kernel_path="",
-        scale_factor=4,
-        mask_type="box",
-        mask_len_range="128,129",
-        mask_prob_range="0.3,0.7",
-        mask_margin="16,16",
-        mask_path="",
-        sigma=0.05,
-        dps_scale=1.0,
-        gradient_through="plain",
-    )
-    defaults.update(model_and_diffusion_defaults())
-    parser = cli.create_sampling_argparser(__doc__, defaults, script="inverse_sample")
-    # All of --data_dir unless fewer are asked for; the grid is on by default.
-    parser.set_defaults(num_samples=0, grid="grid.png")
-    return parser
+    return inverse_sample_argparser(__doc__)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,9 @@ writes: same arrays, same order, bit for bit (with the same --seed and --batch_s
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion.errors import UsageError  # noqa: E402
-from guided_diffusion.run_store import merge_shards  # noqa: E402
+from guided_diffusion.errors import UsageError
+from guided_diffusion.run_store import merge_shards
 
 
 def main(argv=None):

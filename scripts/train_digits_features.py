@@ -7,27 +7,20 @@ augmentation. Writes the weights atomically and prints the validation accuracy.
 
 import argparse
 import json
-import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from evaluations.digits_net import DEFAULT_WEIGHTS, DigitsNet  # noqa: E402
-from guided_diffusion.atomic_io import torch_save_atomic  # noqa: E402
+from evaluations.digits_net import DEFAULT_WEIGHTS, DigitsNet
+from guided_diffusion.atomic_io import torch_save_atomic
+from guided_diffusion.digits_dataset import load_digits_images
 
 
 def load_dataset(path):
     if path:
         with np.load(path) as data:
             return data["arr_0"], data["arr_1"]
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from make_digits_dataset import load_digits_images
-
     return load_digits_images(16)
 
 

@@ -18,11 +18,9 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from guided_diffusion.atomic_io import atomic_write, write_json_atomic  # noqa: E402
-from guided_diffusion.flag_files import config_flags  # noqa: E402
+from guided_diffusion.atomic_io import atomic_write, write_json_atomic
+from guided_diffusion.errors import REPO_ROOT as REPO
+from guided_diffusion.flag_files import config_flags
 
 TRAIN_CONFIG = os.path.join(REPO, "configs", "digits16_train.cfg")
 DATASET = os.path.join(REPO, "datasets", "digits16.npz")

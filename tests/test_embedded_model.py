@@ -87,8 +87,7 @@ def test_shipped_dataset_is_the_sklearn_digits():
     assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     pytest.importorskip("sklearn")
-    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-    from make_digits_dataset import load_digits_images
+    from guided_diffusion.digits_dataset import load_digits_images
 
     rebuilt, rebuilt_labels = load_digits_images(16)
     np.testing.assert_array_equal(rebuilt, images)

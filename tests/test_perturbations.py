@@ -448,16 +448,11 @@ def parse_row(name):
     """
     import importlib.util
     import os
-    import sys
 
     from guided_diffusion.flag_files import expand_flag_files, resolve_config
+    from guided_diffusion.table_rows import select_configs
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "scripts"))
-    try:
-        from reproduce_rows import select_configs
-    finally:
-        sys.path.pop(0)
     (row,) = select_configs([name])
     spec = importlib.util.spec_from_file_location("_row_script", os.path.join(root, "scripts", row.script))
     module = importlib.util.module_from_spec(spec)
@@ -472,14 +467,8 @@ def row_names(pattern):
     """
     The row configs a reproduce.py glob selects (shared bases are not rows).
     """
-    import os
-    import sys
+    from guided_diffusion.table_rows import select_configs
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    try:
-        from reproduce_rows import select_configs
-    finally:
-        sys.path.pop(0)
     return sorted(row.name for row in select_configs([pattern]))
 
 

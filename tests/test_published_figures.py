@@ -6,13 +6,12 @@ README must carry exactly its figures. Rows citing the PAG paper must say how th
 
 import glob
 import os
-import sys
 
 import pytest
 
+from guided_diffusion.table_rows import is_row, load_row
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-from reproduce_rows import is_row, load_row  # noqa: E402
 
 # 'Results on pretrained models' and 'Compatibility of SAG and classifier guidance' (ImageNet 128).
 SAG_README = {

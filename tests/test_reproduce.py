@@ -18,21 +18,22 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import pag, run_store
+from guided_diffusion import pag, row_runner, run_store, sampler_launch
 from guided_diffusion.flag_files import available_configs, expand_flag_files, resolve_config
+from guided_diffusion.results_table import render_table
+from guided_diffusion.sampler_flags import image_sample_argparser
+from guided_diffusion.sampler_launch import launch_settings, run_streaming, sampler_command, sampler_env
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-from reproduce_rows import (  # noqa: E402
+from guided_diffusion.table_rows import (
     ReproduceError,
     load_row,
     parse_published,
     read_metadata,
-    render_table,
     select_configs,
     steps_label,
 )
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(
     image_size=16,
@@ -94,7 +95,7 @@ def reproduce():
 
 @pytest.fixture(scope="module")
 def image_sample_parser():
-    return _load_module(os.path.join(REPO_ROOT, "scripts", "image_sample.py"), "image_sample_for_reproduce").create_argparser
+    return image_sample_argparser
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +420,7 @@ def test_model_dir_finds_the_checkpoint(reproduce, world, tmp_path):
     copy = tmp_path / "results"
     opts = reproduce.create_argparser().parse_args(["x", "--results", str(copy), "--model_dir", str(tmp_path / "m")])
     row = select_configs(["tiny_plain"], str(world / "configs"))[0]
-    command, args, out_dir = reproduce.sampler_command(row, opts, [])
+    command, args, out_dir = sampler_command(row, opts, [])
     assert args.model_path == str(tmp_path / "m" / "tiny.pt")
     assert out_dir == str(copy / "tiny_plain") and command[-2:] == ["--out_dir", out_dir]
 
@@ -427,12 +428,12 @@ def test_model_dir_finds_the_checkpoint(reproduce, world, tmp_path):
 def test_sampler_command_with_mpi_and_extra_flags(reproduce, world, tmp_path):
     opts = reproduce.create_argparser().parse_args(["x", "--results", str(tmp_path), "--mpi", "3", "--num_samples", "6"])
     row = select_configs(["tiny_pag"], str(world / "configs"))[0]
-    command, args, _ = reproduce.sampler_command(row, opts, ["--batch_size", "2", "--num_samples", "99"])
-    assert command[:5] == ["mpiexec", "-n", "3", reproduce.sys.executable, os.path.join(REPO_ROOT, "scripts", "image_sample.py")]
+    command, args, _ = sampler_command(row, opts, ["--batch_size", "2", "--num_samples", "99"])
+    assert command[:5] == ["mpiexec", "-n", "3", sys.executable, os.path.join(REPO_ROOT, "scripts", "image_sample.py")]
     assert command[5] == "@" + row.path
     assert args.batch_size == 2 and args.num_samples == 6  # --num_samples of reproduce.py wins
     with pytest.raises(ReproduceError, match="--out_dir cannot be passed to the sampler"):
-        reproduce.sampler_command(row, opts, ["--out_dir", "elsewhere"])
+        sampler_command(row, opts, ["--out_dir", "elsewhere"])
 
 
 def test_unknown_config_name(reproduce, world):
@@ -592,8 +593,6 @@ def test_sigterm_takes_the_ctrl_c_way_out(reproduce, monkeypatch, capsys):
 def test_an_interrupted_run_stops_its_sampler(monkeypatch):
     import subprocess
 
-    import reproduce_rows
-
     started = []
 
     class Recorded(subprocess.Popen):
@@ -605,10 +604,10 @@ def test_an_interrupted_run_stops_its_sampler(monkeypatch):
         def write(self, data):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(reproduce_rows.subprocess, "Popen", Recorded)
+    monkeypatch.setattr(sampler_launch.subprocess, "Popen", Recorded)
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(Interrupting()))
     with pytest.raises(KeyboardInterrupt):
-        reproduce_rows.run_streaming([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"])
+        run_streaming([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"])
     assert started[0].poll() is not None  # stopped, not left running for 60 s
 
 
@@ -654,7 +653,7 @@ def test_bad_seeds_are_refused(reproduce, world, argv, message):
 def test_sampler_command_launchers(reproduce, world, tmp_path, flags, prefix):
     opts = reproduce.create_argparser().parse_args(["x", "--results", str(tmp_path), *flags])
     row = select_configs(["tiny_pag"], str(world / "configs"))[0]
-    command, _, _ = reproduce.sampler_command(row, opts, [])
+    command, _, _ = sampler_command(row, opts, [])
     script = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
     assert command[: len(prefix) + 1] == [*prefix, script]
 
@@ -668,7 +667,7 @@ def test_sampler_command_launchers(reproduce, world, tmp_path, flags, prefix):
 def test_bad_launcher_flags(reproduce, flags, message):
     opts = reproduce.create_argparser().parse_args(["x", *flags])
     with pytest.raises(ValueError) as info:
-        reproduce.launch_settings(opts)
+        launch_settings(opts)
     assert str(info.value).startswith(message)
 
 
@@ -676,7 +675,7 @@ def test_shard_is_not_passed_through(reproduce, world, tmp_path):
     opts = reproduce.create_argparser().parse_args(["x", "--results", str(tmp_path)])
     row = select_configs(["tiny_pag"], str(world / "configs"))[0]
     with pytest.raises(ReproduceError, match="--shard cannot be passed through reproduce.py"):
-        reproduce.sampler_command(row, opts, ["--shard", "0/2"])
+        sampler_command(row, opts, ["--shard", "0/2"])
 
 
 def test_device_places_the_sampler_too(reproduce, world, monkeypatch, tmp_path):
@@ -687,20 +686,38 @@ def test_device_places_the_sampler_too(reproduce, world, monkeypatch, tmp_path):
         seen.append(extra_env)
         return 1, ["error: stopped by the test"]
 
-    monkeypatch.setattr(reproduce, "run_streaming", recording)
+    monkeypatch.setattr(row_runner, "run_streaming", recording)
     status, out, _ = run(reproduce, world, "tiny_plain", "--results", str(tmp_path / "results"))
     assert status == 1 and seen == [{"CUDA_VISIBLE_DEVICES": ""}], out
-    assert reproduce.sampler_env("cuda:1", {}) == {"CUDA_VISIBLE_DEVICES": "1"}
-    assert reproduce.sampler_env("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {"CUDA_VISIBLE_DEVICES": "6"}
-    assert reproduce.sampler_env("cuda", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {}
+    assert sampler_env("cuda:1", {}) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert sampler_env("cuda:1", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {"CUDA_VISIBLE_DEVICES": "6"}
+    assert sampler_env("cuda", {"CUDA_VISIBLE_DEVICES": "4,6"}) == {}
     with pytest.raises(ReproduceError, match="--device 'cuda:2': no such GPU"):
-        reproduce.sampler_env("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
+        sampler_env("cuda:2", {"CUDA_VISIBLE_DEVICES": "4,6"})
 
 
 def test_run_streaming_sets_the_extra_environment(monkeypatch, capsys):
-    import reproduce_rows
-
-    status, tail = reproduce_rows.run_streaming(
+    status, tail = run_streaming(
         [sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"], {"CUDA_VISIBLE_DEVICES": ""}
     )
     assert status == 0 and tail == ["''"]
+
+
+def test_feature_nets_load_once_per_spec_and_retry_a_failed_load(monkeypatch):
+    import evaluations.feature_nets
+
+    loads = []
+
+    def loading(spec, device=None, inception_path=None):
+        loads.append((spec, device, inception_path))
+        if spec == "absent":
+            raise FileNotFoundError("no such weights")
+        return object()
+
+    monkeypatch.setattr(evaluations.feature_nets, "load_feature_net", loading)
+    nets = row_runner.FeatureNets("cpu", "w.pth")
+    assert nets.get("a") is nets.get("a") and nets.get("b") is not nets.get("a")
+    for _ in range(2):
+        with pytest.raises(FileNotFoundError):
+            nets.get("absent")
+    assert loads == [("a", "cpu", "w.pth"), ("b", "cpu", "w.pth"), ("absent", "cpu", "w.pth"), ("absent", "cpu", "w.pth")]
