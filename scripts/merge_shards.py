@@ -4,14 +4,12 @@ super_res_sample.py or inverse_sample.py) into the single samples_NxHxWx3.npz th
 writes: same arrays, same order, bit for bit (with the same --seed and --batch_size on every shard).
 """
 
-import argparse
-
-from guided_diffusion.errors import UsageError
+from guided_diffusion.errors import OneLineErrorParser, UsageError
 from guided_diffusion.run_store import merge_shards
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
+    parser = OneLineErrorParser(description=" ".join(__doc__.split()))
     parser.add_argument("folder", help="the output folder (--out_dir) the shards wrote their samples_*_shardIofN.npz to")
     parser.add_argument("--grid", default="", help="also write a PNG grid of the first samples (a bare name goes "
                                                     "into the folder)")

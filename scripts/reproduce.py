@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from guided_diffusion.errors import REPO_ROOT
+from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.flag_files import CONFIG_DIR
 from guided_diffusion.results_table import write_table
 from guided_diffusion.row_runner import log, output_problem, run_rows
@@ -26,7 +26,7 @@ from guided_diffusion.table_rows import ReproduceError, select_configs
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         usage="%(prog)s [options] CONFIG [CONFIG ...] [-- SAMPLER FLAGS ...]",
         description=__doc__.strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

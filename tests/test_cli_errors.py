@@ -15,6 +15,8 @@ from conftest import REPO_ROOT
     ("evaluations/evaluator.py", ["--ref_stats", "bogus", "a.npz", "b.npz"], "argument --ref_stats: invalid choice"),
     ("evaluations/make_reference_batch.py", [], "the following arguments are required: source, out"),
     ("scripts/fetch_assets.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("scripts/reproduce.py", ["digits16_baseline", "--launcher", "bogus"], "argument --launcher: invalid choice"),
+    ("scripts/merge_shards.py", [], "the following arguments are required: folder"),
 ])
 def test_a_bad_flag_is_one_line(script, argv, expected, tmp_path):
     res = subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *argv], cwd=tmp_path,
