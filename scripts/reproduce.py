@@ -74,13 +74,13 @@ def main(argv=None):
     if problem:
         sys.stderr.write(f"{parser.prog}: error: {problem}\n")
         return 2
-    if opts.device is None:
-        from evaluations.device import default_device
+    from evaluations.device import resolve_device
 
-        opts.device = default_device()
     try:
+        # The evaluator's check (a device this machine has), then the sampler's placement.
+        opts.device = resolve_device(opts.device)
         sampler_env(opts.device)
-    except ReproduceError as exc:
+    except (ReproduceError, ValueError) as exc:
         parser.error(str(exc))
 
     this_call, failures = run_rows(rows, opts, extra)
