@@ -4,7 +4,8 @@ compute FID and other metrics. ADM's flags and output, plus the guidance flags o
 (Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval), reproducible per-sample seeding
 (--seed), resumable runs, and a PNG grid (--grid).
 
-Runs on one process or under `mpiexec -n N`. Each sample's random draws (noise, label, random PAG perturbation)
+Runs on one process or as N ranks under `mpiexec -n N`, `torchrun --nproc_per_node N` or `srun` (docs/cluster.md;
+--shard i/n splits a run into independent jobs). Each sample's random draws (noise, label, random PAG perturbation)
 depend only on --seed and its index (see guided_diffusion/random_streams.py), so with the same --batch_size, the
 same torch thread count and the same CPU kernels any N gives bit-identical samples (mpiexec gives torch one thread
 per rank: compare with OMP_NUM_THREADS=1 python ...); another --batch_size or thread count can move a rare pixel by
