@@ -103,3 +103,25 @@ def save_grid(path, images, ncol=None, min_size=32):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
+
+
+def comparison_grid(panels, titles, ncol=8, gap=12, title_height=18):
+    """
+    uint8 HWC image of panels (uint8 NHWC image sets of one shape, e.g. the same seeds sampled without and with
+    guidance) side by side, each a grid `ncol` images wide (enlarged when small) under its one-line title.
+    """
+    from PIL import Image, ImageDraw
+
+    grids = [image_grid(enlarge_small(images), ncol=min(ncol, len(images))) for images in panels]
+    height = max(g.shape[0] for g in grids) + title_height
+    width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for grid, title in zip(grids, titles):
+        if grid.shape[2] == 1:
+            grid = grid.repeat(3, axis=2)
+        canvas.paste(Image.fromarray(np.ascontiguousarray(grid)), (left, title_height))
+        draw.text((left + 2, 3), title, fill=(0, 0, 0))
+        left += grid.shape[1] + gap
+    return np.asarray(canvas)

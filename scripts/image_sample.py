@@ -2,7 +2,8 @@
 Generate a large batch of image samples from a model and save them as a large numpy array, which can be used to
 compute FID and other metrics. ADM's flags and output, plus the guidance flags of guided_diffusion/guidance.py
 (Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval), reproducible per-sample seeding
-(--seed), resumable runs, and a PNG grid (--grid).
+(--seed), resumable runs, a PNG grid (--grid), and with --compare a picture of the same seeds sampled without
+and with the guidance flags.
 
 Runs on one process or under `mpiexec -n N`. Each sample's random draws (noise, label, random PAG perturbation)
 depend only on --seed and its index (see guided_diffusion/random_streams.py), so with the same --batch_size, the
@@ -13,13 +14,18 @@ Rerunning an interrupted command with the same output folder (--out_dir or $OPEN
 sampling anything twice.
 """
 
+import argparse
 import os
 import sys
 
+import numpy as np
+
 from guided_diffusion import sampling_cli as cli
+from guided_diffusion.atomic_io import atomic_write
 from guided_diffusion.errors import UsageError
 from guided_diffusion.flag_files import expand_flag_files
-from guided_diffusion.guidance import describe_guidance
+from guided_diffusion.guidance import describe_guidance, guidance_defaults
+from guided_diffusion.image_output import comparison_grid, first_samples, image_bytes
 from guided_diffusion.random_streams import draw_labels
 from guided_diffusion.run_store import mpi_comm
 from guided_diffusion.script_util import NUM_CLASSES, create_model_and_diffusion, model_and_diffusion_defaults
@@ -48,22 +54,64 @@ def main(argv=None):
     parser = create_argparser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not uses_embedded_model(argv):
-        return cli.run_main(parser, sample, argv)
-    # Flags given by the user still override the embedded config's.
-    args = parser.parse_args(["@" + EMBEDDED_CONFIG] + argv)
-    args.model_path = EMBEDDED_MODEL
-    if not os.path.exists(EMBEDDED_MODEL):
-        cli.exit_with_usage_error(parser, UsageError(
-            f"the embedded model {EMBEDDED_MODEL} is missing; it ships with the repository "
-            f"(rebuild it with `python scripts/train_embedded_model.py`), or pass --model_path"
-        ))
-    if mpi_comm().rank == 0:
-        print(
-            f"No --model_path or model flags given: sampling from the embedded 16x16 digits model "
-            f"({os.path.relpath(EMBEDDED_MODEL)}, flags in configs/{EMBEDDED_CONFIG}.cfg) with "
-            f"{describe_guidance(args)}. Pass --model_path and ADM's model flags to sample from another model."
-        )
-    return cli.run_main(parser, sample, args=args)
+        args = parser.parse_args(argv)
+    else:
+        # Flags given by the user still override the embedded config's.
+        args = parser.parse_args(["@" + EMBEDDED_CONFIG] + argv)
+        args.model_path = EMBEDDED_MODEL
+        if not os.path.exists(EMBEDDED_MODEL):
+            cli.exit_with_usage_error(parser, UsageError(
+                f"the embedded model {EMBEDDED_MODEL} is missing; it ships with the repository "
+                f"(rebuild it with `python scripts/train_embedded_model.py`), or pass --model_path"
+            ))
+        if mpi_comm().rank == 0:
+            print(
+                f"No --model_path or model flags given: sampling from the embedded 16x16 digits model "
+                f"({os.path.relpath(EMBEDDED_MODEL)}, flags in configs/{EMBEDDED_CONFIG}.cfg) with "
+                f"{describe_guidance(args)}. Pass --model_path and ADM's model flags to sample from another model."
+            )
+    # --compare only adds a second run and a picture: it stays out of the run record, so it never makes a
+    # finished folder look like one sampled with other settings.
+    compare = args.compare
+    del args.compare
+    if compare:
+        try:
+            check_compare_args(args)
+        except UsageError as exc:
+            cli.exit_with_usage_error(parser, exc)
+    path = cli.run_main(parser, sample, args=args)
+    if compare:
+        write_comparison(parser, args, path)
+    return path
+
+
+def check_compare_args(args):
+    if describe_guidance(args) == "no guidance":
+        raise UsageError("--compare needs guidance to compare with (e.g. --pag_scale 1.0); none is on")
+    if args.shard:
+        raise UsageError("--compare draws from the whole run; sample without --shard, or merge the shards first")
+
+
+def write_comparison(parser, args, guided_path):
+    """
+    Sample the same seeds without any guidance into baseline/ beside the guided samples (resumable, as any run)
+    and write compare.png there: the first samples without guidance on the left, with it on the right.
+    """
+    out_dir = os.path.dirname(os.path.abspath(guided_path))
+    baseline = argparse.Namespace(**vars(args))
+    vars(baseline).update(guidance_defaults())
+    baseline.out_dir = os.path.join(out_dir, "baseline")
+    baseline.grid = ""
+    baseline_path = cli.run_main(parser, sample, args=baseline)
+    if mpi_comm().rank != 0:
+        return
+    with np.load(baseline_path) as plain, np.load(guided_path) as guided:
+        panels = [first_samples([plain["arr_0"]]), first_samples([guided["arr_0"]])]
+    titles = [f"no guidance (seed {args.seed})", f"{describe_guidance(args)} (same seeds)"]
+    picture = image_bytes(comparison_grid(panels, titles), "PNG")
+    target = os.path.join(out_dir, "compare.png")
+    atomic_write(target, lambda f: f.write(picture))
+    print(f"{len(panels[0])} samples without guidance (left) and with it (right), same seeds: {target}", flush=True)
 
 
 def sample(args):
@@ -86,7 +134,7 @@ def sample(args):
 
 
 def create_argparser():
-    defaults = dict(model_path="")
+    defaults = dict(model_path="", compare=False)
     defaults.update(model_and_diffusion_defaults())
     return cli.create_sampling_argparser(__doc__, defaults)
 
