@@ -17,16 +17,22 @@ sampling anything twice.
 import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
+import torch as th
 
+from guided_diffusion import dist_util
 from guided_diffusion import sampling_cli as cli
 from guided_diffusion.atomic_io import atomic_write
+from guided_diffusion.checkpoints import load_for_sampling
 from guided_diffusion.errors import UsageError
 from guided_diffusion.flag_files import expand_flag_files
-from guided_diffusion.guidance import describe_guidance, guidance_defaults
-from guided_diffusion.image_output import comparison_grid, first_samples, image_bytes
-from guided_diffusion.random_streams import draw_labels
+from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
+from guided_diffusion.guidance import describe_guidance, guidance_defaults, guide_model
+from guided_diffusion.image_output import comparison_grid, first_samples, image_bytes, to_uint8_images
+from guided_diffusion.pag import perturb_attention
+from guided_diffusion.random_streams import batch_streams, draw_labels, sample_generator
 from guided_diffusion.run_store import mpi_comm
 from guided_diffusion.script_util import NUM_CLASSES, create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -95,7 +101,8 @@ def check_compare_args(args):
 def write_comparison(parser, args, guided_path):
     """
     Sample the same seeds without any guidance into baseline/ beside the guided samples (resumable, as any run)
-    and write compare.png there: the first samples without guidance on the left, with it on the right.
+    and write compare.png there: the first samples without guidance on the left, with it on the right, and with
+    PAG, under them, the x0 its plain and its perturbed pass predict at one step (perturbed_predictions).
     """
     out_dir = os.path.dirname(os.path.abspath(guided_path))
     baseline = argparse.Namespace(**vars(args))
@@ -103,15 +110,81 @@ def write_comparison(parser, args, guided_path):
     baseline.out_dir = os.path.join(out_dir, "baseline")
     baseline.grid = ""
     baseline_path = cli.run_main(parser, sample, args=baseline)
+    predictions = perturbed_predictions(args) if args.pag_scale != 0 else None
     if mpi_comm().rank != 0:
         return
     with np.load(baseline_path) as plain, np.load(guided_path) as guided:
         panels = [first_samples([plain["arr_0"]]), first_samples([guided["arr_0"]])]
     titles = [f"no guidance (seed {args.seed})", f"{describe_guidance(args)} (same seeds)"]
-    picture = image_bytes(comparison_grid(panels, titles), "PNG")
+    strip = dict()
+    if predictions is not None:
+        count = len(predictions.plain)
+        strip = dict(
+            strip=np.concatenate([predictions.plain, predictions.perturbed]),
+            strip_ncol=count,
+            strip_title=(
+                f"x0 predicted at step {predictions.step + 1} of {predictions.steps} (t = {predictions.t}) of the "
+                f"first {count}: plain (top), perturbed attention (bottom)"
+            ),
+        )
+    picture = image_bytes(comparison_grid(panels, titles, **strip), "PNG")
     target = os.path.join(out_dir, "compare.png")
     atomic_write(target, lambda f: f.write(picture))
     print(f"{len(panels[0])} samples without guidance (left) and with it (right), same seeds: {target}", flush=True)
+
+
+def perturbed_predictions(args, count=8, step=None):
+    """
+    The "degraded structure" PAG guides away from: the first `count` samples are sampled again on their guided
+    path (same seeds and random streams as the run), and at one step (default: the middle one) the model's x0
+    prediction is taken from the plain pass and from a pass with the PAG perturbation. Random perturbations draw
+    that extra pass from the global generator. The default step is a quarter of the way, in the noisy part of
+    sampling where structure is decided.
+
+    :return: namespace of plain and perturbed (uint8 NHWC), final (the guided samples, uint8 NHWC), step, steps
+             and t (the step's timestep on the model's scale).
+    """
+    count = min(count, args.num_samples)
+    model, diffusion = cli.create_from_flags(create_model_and_diffusion, model_and_diffusion_defaults, args)
+    guided = guide_model(model, diffusion, args)
+    device = dist_util.dev()
+    load_for_sampling(model, args.model_path, "--model_path", "diffusion model", args.use_fp16, device)
+    steps = diffusion.num_timesteps
+    step = steps // 4 if step is None else step
+    alphas_cumprod = model_alphas_cumprod(args)
+    taken = SimpleNamespace(step=step, steps=steps, calls=0)
+
+    def x0_from(x, t, output):
+        abar = th.as_tensor(alphas_cumprod[t.cpu().numpy()], dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+        x0 = (x - (1 - abar).sqrt() * output[:, : x.shape[1]]) / abar.sqrt()
+        return to_uint8_images(x0.clamp(-1, 1))
+
+    def recording(x, t, **kwargs):
+        # Called once per sampling step, from the noisiest; t is on the model's (unrespaced) scale.
+        if taken.calls == step:
+            taken.t = int(t[0])
+            taken.plain = x0_from(x, t, model(x, t, **kwargs))
+            with perturb_attention(model, guided.layers, guided.perturbation):
+                taken.perturbed = x0_from(x, t, model(x, t, **kwargs))
+        taken.calls += 1
+        return guided(x, t, **kwargs)
+
+    generators = [sample_generator(args.seed, i) for i in range(count)]
+    with th.no_grad(), batch_streams(args.seed, range(count)):
+        model_kwargs = {}
+        if args.class_cond:
+            model_kwargs["y"] = draw_labels(generators, NUM_CLASSES).to(device)
+        taken.final = cli.sample_images(diffusion, recording, args, generators, args.image_size, model_kwargs, device=device)
+    return taken
+
+
+def model_alphas_cumprod(args):
+    """
+    The cumulative alphas of the model's own noise schedule (all --diffusion_steps), indexed by the timesteps the
+    model receives under respacing.
+    """
+    betas = get_named_beta_schedule(args.noise_schedule, args.diffusion_steps)
+    return np.cumprod(1.0 - betas)
 
 
 def sample(args):

@@ -43,7 +43,7 @@ def test_compare_draws_the_plain_run_beside_the_guided_one(image_sample, tmp_pat
 
     out = tmp_path / "pag"
     guided_path = image_sample.main(FEW + ["--pag_scale", "2.0", "--out_dir", str(out), "--compare", "True"])
-    plain_path = image_sample.main(FEW + ["--pag_scale", "0", "--out_dir", str(tmp_path / "plain")])
+    plain_path = image_sample.main(FEW + ["--pag_scale", "0", "--compare", "False", "--out_dir", str(tmp_path / "plain")])
     guided, plain = load(guided_path), load(plain_path)
     baseline = load(out / "baseline" / os.path.basename(plain_path))
     # The baseline is the plain run of the same seeds, bit for bit; the guidance changes it.
@@ -52,15 +52,26 @@ def test_compare_draws_the_plain_run_beside_the_guided_one(image_sample, tmp_pat
 
     picture = np.asarray(Image.open(io.BytesIO((out / "compare.png").read_bytes())).convert("RGB"))
     left, right = (image_grid(enlarge_small(x), ncol=4) for x in (plain, guided))
-    top = picture.shape[0] - left.shape[0]  # the titles sit above the panels
-    np.testing.assert_array_equal(picture[top:, : left.shape[1]], left)
-    np.testing.assert_array_equal(picture[top:, -right.shape[1]:], right)
+    top = 18  # the titles' height
+    np.testing.assert_array_equal(picture[top : top + left.shape[0], : left.shape[1]], left)
+    np.testing.assert_array_equal(picture[top : top + right.shape[0], -right.shape[1]:], right)
+
+    # Under the guided panel: the x0 predictions of the plain and the perturbed pass at one step of the guided
+    # samples' own paths (sampled again: the same batch gives the same samples, bit for bit).
+    args = image_sample.create_argparser().parse_args(["@digits16_sample"] + FEW + ["--pag_scale", "2.0"])
+    args.model_path = image_sample.EMBEDDED_MODEL
+    taken = image_sample.perturbed_predictions(args)
+    np.testing.assert_array_equal(taken.final, guided)
+    assert (taken.step, taken.steps, taken.t) == (0, 3, 999)
+    assert np.abs(taken.plain.astype(int) - taken.perturbed).mean() > 0.5
+    strip = image_grid(enlarge_small(np.concatenate([taken.plain, taken.perturbed])), ncol=4)
+    np.testing.assert_array_equal(picture[-strip.shape[0]:, -strip.shape[1]:], strip)
 
     # --compare is not a sampling setting: the guided run's record does not carry it, so rerunning the
     # command without it finds the finished samples.
     with open(os.path.splitext(guided_path)[0] + ".json") as f:
         assert "compare" not in json.load(f)["flags"]
-    assert image_sample.main(FEW + ["--pag_scale", "2.0", "--out_dir", str(out)]) == guided_path
+    assert image_sample.main(FEW + ["--pag_scale", "2.0", "--compare", "False", "--out_dir", str(out)]) == guided_path
 
 
 def test_compare_without_guidance_is_one_error_line(image_sample, tmp_path, capsys):
