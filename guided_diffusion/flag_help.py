@@ -95,6 +95,10 @@ FLAG_HELP = {
         OUTPUT, "also write a grid image of the first samples (NAME.png or .jpg; a bare name goes into the "
         "output folder); empty: no grid"
     ),
+    "compare": FlagHelp(
+        OUTPUT, "also sample the same seeds without guidance (into baseline/ in the output folder) and write "
+        "compare.png beside the samples: the first samples without guidance on the left, with it on the right"
+    ),
     "shard": FlagHelp(
         SAMPLING, "i/n: sample only the i-th of n slices of the run's batches (0 <= i < n), as an independent, "
         "resumable job writing samples_..._shardIofN.npz; join the n shards with scripts/merge_shards.py"

@@ -103,3 +103,35 @@ def save_grid(path, images, ncol=None, min_size=32):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
+
+
+def comparison_grid(panels, titles, strip=None, strip_title="", strip_ncol=8, ncol=8, gap=12, title_height=18):
+    """
+    uint8 HWC image of panels (uint8 NHWC image sets of one shape, e.g. the same seeds sampled without and with
+    guidance) side by side, each a grid `ncol` images wide (enlarged when small) under its one-line title; an
+    optional strip (uint8 NHWC, e.g. predictions at one step, `strip_ncol` wide) goes under the last panel, under
+    its own title.
+    """
+    from PIL import Image, ImageDraw
+
+    def grid_of(images, ncol=ncol):
+        grid = image_grid(enlarge_small(images), ncol=min(ncol, len(images)))
+        return grid.repeat(3, axis=2) if grid.shape[2] == 1 else grid
+
+    grids = [grid_of(images) for images in panels]
+    top = max(g.shape[0] for g in grids) + title_height
+    strip_grid = grid_of(strip, strip_ncol) if strip is not None and len(strip) else None
+    height = top + (strip_grid.shape[0] + gap + title_height if strip_grid is not None else 0)
+    width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    left = 0
+    for grid, title in zip(grids, titles):
+        canvas.paste(Image.fromarray(np.ascontiguousarray(grid)), (left, title_height))
+        draw.text((left + 2, 3), title, fill=(0, 0, 0))
+        last_left = left
+        left += grid.shape[1] + gap
+    if strip_grid is not None:
+        canvas.paste(Image.fromarray(np.ascontiguousarray(strip_grid)), (last_left, top + gap + title_height))
+        draw.text((last_left + 2, top + gap + 3), strip_title, fill=(0, 0, 0))
+    return np.asarray(canvas)

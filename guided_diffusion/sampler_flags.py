@@ -9,7 +9,8 @@ from .script_util import classifier_defaults, model_and_diffusion_defaults
 
 
 def image_sample_argparser(description=""):
-    defaults = dict(model_path="")
+    # --compare: image_sample.py also samples the same seeds without guidance and draws both side by side.
+    defaults = dict(model_path="", compare=False)
     defaults.update(model_and_diffusion_defaults())
     return create_sampling_argparser(description, defaults)
 

@@ -75,10 +75,18 @@ def test_image_sample_without_flags_uses_the_embedded_model(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "embedded 16x16 digits model" in result.stdout
-    with np.load(out / "samples_4x16x16x3.npz") as data:
+    # The default is the regime where PAG helps this model (docs/results.md): DDIM, PAG s=3 on the middle block,
+    # and the same seeds without guidance drawn beside it.
+    assert "with PAG: scale 3.0, layers 'middle'" in result.stdout
+    with open(out / "samples_4x16x16x3.json") as f:
+        flags = json.load(f)["flags"]
+    assert flags["use_ddim"] is True and flags["pag_scale"] == 3.0 and flags["pag_layers"] == "middle"
+    with np.load(out / "samples_4x16x16x3.npz") as data, np.load(out / "baseline" / "samples_4x16x16x3.npz") as plain:
         assert data["arr_0"].shape == (4, 16, 16, 3) and data["arr_0"].dtype == np.uint8
         assert "arr_1" not in data
-    assert (out / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert plain["arr_0"].shape == data["arr_0"].shape and not np.array_equal(plain["arr_0"], data["arr_0"])
+    for picture in ("g.png", "compare.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shipped_dataset_is_the_sklearn_digits():
