@@ -57,11 +57,15 @@ def main(argv=None):
             f"the embedded model {EMBEDDED_MODEL} is missing; it ships with the repository "
             f"(rebuild it with `python scripts/train_embedded_model.py`), or pass --model_path"
         ))
+    try:
+        guidance = describe_guidance(args)  # checks the guidance flags, as run_main would
+    except UsageError as exc:
+        cli.exit_with_usage_error(parser, exc)
     if mpi_comm().rank == 0:
         print(
             f"No --model_path or model flags given: sampling from the embedded 16x16 digits model "
             f"({os.path.relpath(EMBEDDED_MODEL)}, flags in configs/{EMBEDDED_CONFIG}.cfg) with "
-            f"{describe_guidance(args)}. Pass --model_path and ADM's model flags to sample from another model."
+            f"{guidance}. Pass --model_path and ADM's model flags to sample from another model."
         )
     return cli.run_main(parser, sample, args=args)
 

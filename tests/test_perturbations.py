@@ -408,8 +408,9 @@ def test_pag_perturbation_flags(values, kind, params):
 
     args = flag_args(pag_scale=-0.5, **values)  # any finite scale, negative too
     check_guidance_args(args)
-    assert PAGFlags().perturbation(args) == (kind, params)
-    guided = PAGFlags().wrap(tiny_unet(), None, args)
+    spec = PAGFlags().spec(args)
+    assert (spec.kind, spec.params) == (kind, params)
+    guided = PAGFlags().wrap(tiny_unet(), None, spec)
     assert guided.scale == -0.5 and guided.perturbation.kind == kind
     assert guided.perturbation.params == make_perturbation(kind, **params).params
 
@@ -508,7 +509,8 @@ def test_adm256_perturbation_rows():
     for name, (kind, params, fid) in expected.items():
         row, args = parse_row(name)
         check_guidance_args(args)
-        assert PAGFlags().perturbation(args) == (kind, params)
+        spec = PAGFlags().spec(args)
+        assert (spec.kind, spec.params) == (kind, params)
         assert (args.pag_scale, args.pag_layers, args.num_samples) == (1.0, "input_blocks.13.1", 5000)
         assert (args.class_cond, args.timestep_respacing, args.use_ddim) == (False, "ddim25", True)
         assert row.published == ({"fid": fid} if fid else {})
@@ -542,7 +544,8 @@ def test_digits_kind_and_layer_rows():
     for name in row_names("digits16_kind_*"):
         _, args = parse_row(name)
         assert (args.pag_scale, args.pag_layers, args.image_size) == (3.0, "middle", 16)
-        kind, params = PAGFlags().perturbation(args)
+        spec = PAGFlags().spec(args)
+        kind, params = spec.kind, spec.params
         kinds.add(kind + ("_offdiag" if params.get("retain_diag") else ""))
     assert kinds == set(KINDS) | {"mask_offdiag"}
     from guided_diffusion.pag import attention_block_names

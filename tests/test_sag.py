@@ -345,7 +345,7 @@ def test_sag_flag_checks():
     assert isinstance(guided, SAGGuidedModel) and guided.t_range == (100.0, 999.0)
     assert guided.map_heads == 4  # the official choice: the --num_heads flag
     assert guide_model(model, diffusion, flag_args(sag_scale=0.5, sag_heads="block")).map_heads == 2
-    assert "SAG: scale 0.5, layer 'output_blocks.2.1', blur sigma 9" in SAGFlags().describe(flag_args(sag_scale=0.5))
+    assert "SAG: scale 0.5, layer 'output_blocks.2.1', blur sigma 9" in SAGFlags().describe(SAGFlags().spec(flag_args(sag_scale=0.5)))
 
 
 def _scripts():
@@ -441,7 +441,7 @@ def test_sag_rows_carry_the_readme_settings():
                 model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
             assert resolve_layers(model, layer) == [layer]
             if name.startswith("adm"):
-                guided = SAGFlags().wrap(model, diffusion, args)
+                guided = SAGFlags().wrap(model, diffusion, SAGFlags().spec(args))
                 assert guided.map_heads == args.num_heads == 4
                 # ImageNet 256 blocks have 64-channel heads, so the official 4-head split is not their real map.
                 assert guided.block.attention.n_heads == (4 if "adm128" in name else 16)

@@ -285,8 +285,9 @@ def test_pag_interval_follows_rescaled_timesteps():
     for rescale, expected in ((False, (10, 20)), (True, (100.0, 200.0))):
         # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
         args = SimpleNamespace(**vars(ns), rescale_timesteps=rescale)
-        pag_flags.check_model(args, model, diffusion)
-        assert pag_flags.t_range(args) == expected
+        spec = pag_flags.spec(args)
+        pag_flags.check_model(spec, model, diffusion)
+        assert spec.t_range == expected
 
 
 # --- image_sample.py ------------------------------------------------------------------------------------------
