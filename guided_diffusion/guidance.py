@@ -129,6 +129,8 @@ class GuidanceFlags:
 
     name = ""
     switch = ""
+    # The method's GuidanceSpec subclass.
+    spec_type = GuidanceSpec
 
     def defaults(self):
         """
@@ -138,7 +140,18 @@ class GuidanceFlags:
 
     def spec(self, args):
         """
-        The method's spec from the flags, or a UsageError for a bad value, before anything is loaded.
+        The method's spec from the flags, or a UsageError for a bad value, before anything is loaded. The method's
+        flags missing from args count as their defaults.
+        """
+        flags = {name: getattr(args, name, default) for name, default in self.defaults().items()}
+        scale = flags[self.switch]
+        if not math.isfinite(scale):
+            raise UsageError(f"--{self.switch} must be a finite number (0 turns {self.name} off), got {scale}")
+        return self.spec_type(scale, self.changed_flags(args), *self.spec_fields(flags, args))
+
+    def spec_fields(self, flags, args):
+        """
+        The spec's fields after scale and changed, in spec_type's order, from the method's flags (a dict) and args.
         """
         raise NotImplementedError
 
@@ -188,6 +201,10 @@ PAG_PERTURBATION_FLAGS = {
 
 @dataclass(frozen=True)
 class PAGSpec(GuidanceSpec):
+    """
+    PAG's flags parsed: --pag_layers as given (the model resolves it), --pag_interval, the perturbation.
+    """
+
     layers: str
     interval: IntervalSpec
     kind: str
@@ -213,6 +230,7 @@ class PAGFlags(GuidanceFlags):
 
     name = "PAG"
     switch = "pag_scale"
+    spec_type = PAGSpec
 
     def defaults(self):
         return dict(
@@ -227,20 +245,10 @@ class PAGFlags(GuidanceFlags):
             pag_noise_scale=None,
         )
 
-    def spec(self, args):
-        flags = {name: getattr(args, name, default) for name, default in self.defaults().items()}
-        scale = check_pag_scale(flags["pag_scale"])
+    def spec_fields(self, flags, args):
         interval = IntervalSpec.parse(flags["pag_interval"], args, "--pag_interval")
         kind, params, perturbation = pag_perturbation(flags)
-        return PAGSpec(
-            scale=scale,
-            changed=self.changed_flags(args),
-            layers=flags["pag_layers"],
-            interval=interval,
-            kind=kind,
-            params=params,
-            perturbation=perturbation,
-        )
+        return flags["pag_layers"], interval, kind, params, perturbation
 
     def check_model(self, spec, model, diffusion):
         from .pag import resolve_layers
@@ -305,18 +313,16 @@ def pag_perturbation(flags):
     return kind, params, perturbation
 
 
-def check_pag_scale(scale):
-    if not math.isfinite(scale):
-        raise UsageError(f"--pag_scale must be a finite number (0 turns PAG off), got {scale}")
-    return scale
-
-
 # --sag_heads values besides a count: the official code's choice (the model's --num_heads) and the block's own.
 SAG_HEADS_CHOICES = ("num_heads", "block")
 
 
 @dataclass(frozen=True)
 class SAGSpec(GuidanceSpec):
+    """
+    SAG's flags parsed: --sag_layer as given (the model resolves it), --sag_blur_sigma, --sag_interval, the heads.
+    """
+
     layer: str
     blur_sigma: float
     interval: IntervalSpec
@@ -339,6 +345,7 @@ class SAGFlags(GuidanceFlags):
 
     name = "SAG"
     switch = "sag_scale"
+    spec_type = SAGSpec
 
     def defaults(self):
         from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER
@@ -351,11 +358,8 @@ class SAGFlags(GuidanceFlags):
             sag_heads="num_heads",
         )
 
-    def spec(self, args):
-        flags = {name: getattr(args, name, default) for name, default in self.defaults().items()}
-        scale, blur_sigma = flags["sag_scale"], flags["sag_blur_sigma"]
-        if not math.isfinite(scale):
-            raise UsageError(f"--sag_scale must be a finite number (0 turns SAG off), got {scale}")
+    def spec_fields(self, flags, args):
+        blur_sigma = flags["sag_blur_sigma"]
         if not (math.isfinite(blur_sigma) and blur_sigma > 0):
             raise UsageError(f"--sag_blur_sigma must be a finite number > 0, got {blur_sigma}")
         interval = IntervalSpec.parse(flags["sag_interval"], args, "--sag_interval")
@@ -364,16 +368,8 @@ class SAGFlags(GuidanceFlags):
             map_heads = args.num_heads
         else:
             map_heads = None if heads == "block" else heads
-        return SAGSpec(
-            scale=scale,
-            changed=self.changed_flags(args),
-            layer=flags["sag_layer"],
-            blur_sigma=blur_sigma,
-            interval=interval,
-            heads=flags["sag_heads"],
-            map_heads=map_heads,
-            clip_denoised=getattr(args, "clip_denoised", True),
-        )
+        clip_denoised = getattr(args, "clip_denoised", True)
+        return flags["sag_layer"], blur_sigma, interval, flags["sag_heads"], map_heads, clip_denoised
 
     def check_model(self, spec, model, diffusion):
         from .sag import OFFICIAL_SAG_LAYER
