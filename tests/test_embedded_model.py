@@ -2,7 +2,6 @@
 The embedded default: shipped digits model, its data, its feature network, and `image_sample.py` with no flags.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 from guided_diffusion import script_util as su
 from guided_diffusion.flag_files import config_flags, resolve_config
 
 MODEL = os.path.join(REPO_ROOT, "models", "digits16.pt")
 DATASET = os.path.join(REPO_ROOT, "datasets", "digits16.npz")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def embedded_flags():
