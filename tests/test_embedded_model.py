@@ -73,6 +73,16 @@ def test_image_sample_without_flags_uses_the_embedded_model(tmp_path):
     assert (out / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bad_guidance_flags_on_the_embedded_model_are_one_line(tmp_path, capsys):
+    # The embedded model's banner describes the guidance, so the flags are checked before it.
+    with pytest.raises(SystemExit) as stopped:
+        load_script("image_sample").main(["--pag_scale", "1", "--pag_perturbation", "mask", "--out_dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.err.count("\n") == 1
+    assert "error: --pag_perturbation mask needs --pag_drop_rate" in captured.err
+    assert "embedded 16x16 digits model" not in captured.out and not os.listdir(tmp_path)
+
+
 def test_shipped_dataset_is_the_sklearn_digits():
     with np.load(DATASET) as data:
         images, labels = data["arr_0"], data["arr_1"]
