@@ -3,12 +3,15 @@ The guidance flags of the sampling scripts, in one place.
 
 A script adds every guidance method's flags with guidance_defaults(), checks them before loading anything with
 check_guidance_args(args), and wraps its loaded model with guide_model(model, diffusion, args); it never names a
-method's flags itself. Each method is a GuidanceFlags subclass below that knows its flags, their checks and how
-to wrap a model; the method itself lives in its own module (PAG in pag.py, SAG in sag.py). A new method is one more class here
-and one more entry in GUIDANCE_METHODS.
+method's flags itself. Each method is a GuidanceFlags subclass below that turns its flags into a small frozen spec
+once (spec(args): parsed and checked), from which it checks the built model, wraps it and describes itself; the
+method itself lives in its own module (PAG in pag.py, SAG in sag.py). A new method is one more class here and one
+more entry in GUIDANCE_METHODS.
 """
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 from .errors import UsageError
 
@@ -73,12 +76,61 @@ def model_time_range(interval, args):
     return interval[0] * scale, interval[1] * scale
 
 
+@dataclass(frozen=True)
+class IntervalSpec:
+    """
+    An --X_interval flag parsed: its text, the original timesteps it names, and the same as the model sees them.
+    """
+
+    flag: str
+    text: str
+    interval: Optional[Tuple[int, int]]
+    t_range: Optional[Tuple[float, float]]
+
+    @classmethod
+    def parse(cls, text, args, flag):
+        """
+        The interval `text` of `flag`, for the --diffusion_steps and --rescale_timesteps of args.
+        """
+        interval = parse_interval(text, args.diffusion_steps, flag)
+        t_range = model_time_range(interval, args)
+        if t_range is not None:
+            # The guided models hold their range as floats.
+            t_range = (float(t_range[0]), float(t_range[1]))
+        return cls(flag, text, interval, t_range)
+
+    def check_sampled(self, diffusion):
+        check_interval_is_sampled(self.interval, diffusion, self.flag)
+
+    def describe(self):
+        return self.text or "all"
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """
+    What a method's flags ask for, parsed and checked once. `changed` is "--flag value" for each of the method's
+    flags (its switch aside) given another value than its default.
+    """
+
+    scale: float
+    changed: Tuple[str, ...]
+
+    @property
+    def enabled(self):
+        return self.scale != 0
+
+
 class GuidanceFlags:
     """
-    One guidance method's flags. Subclasses set `name` and implement the methods below.
+    One guidance method's flags. Subclasses set `name` and `switch` (the flag that turns the method on; its other
+    flags act only when it is on) and implement the methods below.
     """
 
     name = ""
+    switch = ""
+    # The method's GuidanceSpec subclass.
+    spec_type = GuidanceSpec
 
     def defaults(self):
         """
@@ -86,47 +138,57 @@ class GuidanceFlags:
         """
         raise NotImplementedError
 
-    def check(self, args):
+    def spec(self, args):
         """
-        Reject bad flag values before anything is loaded (UsageError).
+        The method's spec from the flags, or a UsageError for a bad value, before anything is loaded. The method's
+        flags missing from args count as their defaults.
         """
+        flags = {name: getattr(args, name, default) for name, default in self.defaults().items()}
+        scale = flags[self.switch]
+        if not math.isfinite(scale):
+            raise UsageError(f"--{self.switch} must be a finite number (0 turns {self.name} off), got {scale}")
+        return self.spec_type(scale, self.changed_flags(args), *self.spec_fields(flags, args))
 
-    def enabled(self, args):
+    def spec_fields(self, flags, args):
+        """
+        The spec's fields after scale and changed, in spec_type's order, from the method's flags (a dict) and args.
+        """
         raise NotImplementedError
 
-    def check_model(self, args, model, diffusion):
+    def check_model(self, spec, model, diffusion):
         """
         Reject flag values that do not fit the built model and its diffusion (e.g. a layer the model lacks, an
         interval no sampled step falls in), also when the method is off, so a typo never goes unnoticed.
         """
 
-    def wrap(self, model, diffusion, args):
+    def wrap(self, model, diffusion, spec):
         """
         The model guided by this method (called only when enabled).
         """
         raise NotImplementedError
 
-    def describe(self, args):
+    def describe(self, spec):
         """
         One line for the log.
         """
         raise NotImplementedError
 
-    # The flag that turns the method on; its other flags act only when it is on.
-    switch = ""
-
-    def ignored(self, args):
+    def changed_flags(self, args):
         """
-        "--flag value" for each of the method's flags given another value than its default while the method is
-        off: those flags have no effect, which the scripts say rather than sample as if unguided in silence.
+        "--flag value" for each of the method's flags but the switch that is given another value than its default.
         """
-        if self.enabled(args):
-            return []
-        return [
+        return tuple(
             f"--{name} {getattr(args, name)}"
             for name, default in self.defaults().items()
             if name != self.switch and getattr(args, name, default) != default
-        ]
+        )
+
+    def ignored(self, spec):
+        """
+        The changed flags while the method is off: those flags have no effect, which the scripts say rather than
+        sample as if unguided in silence.
+        """
+        return [] if spec.enabled else list(spec.changed)
 
 
 # PAG's perturbation parameters: flag suffix -> what it is, for messages.
@@ -135,6 +197,28 @@ PAG_PERTURBATION_FLAGS = {
     "blur_sigma": "the std of the Gaussian blur of the attention map",
     "noise_scale": "the std of the noise added to the attention map",
 }
+
+
+@dataclass(frozen=True)
+class PAGSpec(GuidanceSpec):
+    """
+    PAG's flags parsed: --pag_layers as given (the model resolves it), --pag_interval, the perturbation.
+    """
+
+    layers: str
+    interval: IntervalSpec
+    kind: str
+    # The perturbation parameters the flags give (the kind's defaults are not filled in).
+    params: dict
+    # The perturbations.AttentionPerturbation built from kind and params.
+    perturbation: object
+
+    @property
+    def t_range(self):
+        """
+        The PAGGuidedModel t_range that --pag_interval asks for, in the timesteps the model sees.
+        """
+        return self.interval.t_range
 
 
 class PAGFlags(GuidanceFlags):
@@ -146,6 +230,7 @@ class PAGFlags(GuidanceFlags):
 
     name = "PAG"
     switch = "pag_scale"
+    spec_type = PAGSpec
 
     def defaults(self):
         return dict(
@@ -160,99 +245,95 @@ class PAGFlags(GuidanceFlags):
             pag_noise_scale=None,
         )
 
-    def check(self, args):
-        check_pag_scale(args.pag_scale)
-        parse_interval(args.pag_interval, args.diffusion_steps, "--pag_interval")
-        self.perturbation(args)
+    def spec_fields(self, flags, args):
+        interval = IntervalSpec.parse(flags["pag_interval"], args, "--pag_interval")
+        kind, params, perturbation = pag_perturbation(flags)
+        return flags["pag_layers"], interval, kind, params, perturbation
 
-    def perturbation(self, args):
-        """
-        The (kind, parameters) the perturbation flags ask for, checked.
-        """
-        from .perturbations import KINDS, make_perturbation
-
-        kind = args.pag_perturbation
-        if kind not in KINDS:
-            raise UsageError(f"--pag_perturbation {kind!r} is unknown; use one of {', '.join(KINDS)}")
-        required, optional = KINDS[kind]
-        params = {}
-        for name in PAG_PERTURBATION_FLAGS:
-            value = getattr(args, f"pag_{name}")
-            text = "" if value is None else str(value).strip()
-            if not text:
-                continue
-            if name not in required:
-                takers = [k for k, (req, _) in KINDS.items() if name in req]
-                raise UsageError(
-                    f"--pag_{name} applies to --pag_perturbation {' or '.join(takers)} only, not {kind!r}"
-                )
-            try:
-                params[name] = float(text)
-            except ValueError:
-                raise UsageError(f"--pag_{name} {text!r} is not a number") from None
-        if args.pag_retain_diag:
-            if "retain_diag" not in optional:
-                raise UsageError(f"--pag_retain_diag applies to --pag_perturbation mask only, not {kind!r}")
-            params["retain_diag"] = True
-        for name in required:
-            if name not in params:
-                raise UsageError(
-                    f"--pag_perturbation {kind} needs --pag_{name} ({PAG_PERTURBATION_FLAGS[name]})"
-                )
-        try:
-            make_perturbation(kind, **params)
-        except ValueError as exc:
-            raise UsageError(f"--pag_perturbation {kind}: {exc}") from None
-        return kind, params
-
-    def enabled(self, args):
-        return args.pag_scale != 0
-
-    def check_model(self, args, model, diffusion):
+    def check_model(self, spec, model, diffusion):
         from .pag import resolve_layers
 
         try:
-            resolve_layers(model, args.pag_layers)
+            resolve_layers(model, spec.layers)
         except ValueError as exc:
-            raise UsageError(f"--pag_layers {args.pag_layers!r}: {exc}") from None
-        if self.enabled(args):
-            interval = parse_interval(args.pag_interval, args.diffusion_steps, "--pag_interval")
-            check_interval_is_sampled(interval, diffusion, "--pag_interval")
+            raise UsageError(f"--pag_layers {spec.layers!r}: {exc}") from None
+        if spec.enabled:
+            spec.interval.check_sampled(diffusion)
 
-    def t_range(self, args):
-        """
-        The PAGGuidedModel t_range that --pag_interval asks for, in the timesteps the model sees.
-        """
-        return model_time_range(parse_interval(args.pag_interval, args.diffusion_steps, "--pag_interval"), args)
-
-    def wrap(self, model, diffusion, args):
+    def wrap(self, model, diffusion, spec):
         from .pag import PAGGuidedModel
 
         # The random kinds draw from each sample's own perturbation stream inside the run's batches
         # (random_streams.py), so no global seeding is needed for them.
-        kind, params = self.perturbation(args)
         return PAGGuidedModel(
-            model, scale=args.pag_scale, layers=args.pag_layers, t_range=self.t_range(args), kind=kind, **params
+            model, scale=spec.scale, layers=spec.layers, t_range=spec.t_range, kind=spec.perturbation, validated=True
         )
 
-    def describe(self, args):
-        from .perturbations import make_perturbation
-
-        kind, params = self.perturbation(args)
-        text = f"PAG: scale {args.pag_scale}, layers {args.pag_layers!r}, interval {args.pag_interval or 'all'}"
-        if kind != "identity":
-            text += f", perturbation {make_perturbation(kind, **params).describe()}"
+    def describe(self, spec):
+        text = f"PAG: scale {spec.scale}, layers {spec.layers!r}, interval {spec.interval.describe()}"
+        if spec.kind != "identity":
+            text += f", perturbation {spec.perturbation.describe()}"
         return text
 
 
-def check_pag_scale(scale):
-    if not math.isfinite(scale):
-        raise UsageError(f"--pag_scale must be a finite number (0 turns PAG off), got {scale}")
-    return scale
+def pag_perturbation(flags):
+    """
+    (kind, parameters given, perturbation) from PAG's perturbation flags, checked.
+    """
+    from .perturbations import KINDS, make_perturbation
+
+    kind = flags["pag_perturbation"]
+    if kind not in KINDS:
+        raise UsageError(f"--pag_perturbation {kind!r} is unknown; use one of {', '.join(KINDS)}")
+    required, optional = KINDS[kind]
+    params = {}
+    for name in PAG_PERTURBATION_FLAGS:
+        value = flags[f"pag_{name}"]
+        text = "" if value is None else str(value).strip()
+        if not text:
+            continue
+        if name not in required:
+            takers = [k for k, (req, _) in KINDS.items() if name in req]
+            raise UsageError(f"--pag_{name} applies to --pag_perturbation {' or '.join(takers)} only, not {kind!r}")
+        try:
+            params[name] = float(text)
+        except ValueError:
+            raise UsageError(f"--pag_{name} {text!r} is not a number") from None
+    if flags["pag_retain_diag"]:
+        if "retain_diag" not in optional:
+            raise UsageError(f"--pag_retain_diag applies to --pag_perturbation mask only, not {kind!r}")
+        params["retain_diag"] = True
+    for name in required:
+        if name not in params:
+            raise UsageError(f"--pag_perturbation {kind} needs --pag_{name} ({PAG_PERTURBATION_FLAGS[name]})")
+    try:
+        perturbation = make_perturbation(kind, **params)
+    except ValueError as exc:
+        raise UsageError(f"--pag_perturbation {kind}: {exc}") from None
+    return kind, params, perturbation
 
 
 # --sag_heads values besides a count: the official code's choice (the model's --num_heads) and the block's own.
 SAG_HEADS_CHOICES = ("num_heads", "block")
+
+
+@dataclass(frozen=True)
+class SAGSpec(GuidanceSpec):
+    """
+    SAG's flags parsed: --sag_layer as given (the model resolves it), --sag_blur_sigma, --sag_interval, the heads.
+    """
+
+    layer: str
+    blur_sigma: float
+    interval: IntervalSpec
+    # The --sag_heads text, and SAGGuidedModel's map_heads from it: a count or None (the block's own).
+    heads: str
+    map_heads: Union[int, None]
+    clip_denoised: bool
+
+    @property
+    def t_range(self):
+        return self.interval.t_range
 
 
 class SAGFlags(GuidanceFlags):
@@ -264,6 +345,7 @@ class SAGFlags(GuidanceFlags):
 
     name = "SAG"
     switch = "sag_scale"
+    spec_type = SAGSpec
 
     def defaults(self):
         from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER
@@ -276,96 +358,84 @@ class SAGFlags(GuidanceFlags):
             sag_heads="num_heads",
         )
 
-    def check(self, args):
-        if not math.isfinite(args.sag_scale):
-            raise UsageError(f"--sag_scale must be a finite number (0 turns SAG off), got {args.sag_scale}")
-        if not (math.isfinite(args.sag_blur_sigma) and args.sag_blur_sigma > 0):
-            raise UsageError(f"--sag_blur_sigma must be a finite number > 0, got {args.sag_blur_sigma}")
-        parse_interval(args.sag_interval, args.diffusion_steps, "--sag_interval")
-        self.map_heads_flag(args)
-        if self.enabled(args) and args.pag_scale != 0:
-            raise UsageError(
-                "--sag_scale and --pag_scale cannot both be set: SAG reads the attention map of the plain model "
-                f"and does not guide a PAG-guided one; add --pag_scale 0 (now {args.pag_scale:g}, e.g. from a config "
-                "such as the embedded default's) to sample with SAG alone"
-            )
+    def spec_fields(self, flags, args):
+        blur_sigma = flags["sag_blur_sigma"]
+        if not (math.isfinite(blur_sigma) and blur_sigma > 0):
+            raise UsageError(f"--sag_blur_sigma must be a finite number > 0, got {blur_sigma}")
+        interval = IntervalSpec.parse(flags["sag_interval"], args, "--sag_interval")
+        heads = sag_heads(flags["sag_heads"])
+        if heads == "num_heads":
+            map_heads = args.num_heads
+        else:
+            map_heads = None if heads == "block" else heads
+        clip_denoised = getattr(args, "clip_denoised", True)
+        return flags["sag_layer"], blur_sigma, interval, flags["sag_heads"], map_heads, clip_denoised
 
-    def map_heads_flag(self, args):
-        """
-        --sag_heads as SAGGuidedModel's map_heads before the model is known: "num_heads", "block" or a count.
-        """
-        text = str(args.sag_heads).strip()
-        if text in SAG_HEADS_CHOICES:
-            return text
-        try:
-            count = int(text)
-        except ValueError:
-            count = 0
-        if count < 1:
-            raise UsageError(
-                f"--sag_heads {text!r}: use 'num_heads' (the official code: the map split into --num_heads heads), "
-                "'block' (the block's own heads) or a positive number of heads"
-            )
-        return count
-
-    def map_heads(self, args):
-        value = self.map_heads_flag(args)
-        if value == "num_heads":
-            return args.num_heads
-        if value == "block":
-            return None
-        return value
-
-    def enabled(self, args):
-        return args.sag_scale != 0
-
-    def check_model(self, args, model, diffusion):
+    def check_model(self, spec, model, diffusion):
         from .sag import OFFICIAL_SAG_LAYER
 
         # The default layer is checked only when SAG is on: models without an attention block there (the digits
         # model, super-resolution models) must still run unguided with the default flags.
-        if not self.enabled(args) and args.sag_layer == OFFICIAL_SAG_LAYER:
+        if not spec.enabled and spec.layer == OFFICIAL_SAG_LAYER:
             return
-        if self.enabled(args):
+        if spec.enabled:
             # The layer, heads and model are checked by SAGGuidedModel itself when guide_model wraps the model.
-            interval = parse_interval(args.sag_interval, args.diffusion_steps, "--sag_interval")
-            check_interval_is_sampled(interval, diffusion, "--sag_interval")
+            spec.interval.check_sampled(diffusion)
             return
-        from .pag import resolve_layers
+        from .unet import resolve_layers
 
         try:
-            names = resolve_layers(model, args.sag_layer)
+            names = resolve_layers(model, spec.layer)
         except ValueError as exc:
-            raise UsageError(f"--sag_layer {args.sag_layer!r}: {exc}") from None
+            raise UsageError(f"--sag_layer {spec.layer!r}: {exc}") from None
         if len(names) != 1:
-            raise UsageError(f"--sag_layer {args.sag_layer!r} selects {len(names)} attention blocks; give one")
+            raise UsageError(f"--sag_layer {spec.layer!r} selects {len(names)} attention blocks; give one")
 
-    def wrap(self, model, diffusion, args):
+    def wrap(self, model, diffusion, spec):
         from .sag import SAGGuidedModel
 
-        t_range = model_time_range(parse_interval(args.sag_interval, args.diffusion_steps, "--sag_interval"), args)
         try:
             return SAGGuidedModel(
                 model,
                 diffusion,
-                scale=args.sag_scale,
-                layer=args.sag_layer,
-                blur_sigma=args.sag_blur_sigma,
-                map_heads=self.map_heads(args),
-                t_range=t_range,
-                clip_denoised=getattr(args, "clip_denoised", True),
+                scale=spec.scale,
+                layer=spec.layer,
+                blur_sigma=spec.blur_sigma,
+                map_heads=spec.map_heads,
+                t_range=spec.t_range,
+                clip_denoised=spec.clip_denoised,
+                validated=True,
             )
         except ValueError as exc:
             message = str(exc)
             if message.startswith("SAG layer: "):
-                message = f"--sag_layer {args.sag_layer!r}: " + message[len("SAG layer: ") :]
+                message = f"--sag_layer {spec.layer!r}: " + message[len("SAG layer: ") :]
             raise UsageError(message) from None
 
-    def describe(self, args):
+    def describe(self, spec):
         return (
-            f"SAG: scale {args.sag_scale}, layer {args.sag_layer!r}, blur sigma {args.sag_blur_sigma:g}, "
-            f"heads {args.sag_heads}, interval {args.sag_interval or 'all'}"
+            f"SAG: scale {spec.scale}, layer {spec.layer!r}, blur sigma {spec.blur_sigma:g}, "
+            f"heads {spec.heads}, interval {spec.interval.describe()}"
         )
+
+
+def sag_heads(value):
+    """
+    --sag_heads as "num_heads", "block" or a count, before the model is known.
+    """
+    text = str(value).strip()
+    if text in SAG_HEADS_CHOICES:
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UsageError(
+            f"--sag_heads {text!r}: use 'num_heads' (the official code: the map split into --num_heads heads), "
+            "'block' (the block's own heads) or a positive number of heads"
+        )
+    return count
 
 
 GUIDANCE_METHODS = (PAGFlags(), SAGFlags())
@@ -381,9 +451,26 @@ def guidance_defaults():
     return defaults
 
 
+def guidance_specs(args):
+    """
+    [(method, spec)] for every guidance method, the flags parsed and checked once (UsageError).
+    """
+    return [(method, method.spec(args)) for method in GUIDANCE_METHODS]
+
+
 def check_guidance_args(args):
-    for method in GUIDANCE_METHODS:
-        method.check(args)
+    """
+    Reject bad guidance flags before anything is loaded (UsageError); return guidance_specs(args).
+    """
+    specs = guidance_specs(args)
+    enabled = {method.name: spec for method, spec in specs if spec.enabled}
+    if "SAG" in enabled and "PAG" in enabled:
+        raise UsageError(
+            "--sag_scale and --pag_scale cannot both be set: SAG reads the attention map of the plain model "
+            f"and does not guide a PAG-guided one; add --pag_scale 0 (now {enabled['PAG'].scale:g}, e.g. from a "
+            "config such as the embedded default's) to sample with SAG alone"
+        )
+    return specs
 
 
 def ignored_flags_warnings(args):
@@ -391,8 +478,8 @@ def ignored_flags_warnings(args):
     One line per guidance method that is off although some of its flags are given, naming them.
     """
     lines = []
-    for method in GUIDANCE_METHODS:
-        given = method.ignored(args)
+    for method, spec in guidance_specs(args):
+        given = method.ignored(spec)
         if given:
             lines.append(
                 f"warning: {method.name} is off (--{method.switch} 0), so {' '.join(given)} "
@@ -406,7 +493,7 @@ def describe_guidance(args):
     """
     One line naming the guidance the flags turn on, or saying that none is.
     """
-    lines = [method.describe(args) for method in GUIDANCE_METHODS if method.enabled(args)]
+    lines = [method.describe(spec) for method, spec in guidance_specs(args) if spec.enabled]
     return "; ".join(lines) if lines else "no guidance"
 
 
@@ -418,12 +505,13 @@ def guide_model(model, diffusion, args, log=None):
 
     :param log: called with one line per enabled method.
     """
-    for method in GUIDANCE_METHODS:
-        method.check_model(args, model, diffusion)
+    specs = guidance_specs(args)
+    for method, spec in specs:
+        method.check_model(spec, model, diffusion)
     guided = model
-    for method in GUIDANCE_METHODS:
-        if method.enabled(args):
-            guided = method.wrap(guided, diffusion, args)
+    for method, spec in specs:
+        if spec.enabled:
+            guided = method.wrap(guided, diffusion, spec)
             if log is not None:
-                log(method.describe(args))
+                log(method.describe(spec))
     return guided

@@ -114,12 +114,24 @@ class PAGGuidedModel(GuidedModel):
     :param kind: the perturbation of the perturbed branch (perturbations.KINDS): "identity" (PAG's, the
                  default), "mask", "drop", "blur", "avgpool2d" or "noise"; `params` are its parameters
                  (drop_rate, retain_diag, blur_sigma, blur_kernel_size, noise_scale).
+    :param validated: scale and t_range come checked (see GuidedModel).
     """
 
     name = "PAG"
 
-    def __init__(self, model, scale, layers, t_range=None, batched=True, share_prefix=True, kind="identity", **params):
-        super().__init__(model, scale, t_range)
+    def __init__(
+        self,
+        model,
+        scale,
+        layers,
+        t_range=None,
+        batched=True,
+        share_prefix=True,
+        kind="identity",
+        validated=False,
+        **params,
+    ):
+        super().__init__(model, scale, t_range, validated)
         self.perturbation = make_perturbation(kind, **params)
         self.layers = resolve_layers(model, layers)
         self.batched = bool(batched)

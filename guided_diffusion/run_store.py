@@ -29,6 +29,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -570,12 +571,59 @@ def run_sampling(
     :param device: the device the samples are computed on, for the final record.
     :return: the path of the final .npz (on every rank).
     """
-    from tqdm.auto import tqdm
-
-    from . import logger
-
     comm = comm if comm is not None else mpi_comm()
     stop_after = _stop_after()
+    plan = plan_batches(args, out_dir, image_shape, record, comm)
+    sample_missing_batches(plan, args, sample_batch, comm, stop_after)
+    error = None
+    if comm.rank == 0:
+        try:
+            arrays = _join_parts(plan.parts_dir, plan.last, plan.first)
+        except RuntimeError as exc:
+            error = f"{exc}; delete {plan.parts_dir} and rerun"
+        else:
+            write_final_samples(plan, arrays, script, args, record, device, comm.size)
+            if plan.grid:
+                error = draw_run_grid(plan, arrays, write_grid)
+    _all_ok(comm, error)
+    comm.Barrier()
+    return plan.final_path
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """
+    Where a run's samples go and which batches are left: `done` the finished (start, end) parts, `mine` the
+    batches this rank samples.
+    """
+
+    out_dir: str
+    shard: object
+    first: int
+    last: int
+    final_path: str
+    parts_dir: str
+    grid: str
+    done: list
+    todo: list
+    mine: list
+
+    @property
+    def total(self):
+        return self.last - self.first
+
+    @property
+    def done_count(self):
+        return sum(end - start for start, end in self.done)
+
+
+def plan_batches(args, out_dir, image_shape, record, comm):
+    """
+    Prepare the work folder (rank 0: --overwrite, a stale grid, resumption) and plan the batches left, which
+    every rank takes from rank 0's listing so that all of them agree on who samples what. :return: SamplingPlan.
+    """
+    from . import logger
+
     shard = parse_shard(getattr(args, "shard", ""))
     first, last = shard_range(args.num_samples, args.batch_size, shard)
     final_path, parts_dir = output_paths(out_dir, args.num_samples, image_shape, shard)
@@ -590,75 +638,93 @@ def run_sampling(
             os.remove(grid)  # it would show other samples than the ones this run makes
         error = _prepare_work_folder(parts_dir, record)
     _all_ok(comm, error)
-    # Every rank plans from rank 0's listing, so all of them agree on who samples what.
     done = comm.bcast(finished_ranges(parts_dir) if comm.rank == 0 else None, root=0)
     todo = missing_batches(last, done, args.batch_size, first)
-    mine = todo[comm.rank :: comm.size]
-    done_count = sum(end - start for start, end in done)
-    total = last - first
+    plan = SamplingPlan(
+        out_dir, shard, first, last, final_path, parts_dir, grid, done, todo, todo[comm.rank :: comm.size]
+    )
     if comm.rank == 0:
         if shard:
             logger.log(f"shard {shard[0]}/{shard[1]}: samples {first} .. {last - 1} of {args.num_samples}")
             if args.grid:
                 logger.log("no --grid for a shard: scripts/merge_shards.py --grid draws it from the merged samples")
         if done:
-            logger.log(f"resuming: {done_count} of {total} samples already in {parts_dir}")
-        logger.log(f"sampling {total - done_count} images in {len(todo)} batches on {comm.size} rank(s)")
+            logger.log(f"resuming: {plan.done_count} of {plan.total} samples already in {parts_dir}")
+        logger.log(f"sampling {plan.total - plan.done_count} images in {len(todo)} batches on {comm.size} rank(s)")
+    return plan
+
+
+def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None):
+    """
+    Sample this rank's batches of the plan into part files, each on its samples' own streams, with one bar on
+    rank 0 over the run's samples; stop after `stop_after` batches (the tests' $STOP_AFTER_ENV). Returns when
+    every rank is done.
+    """
+    from tqdm.auto import tqdm
 
     progress = tqdm(
-        total=total,
-        initial=done_count,
+        total=plan.total,
+        initial=plan.done_count,
         unit="sample",
         desc="sampling",
         disable=comm.rank != 0,
         dynamic_ncols=True,
     )
-    for batch_number, (start, end) in enumerate(mine):
+    for batch_number, (start, end) in enumerate(plan.mine):
         generators = [sample_generator(args.seed, i) for i in range(start, end)]
         with batch_streams(args.seed, range(start, end)):
             arrays = sample_batch(start, end, generators)
-        save_npz_atomic(os.path.join(parts_dir, part_name(start, end)), arrays)
+        save_npz_atomic(os.path.join(plan.parts_dir, part_name(start, end)), arrays)
         if comm.rank == 0:
             # The parts on disk count the other ranks' work too.
-            progress.update(sum(e - s for s, e in finished_ranges(parts_dir)) - progress.n)
-        if stop_after is not None and batch_number + 1 >= stop_after and batch_number + 1 < len(mine):
+            progress.update(sum(e - s for s, e in finished_ranges(plan.parts_dir)) - progress.n)
+        if stop_after is not None and batch_number + 1 >= stop_after and batch_number + 1 < len(plan.mine):
             progress.close()
-            logger.log(
-                f"stopping after {stop_after} batches ({STOP_AFTER_ENV} is set); rerun with --out_dir {out_dir} "
-                "to resume"
-            )
-            raise SystemExit(STOP_EXIT_CODE)
+            _stop(stop_after, plan.out_dir)
     comm.Barrier()
     if comm.rank == 0:
-        progress.update(total - progress.n)
+        progress.update(plan.total - progress.n)
     progress.close()
 
-    error = None
-    if comm.rank == 0:
-        try:
-            arrays = _join_parts(parts_dir, last, first)
-        except RuntimeError as exc:
-            error = f"{exc}; delete {parts_dir} and rerun"
-        else:
-            # The record first: a run stopped between the two leaves its parts, so the rerun just joins them.
-            write_json_atomic(
-                final_record_path(final_path), final_record(script, args, record, final_path, grid, device, comm.size)
-            )
-            if shard:
-                named = {f"arr_{k}": a for k, a in enumerate(arrays)}
-                save_npz_atomic(final_path, dict(named, sample_range=np.array([first, last])))
-            else:
-                save_npz_atomic(final_path, arrays)
-            shutil.rmtree(parts_dir)
-            logger.log(f"saving to {final_path}")
-            if grid:
-                try:
-                    logger.log(f"grid of {_draw_grid(grid, arrays, write_grid, final_path)} in {grid}")
-                except UsageError as exc:
-                    error = str(exc)
-    _all_ok(comm, error)
-    comm.Barrier()
-    return final_path
+
+def _stop(stop_after, out_dir):
+    from . import logger
+
+    logger.log(
+        f"stopping after {stop_after} batches ({STOP_AFTER_ENV} is set); rerun with --out_dir {out_dir} to resume"
+    )
+    raise SystemExit(STOP_EXIT_CODE)
+
+
+def write_final_samples(plan, arrays, script, args, record, device, ranks):
+    """
+    Rank 0: the final record, then the final .npz (a shard's with its sample_range); the parts go.
+    """
+    from . import logger
+
+    # The record first: a run stopped between the two leaves its parts, so the rerun just joins them.
+    summary = final_record(script, args, record, plan.final_path, plan.grid, device, ranks)
+    write_json_atomic(final_record_path(plan.final_path), summary)
+    if plan.shard:
+        named = {f"arr_{k}": a for k, a in enumerate(arrays)}
+        save_npz_atomic(plan.final_path, dict(named, sample_range=np.array([plan.first, plan.last])))
+    else:
+        save_npz_atomic(plan.final_path, arrays)
+    shutil.rmtree(plan.parts_dir)
+    logger.log(f"saving to {plan.final_path}")
+
+
+def draw_run_grid(plan, arrays, write_grid):
+    """
+    Rank 0: draw the --grid image from the finished samples. :return: an error message or None.
+    """
+    from . import logger
+
+    try:
+        logger.log(f"grid of {_draw_grid(plan.grid, arrays, write_grid, plan.final_path)} in {plan.grid}")
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def final_record(script, args, record, final_path, grid, device, ranks):

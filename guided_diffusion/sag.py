@@ -95,6 +95,13 @@ def attention_mask(weight, spatial, image_size):
     return F.interpolate(mask, tuple(image_size), mode="nearest")
 
 
+def check_blur_sigma(blur_sigma):
+    if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, numbers.Real) or not blur_sigma > 0:
+        raise ValueError(f"SAG blur_sigma must be a number > 0, got {blur_sigma!r}")
+    if not math.isfinite(blur_sigma):
+        raise ValueError(f"SAG blur_sigma must be finite, got {blur_sigma!r}")
+
+
 class SAGGuidedModel(GuidedModel):
     """
     A model wrapper whose output is guided by Self-Attention Guidance; call it like the model,
@@ -111,6 +118,8 @@ class SAGGuidedModel(GuidedModel):
                       uses the model's --num_heads flag; see the module docstring).
     :param t_range: (lo, hi): guide only rows with lo <= t <= hi, t as the model receives it (as for PAG).
     :param clip_denoised: clip x0 to [-1, 1] before blurring, as the sampler's clip_denoised does.
+    :param validated: scale, t_range and blur_sigma come checked (guidance.SAGFlags); the layer, map_heads and
+                      diffusion, which need the model, are checked here either way.
     """
 
     name = "SAG"
@@ -125,8 +134,9 @@ class SAGGuidedModel(GuidedModel):
         map_heads=None,
         t_range=None,
         clip_denoised=True,
+        validated=False,
     ):
-        super().__init__(model, scale, t_range)
+        super().__init__(model, scale, t_range, validated)
         try:
             names = resolve_layers(model, layer)
         except ValueError as exc:
@@ -136,10 +146,8 @@ class SAGGuidedModel(GuidedModel):
                 f"SAG reads the attention map of one block; layer {layer!r} selects {len(names)}: {', '.join(names)}"
             )
         block = dict(model.named_modules())[names[0]]
-        if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, numbers.Real) or not blur_sigma > 0:
-            raise ValueError(f"SAG blur_sigma must be a number > 0, got {blur_sigma!r}")
-        if not math.isfinite(blur_sigma):
-            raise ValueError(f"SAG blur_sigma must be finite, got {blur_sigma!r}")
+        if not validated:
+            check_blur_sigma(blur_sigma)
         if map_heads is None:
             map_heads = block.attention.n_heads
         if isinstance(map_heads, bool) or not isinstance(map_heads, int) or map_heads < 1:

@@ -72,11 +72,15 @@ def main(argv=None):
                 f"the embedded model {EMBEDDED_MODEL} is missing; it ships with the repository "
                 f"(rebuild it with `python scripts/train_embedded_model.py`), or pass --model_path"
             ))
+        try:
+            guidance = describe_guidance(args)  # checks the guidance flags, as run_main would
+        except UsageError as exc:
+            cli.exit_with_usage_error(parser, exc)
         if mpi_comm().rank == 0:
             print(
                 f"No --model_path or model flags given: sampling from the embedded 16x16 digits model "
                 f"({os.path.relpath(EMBEDDED_MODEL)}, flags in configs/{EMBEDDED_CONFIG}.cfg) with "
-                f"{describe_guidance(args)}. Pass --model_path and ADM's model flags to sample from another model."
+                f"{guidance}. Pass --model_path and ADM's model flags to sample from another model."
             )
     # --compare only adds a second run and a picture: it stays out of the run record, so it never makes a
     # finished folder look like one sampled with other settings.
@@ -138,10 +142,9 @@ def write_comparison(parser, args, guided_path):
 def perturbed_predictions(args, count=8, step=None):
     """
     The "degraded structure" PAG guides away from: the first `count` samples are sampled again on their guided
-    path (same seeds and random streams as the run), and at one step (default: the middle one) the model's x0
-    prediction is taken from the plain pass and from a pass with the PAG perturbation. Random perturbations draw
-    that extra pass from the global generator. The default step is a quarter of the way, in the noisy part of
-    sampling where structure is decided.
+    path (same seeds and random streams as the run), and at one step (default: a quarter of the way, in the noisy
+    part of sampling where structure is decided) the model's x0 prediction is taken from the plain pass and from a
+    pass with the PAG perturbation. Random perturbations draw that extra pass from the global generator.
 
     :return: namespace of plain and perturbed (uint8 NHWC), final (the guided samples, uint8 NHWC), step, steps
              and t (the step's timestep on the model's scale).

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +27,70 @@ TINY_ADM_FLAGS = dict(
     class_cond=True,
     resblock_updown=True,
 )
+
+
+# script_util flags of the tiny U-Net the sampling-script tests save as checkpoints: 32 px, 32 channels, one res
+# block, attention at 16 and 8, DDPM over 5 of 100 steps.
+TINY_SAMPLING_FLAGS = dict(
+    image_size=32,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2,2",
+    attention_resolutions="16,8",
+    diffusion_steps=100,
+    timestep_respacing="5",
+)
+
+
+def flags(values):
+    """
+    Command-line tokens ["--key", "value", ...] from a dict of flags.
+    """
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", str(value)]
+    return out
+
+
+def tiny_flags(**extra):
+    """
+    The tokens of TINY_SAMPLING_FLAGS with `extra` added or overriding.
+    """
+    return flags({**TINY_SAMPLING_FLAGS, **extra})
+
+
+def flag_args(**values):
+    """
+    A namespace of every guidance flag at its default (guidance_defaults) and the model flags guidance.py reads,
+    with `values` overriding.
+    """
+    from guided_diffusion.guidance import guidance_defaults
+
+    args = dict(guidance_defaults(), diffusion_steps=1000, rescale_timesteps=False, num_heads=4, seed=0)
+    args.update(values)
+    return SimpleNamespace(**args)
+
+
+def load_script(path):
+    """
+    A script of the repository, loaded as a fresh module without running its main: a name in scripts/
+    ("image_sample") or a path from the repository root ("evaluations/evaluator.py").
+    """
+    if not path.endswith(".py"):
+        path = os.path.join("scripts", path + ".py")
+    name = "_script_" + os.path.splitext(path)[0].replace("/", "_").replace(os.sep, "_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def image_sample():
+    """
+    scripts/image_sample.py as a module, for calling its main(argv) in the test process.
+    """
+    return load_script("image_sample")
 
 
 def reference_file(name):
@@ -59,6 +125,19 @@ def randomize(model, seed=0, std=0.1):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model.eval()
+
+
+def randomize_zero_params(module, seed, std=0.05):
+    """
+    Random values for the parameters that are all zero. ADM zero-initialises the output layers, which would make
+    every random model predict eps = 0 and guidance a no-op.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
 
 
 # PAGGuidedModel's three ways of running the two branches, which must agree.

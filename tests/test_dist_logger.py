@@ -8,9 +8,9 @@ import textwrap
 import pytest
 import torch as th
 
-from guided_diffusion import dist_util, logger
+from conftest import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from guided_diffusion import dist_util, logger
 
 
 def _env():

@@ -2,7 +2,6 @@
 The embedded default: shipped digits model, its data, its feature network, and `image_sample.py` with no flags.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 from guided_diffusion import script_util as su
 from guided_diffusion.flag_files import config_flags, resolve_config
 
 MODEL = os.path.join(REPO_ROOT, "models", "digits16.pt")
 DATASET = os.path.join(REPO_ROOT, "datasets", "digits16.npz")
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "scripts", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def embedded_flags():
@@ -87,6 +79,16 @@ def test_image_sample_without_flags_uses_the_embedded_model(tmp_path):
         assert plain["arr_0"].shape == data["arr_0"].shape and not np.array_equal(plain["arr_0"], data["arr_0"])
     for picture in ("g.png", "compare.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_guidance_flags_on_the_embedded_model_are_one_line(tmp_path, capsys):
+    # The embedded model's banner describes the guidance, so the flags are checked before it.
+    with pytest.raises(SystemExit) as stopped:
+        load_script("image_sample").main(["--pag_scale", "1", "--pag_perturbation", "mask", "--out_dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert stopped.value.code == 2 and captured.err.count("\n") == 1
+    assert "error: --pag_perturbation mask needs --pag_drop_rate" in captured.err
+    assert "embedded 16x16 digits model" not in captured.out and not os.listdir(tmp_path)
 
 
 def test_shipped_dataset_is_the_sklearn_digits():

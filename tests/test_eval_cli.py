@@ -365,7 +365,7 @@ def test_cli_refuses_cuda_without_cuda(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_float_samples_are_refused_with_the_conversion(tmp_path, capsys, tiny_spec):
-    # Floats in [0, 1] once gave FID ~1263 and exit status 0.
+    # Floats in [0, 1] read as uint8 levels are near-black images: an FID of about 1263 and exit status 0.
     np.savez(tmp_path / "ref.npz", _images(6, 8, seed=1))
     np.savez(tmp_path / "sample.npz", _images(6, 8, seed=2) / np.float32(255))
     code, err = _cli_error([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--no_cache",

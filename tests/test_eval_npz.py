@@ -83,7 +83,7 @@ def test_wrong_dtype_or_layout_is_rejected(tmp_path, arr, message):
 @pytest.mark.parametrize(
     "convert",
     [
-        lambda x: x.astype(np.float32) / 255,  # [0, 1]: scored as near-black images before
+        lambda x: x.astype(np.float32) / 255,  # [0, 1]: read as levels, near-black images
         lambda x: x.astype(np.float32) / 127.5 - 1,  # [-1, 1]
         lambda x: x.astype(np.float64),  # [0, 255] but float: ambiguous all the same
         lambda x: x.astype(np.uint16),

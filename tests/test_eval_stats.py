@@ -196,7 +196,7 @@ def test_impossible_statistics_requests_are_one_line(tmp_path, spec, capsys, mon
     err = _cli_error([str(tmp_path / "plain.npz"), str(tmp_path / "sample.npz"), "--ref_stats", "stored"] + base,
                      capsys)
     assert "plain.npz: --ref_stats stored, but it holds no statistics (mu, sigma)" in err
-    # The older switch asked for the same and was silently ignored on such a batch.
+    # The older switch asks for the same, so it gets the same error rather than being ignored on such a batch.
     err = _cli_error([str(tmp_path / "plain.npz"), str(tmp_path / "sample.npz"), "--use_stored_stats"] + base, capsys)
     assert "plain.npz: --ref_stats stored, but it holds no statistics (mu, sigma)" in err
     err = _cli_error([str(tmp_path / "stats_only.npz"), str(tmp_path / "sample.npz"), "--ref_stats", "images"]

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from conftest import load_script
+
 from guided_diffusion.flag_files import (
     FlagFileArgumentParser,
     available_configs,
@@ -102,17 +104,11 @@ def test_self_including_file_is_rejected(tmp_path):
 
 def test_every_shipped_config_parses_with_its_script():
     # Each config names the script it is for in its first line ("# script: NAME"); all flags must exist there.
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in available_configs():
         path = resolve_config(name)
         first = open(path).readline()
         script = first.split("script:", 1)[1].split()[0] if "script:" in first else "image_sample.py"
-        spec = importlib.util.spec_from_file_location("s", os.path.join(root, "scripts", script))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        p = module.create_argparser()
+        p = load_script(os.path.join("scripts", script)).create_argparser()
         tokens, _ = expand_flag_files(["@" + path])
         args, unknown = p.parse_known_args(tokens)
         assert unknown == [], f"{name}: flags unknown to {script}: {unknown}"

@@ -75,7 +75,7 @@ def forward_bound(half, out, *args, **kwargs):
 
 
 def test_convert_to_fp16_converts_the_torso_and_keeps_dtype_in_step():
-    # Built without use_fp16: ADM's flag only set the torso's input dtype, so converting alone used to fail.
+    # Built without use_fp16: ADM's flag only sets the torso's input dtype, which converting must set too.
     model = random_model(False)
     assert model.dtype == th.float32
     model.convert_to_fp16()

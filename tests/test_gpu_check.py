@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch as th
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
 
 
 def _run(*command):

@@ -4,11 +4,13 @@ own README command lines still parse to ADM's values.
 """
 
 import argparse
-import importlib.util
+import functools
 import os
 import shlex
 
 import pytest
+
+from conftest import REPO_ROOT, load_script
 
 from guided_diffusion import flag_help
 from guided_diffusion.script_util import (
@@ -17,8 +19,6 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
     sr_model_and_diffusion_defaults,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPTS = {
     "image_sample": "scripts/image_sample.py",
@@ -36,13 +36,13 @@ ADM_SCRIPTS = (
 )
 
 
-def _parser(name, _cache={}):
-    if name not in _cache:
-        spec = importlib.util.spec_from_file_location(f"_help_{name}", os.path.join(REPO_ROOT, SCRIPTS[name]))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _cache[name] = module.create_argparser
-    return _cache[name]()
+@functools.lru_cache(maxsize=None)
+def _create_argparser(name):
+    return load_script(SCRIPTS[name]).create_argparser
+
+
+def _parser(name):
+    return _create_argparser(name)()
 
 
 def _flags(parser):

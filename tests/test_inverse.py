@@ -23,7 +23,7 @@ from guided_diffusion.sag import SAGGuidedModel
 from guided_diffusion.script_util import create_model
 from guided_diffusion.unet import UNetModel
 
-from conftest import randomize
+from conftest import flags, load_script, randomize, randomize_zero_params
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -662,23 +662,13 @@ SCRIPT_MODEL = dict(
 
 @pytest.fixture(scope="module")
 def inverse_script(tmp_path_factory):
-    import importlib.util
-    import os
-
     from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("_inverse_sample", os.path.join(root, "scripts", "inverse_sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("inverse_sample")
     folder = tmp_path_factory.mktemp("inverse")
     torch.manual_seed(0)
     model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **SCRIPT_MODEL})
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    randomize_zero_params(model, 0)
     torch.save(model.state_dict(), folder / "model.pt")
     ys, xs = np.mgrid[0:16, 0:16]
     images = np.stack([np.stack([(ys * 16 + k * 40) % 256, (xs * 16) % 256, np.full((16, 16), 30 * k)], -1)
@@ -688,10 +678,7 @@ def inverse_script(tmp_path_factory):
 
 
 def _script_flags(**values):
-    out = []
-    for key, value in {**SCRIPT_MODEL, **values}.items():
-        out += [f"--{key}", str(value)]
-    return out
+    return flags({**SCRIPT_MODEL, **values})
 
 
 def test_inverse_sample_outputs_draw_order_and_batch_independence(inverse_script, tmp_path):

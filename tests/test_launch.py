@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch as th
 
+from conftest import REPO_ROOT, load_script
+
 from guided_diffusion import dist_util, launch_env
 from guided_diffusion.errors import UsageError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SAMPLE = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
 HELPER = os.path.join(REPO_ROOT, "tests", "mpi_dist_helper.py")
 # The embedded digits model, five steps, five samples in batches of two: three batches over two ranks.
@@ -298,11 +299,7 @@ def test_single_process_without_mpi(monkeypatch):
 
 def test_oversubscribed_node_is_one_line_from_a_sampler(monkeypatch, capsys, tmp_path):
     # Two torchrun-style ranks on a node with one GPU: the sampler stops on its first device lookup, in one line.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_launch_image_sample", IMAGE_SAMPLE)
-    image_sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(image_sample)
+    image_sample = load_script("image_sample")
     monkeypatch.delenv(launch_env.SHARE_GPUS_ENV, raising=False)
     _devices(monkeypatch, 1, SimpleNamespace(launcher="none", rank=0, world_size=1, local_rank=0,
                                               local_world_size=2, master_addr=None, master_port=None))

@@ -14,7 +14,8 @@ from guided_diffusion.nonfinite import NonFiniteSampleError
 from guided_diffusion.random_streams import batch_streams
 from guided_diffusion.script_util import create_gaussian_diffusion
 
-from test_sampling_scripts import ckpt, image_sample, tiny_flags  # noqa: F401 (fixtures)
+from conftest import tiny_flags
+from test_sampling_scripts import ckpt  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,15 +17,9 @@ from guided_diffusion import perturbations
 from guided_diffusion.pag import PAGGuidedModel
 from guided_diffusion.random_streams import batch_streams, perturbation_generator, sample_generator
 
+from conftest import REPO_ROOT, tiny_flags
 from test_perturbations import batch, tiny_unet
-from test_sampling_scripts import (  # noqa: F401 (fixtures)
-    REPO_ROOT,
-    assert_nearly_equal_images,
-    ckpt,
-    image_sample,
-    run_main,
-    tiny_flags,
-)
+from test_sampling_scripts import assert_nearly_equal_images, ckpt, run_main  # noqa: F401 (ckpt: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

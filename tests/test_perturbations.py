@@ -16,7 +16,7 @@ from guided_diffusion.perturbations import KINDS, gaussian_blur2d, make_perturba
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.unet import AttentionBlock, UNetModel
 
-from conftest import GUIDED_PATHS
+from conftest import GUIDED_PATHS, flag_args
 
 LAYOUTS = {"legacy": dict(num_heads=2), "new_order": dict(num_heads=2, use_new_attention_order=True)}
 
@@ -381,16 +381,6 @@ def test_kinds_table_and_descriptions():
 # --- the command-line flags ------------------------------------------------------------------------------------
 
 
-def flag_args(**values):
-    from types import SimpleNamespace
-
-    from guided_diffusion.guidance import guidance_defaults
-
-    args = dict(guidance_defaults(), diffusion_steps=1000, rescale_timesteps=False, num_heads=4, seed=0)
-    args.update(values)
-    return SimpleNamespace(**args)
-
-
 @pytest.mark.parametrize(
     "values, kind, params",
     [
@@ -408,10 +398,25 @@ def test_pag_perturbation_flags(values, kind, params):
 
     args = flag_args(pag_scale=-0.5, **values)  # any finite scale, negative too
     check_guidance_args(args)
-    assert PAGFlags().perturbation(args) == (kind, params)
-    guided = PAGFlags().wrap(tiny_unet(), None, args)
+    spec = PAGFlags().spec(args)
+    assert (spec.kind, spec.params) == (kind, params)
+    guided = PAGFlags().wrap(tiny_unet(), None, spec)
     assert guided.scale == -0.5 and guided.perturbation.kind == kind
     assert guided.perturbation.params == make_perturbation(kind, **params).params
+
+
+def test_a_pag_spec_is_built_once_and_used_as_it_is():
+    import dataclasses
+
+    from guided_diffusion.guidance import PAGFlags
+
+    args = flag_args(pag_scale=1.0, pag_perturbation="mask", pag_drop_rate="0.5", pag_interval="0,499")
+    spec = PAGFlags().spec(args)
+    assert (spec.interval.interval, spec.t_range) == ((0, 499), (0.0, 499.0))
+    guided = PAGFlags().wrap(tiny_unet(), None, spec)
+    assert guided.perturbation is spec.perturbation and guided.t_range == spec.t_range
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.scale = 2.0
 
 
 @pytest.mark.parametrize(
@@ -497,7 +502,8 @@ def test_adm256_perturbation_rows():
     for name, (kind, params, fid) in expected.items():
         row, args = parse_row(name)
         check_guidance_args(args)
-        assert PAGFlags().perturbation(args) == (kind, params)
+        spec = PAGFlags().spec(args)
+        assert (spec.kind, spec.params) == (kind, params)
         assert (args.pag_scale, args.pag_layers, args.num_samples) == (1.0, "input_blocks.13.1", 5000)
         assert (args.class_cond, args.timestep_respacing, args.use_ddim) == (False, "ddim25", True)
         assert row.published == ({"fid": fid} if fid else {})
@@ -531,7 +537,8 @@ def test_digits_kind_and_layer_rows():
     for name in row_names("digits16_kind_*"):
         _, args = parse_row(name)
         assert (args.pag_scale, args.pag_layers, args.image_size) == (3.0, "middle", 16)
-        kind, params = PAGFlags().perturbation(args)
+        spec = PAGFlags().spec(args)
+        kind, params = spec.kind, spec.params
         kinds.add(kind + ("_offdiag" if params.get("retain_diag") else ""))
     assert kinds == set(KINDS) | {"mask_offdiag"}
     from guided_diffusion.pag import attention_block_names

@@ -3,16 +3,15 @@ The sampling precision policy (guided_diffusion/precision.py): TF32 off unless -
 with --deterministic, and the one line where PyTorch has no deterministic CUDA kernel.
 """
 
-import importlib.util
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch as th
 
-from guided_diffusion import precision, sampling_cli
+from conftest import REPO_ROOT, load_script
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from guided_diffusion import precision, sampling_cli
 
 
 @pytest.fixture
@@ -33,11 +32,7 @@ def torch_switches(monkeypatch):
 
 
 def _image_sample():
-    spec = importlib.util.spec_from_file_location("_precision_image_sample", os.path.join(REPO_ROOT, "scripts",
-                                                                                           "image_sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("image_sample")
 
 
 def _start(argv):
@@ -85,10 +80,7 @@ def test_not_deterministic_note():
 
 
 def test_dps_names_its_reflection_padding(capsys):
-    spec = importlib.util.spec_from_file_location("_precision_inverse", os.path.join(REPO_ROOT, "scripts",
-                                                                                      "inverse_sample.py"))
-    inverse = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(inverse)
+    inverse = load_script("inverse_sample")
     from guided_diffusion.inverse import create_operator
 
     args = SimpleNamespace(task="gaussian_blur", sag_scale=0.0, pag_scale=0.0, pag_perturbation="identity",

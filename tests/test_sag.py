@@ -16,6 +16,7 @@ from guided_diffusion.sag import SAGGuidedModel, sag_layer_name
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.unet import AttentionBlock
 
+from conftest import flag_args, load_script, randomize_zero_params, tiny_flags
 from test_perturbations import batch, blocks_clean, reference_blur, tiny_unet
 
 LAYER = "output_blocks.2.1"  # the official default name (--sel_attn_block output --sel_attn_depth 2): 8x8 here
@@ -310,8 +311,6 @@ def test_sag_flag_checks():
     from guided_diffusion.errors import UsageError
     from guided_diffusion.guidance import GUIDANCE_METHODS, SAGFlags, check_guidance_args, guide_model
 
-    from test_perturbations import flag_args
-
     assert [m.name for m in GUIDANCE_METHODS] == ["PAG", "SAG"]
     args = flag_args()
     assert (args.sag_scale, args.sag_layer, args.sag_blur_sigma, args.sag_heads) == (0.0, LAYER, 9.0, "num_heads")
@@ -345,18 +344,17 @@ def test_sag_flag_checks():
     assert isinstance(guided, SAGGuidedModel) and guided.t_range == (100.0, 999.0)
     assert guided.map_heads == 4  # the official choice: the --num_heads flag
     assert guide_model(model, diffusion, flag_args(sag_scale=0.5, sag_heads="block")).map_heads == 2
-    assert "SAG: scale 0.5, layer 'output_blocks.2.1', blur sigma 9" in SAGFlags().describe(flag_args(sag_scale=0.5))
+    described = SAGFlags().describe(SAGFlags().spec(flag_args(sag_scale=0.5)))
+    assert "SAG: scale 0.5, layer 'output_blocks.2.1', blur sigma 9" in described
 
 
 def _scripts():
-    from test_sampling_scripts import _load_script
-
-    return _load_script("image_sample"), _load_script("classifier_sample")
+    return load_script("image_sample"), load_script("classifier_sample")
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
-    from test_sampling_scripts import TINY_CLASSIFIER, _randomize_zero_params, _save_model
+    from test_sampling_scripts import TINY_CLASSIFIER, _save_model
     from guided_diffusion.script_util import classifier_defaults, create_classifier
 
     folder = tmp_path_factory.mktemp("sag_ckpt")
@@ -366,13 +364,13 @@ def tiny_checkpoints(tmp_path_factory):
     classifier_args = classifier_defaults()
     classifier_args.update(image_size=64, **TINY_CLASSIFIER)
     classifier = create_classifier(**classifier_args)
-    _randomize_zero_params(classifier, 4)
+    randomize_zero_params(classifier, 4)
     torch.save(classifier.state_dict(), folder / "classifier.pt")
     return cond, uncond64, str(folder / "classifier.pt"), TINY_CLASSIFIER
 
 
 def test_scripts_sample_with_sag_and_perturbations(tiny_checkpoints, tmp_path):
-    from test_sampling_scripts import run_main, tiny_flags
+    from test_sampling_scripts import run_main
 
     image_sample, classifier_sample = _scripts()
     cond, uncond64, classifier, classifier_flags = tiny_checkpoints
@@ -441,7 +439,7 @@ def test_sag_rows_carry_the_readme_settings():
                 model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
             assert resolve_layers(model, layer) == [layer]
             if name.startswith("adm"):
-                guided = SAGFlags().wrap(model, diffusion, args)
+                guided = SAGFlags().wrap(model, diffusion, SAGFlags().spec(args))
                 assert guided.map_heads == args.num_heads == 4
                 # ImageNet 256 blocks have 64-channel heads, so the official 4-head split is not their real map.
                 assert guided.block.attention.n_heads == (4 if "adm128" in name else 16)

@@ -8,7 +8,6 @@ the time) and as subprocesses for the MPI test.
 """
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -20,6 +19,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch as th
+
+from conftest import REPO_ROOT, TINY_SAMPLING_FLAGS, flags, load_script, randomize_zero_params, tiny_flags
 
 from guided_diffusion import run_store
 from guided_diffusion.errors import UsageError
@@ -38,47 +39,16 @@ from guided_diffusion.script_util import (
     model_and_diffusion_defaults,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = dict(
-    image_size=32,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2,2",
-    attention_resolutions="16,8",
-    diffusion_steps=100,
-    timestep_respacing="5",
-)
 TINY_CLASSIFIER = dict(classifier_width=64, classifier_depth=1, classifier_attention_resolutions="8")
-
-
-def flags(values):
-    out = []
-    for key, value in values.items():
-        out += [f"--{key}", str(value)]
-    return out
-
-
-def tiny_flags(**extra):
-    return flags({**TINY, **extra})
-
-
-def _randomize_zero_params(module, seed):
-    # ADM zero-initialises the output layers, which would make every random model predict eps = 0 and PAG a no-op.
-    gen = th.Generator().manual_seed(seed)
-    with th.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.copy_(th.randn(p.shape, generator=gen) * 0.05)
 
 
 def _save_model(path, seed, **overrides):
     th.manual_seed(seed)
     args = model_and_diffusion_defaults()
-    args.update(TINY)
+    args.update(TINY_SAMPLING_FLAGS)
     args.update(overrides)
     model, _ = create_model_and_diffusion(**args)
-    _randomize_zero_params(model, seed)
+    randomize_zero_params(model, seed)
     th.save(model.state_dict(), path)
     return str(path)
 
@@ -104,34 +74,15 @@ def ckpt(tmp_path_factory):
     classifier_args = classifier_defaults()
     classifier_args.update(image_size=64, **TINY_CLASSIFIER)
     classifier = create_classifier(**classifier_args)
-    _randomize_zero_params(classifier, 4)
+    randomize_zero_params(classifier, 4)
     out.classifier = str(folder / "classifier.pt")
     th.save(classifier.state_dict(), out.classifier)
     return out
 
 
-def _needs_script_deps():
-    for name in ("guided_diffusion.pag", "guided_diffusion.dist_util", "guided_diffusion.logger"):
-        pytest.importorskip(name)
-
-
-def _load_script(name):
-    _needs_script_deps()
-    path = os.path.join(REPO_ROOT, "scripts", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_sampling_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def image_sample():
-    return _load_script("image_sample")
-
-
 @pytest.fixture(scope="module")
 def classifier_sample():
-    return _load_script("classifier_sample")
+    return load_script("classifier_sample")
 
 
 def run_main(script, argv):
@@ -278,15 +229,16 @@ def test_parse_pag_interval():
 def test_pag_interval_follows_rescaled_timesteps():
     pytest.importorskip("guided_diffusion.pag")
     args = model_and_diffusion_defaults()
-    args.update(TINY, timestep_respacing="")
+    args.update(TINY_SAMPLING_FLAGS, timestep_respacing="")
     model, diffusion = create_model_and_diffusion(**args)
     ns = SimpleNamespace(pag_scale=1.0, pag_layers="middle", pag_interval="10,20", diffusion_steps=100)
     pag_flags = PAGFlags()
     for rescale, expected in ((False, (10, 20)), (True, (100.0, 200.0))):
         # With rescale_timesteps the model is called with t * 1000 / diffusion_steps.
         args = SimpleNamespace(**vars(ns), rescale_timesteps=rescale)
-        pag_flags.check_model(args, model, diffusion)
-        assert pag_flags.t_range(args) == expected
+        spec = pag_flags.spec(args)
+        pag_flags.check_model(spec, model, diffusion)
+        assert spec.t_range == expected
 
 
 # --- image_sample.py ------------------------------------------------------------------------------------------
@@ -863,7 +815,9 @@ def test_ctrl_c_says_how_to_resume(image_sample, ckpt, tmp_path, capsys, monkeyp
 
 
 def _classifier_flags(ckpt, **extra):
-    values = dict(TINY, image_size=64, model_path=ckpt.uncond64, classifier_path=ckpt.classifier, **TINY_CLASSIFIER)
+    values = dict(
+        TINY_SAMPLING_FLAGS, image_size=64, model_path=ckpt.uncond64, classifier_path=ckpt.classifier, **TINY_CLASSIFIER
+    )
     values.update(extra)
     return flags(values)
 
@@ -934,7 +888,7 @@ SR_TINY = dict(
 
 @pytest.fixture(scope="module")
 def super_res_sample():
-    return _load_script("super_res_sample")
+    return load_script("super_res_sample")
 
 
 @pytest.fixture(scope="module")
@@ -946,7 +900,7 @@ def sr_files(tmp_path_factory):
     args = sr_model_and_diffusion_defaults()
     args.update(SR_TINY, class_cond=True)
     model, _ = sr_create_model_and_diffusion(**args)
-    _randomize_zero_params(model, 5)
+    randomize_zero_params(model, 5)
     th.save(model.state_dict(), folder / "sr.pt")
     rng = np.random.default_rng(0)
     np.savez(

@@ -2,36 +2,23 @@
 --shard i/n on the samplers and scripts/merge_shards.py: the merged shards are the npz one whole run writes.
 """
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
+from conftest import load_script
+
 from guided_diffusion import run_store
 from guided_diffusion.errors import UsageError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The embedded digits model, five steps; seven samples in batches of two make four batches.
 TINY_RUN = ["--timestep_respacing", "5", "--num_samples", "7", "--batch_size", "2", "--seed", "5", "--grid", ""]
 
 
-def _load_script(name):
-    path = os.path.join(REPO_ROOT, "scripts", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_shard_test_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def image_sample():
-    return _load_script("image_sample")
-
-
 @pytest.fixture(scope="module")
 def merge():
-    return _load_script("merge_shards")
+    return load_script("merge_shards")
 
 
 @pytest.fixture(scope="module")

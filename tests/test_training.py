@@ -27,7 +27,7 @@ from guided_diffusion.train_util import (  # noqa: E402
     parse_resume_step_from_filename,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT  # noqa: E402
 
 TINY_FLAGS = dict(
     image_size=8,

@@ -183,7 +183,8 @@ def test_classifier_checkpoint_given_to_unet():
 
 
 def test_num_channels_mismatch_names_no_other_flag():
-    # Doubling --num_channels doubles every width, which once passed for a scale-shift-norm mismatch.
+    # Doubling --num_channels doubles every width, which can look like a scale-shift-norm mismatch (whose
+    # emb_layers are twice as wide).
     ckpt = tiny_model().state_dict()
     with pytest.raises(RuntimeError) as err:
         tiny_model(num_channels=64).load_state_dict(ckpt)
