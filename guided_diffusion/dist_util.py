@@ -99,8 +99,35 @@ def _destroy_process_group():
         dist.destroy_process_group()
         comm.Barrier()
     else:
+        # No MPI to meet in after the group is gone: the rendezvous store (kept alive by this reference) counts the
+        # ranks out, and rank 0, which may host it, leaves last.
+        store = dist.distributed_c10d._get_default_store()
+        rank, world = dist.get_rank(), dist.get_world_size()
         launch_env.comm().Barrier()
         dist.destroy_process_group()
+        _leave_together(store, rank, world)
+
+
+def _leave_together(store, rank, world, timeout_s=60.0):
+    """
+    Wait until every rank has destroyed its group; rank 0 then also waits until the others are done with the store.
+    A rank that never arrives (it died) costs at most timeout_s per phase, not a hang.
+    """
+    import time
+
+    def count_up_to(key):
+        deadline = time.monotonic() + timeout_s
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        store.add("pag_adm/destroyed", 1)
+        count_up_to("pag_adm/destroyed")
+        store.add("pag_adm/left", 1)
+        if rank == 0:
+            count_up_to("pag_adm/left")
+    except Exception:  # noqa: BLE001 -- a store already closed by its host: nothing left to wait for
+        pass
 
 
 def _master_address(single_host):

@@ -23,6 +23,8 @@ IMAGE_SAMPLE = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
 HELPER = os.path.join(REPO_ROOT, "tests", "mpi_dist_helper.py")
 # The embedded digits model, five steps, five samples in batches of two: three batches over two ranks.
 TINY_RUN = ["--timestep_respacing", "5", "--num_samples", "5", "--batch_size", "2", "--seed", "3", "--grid", ""]
+# The embedded default also samples an unguided comparison (--compare True); these tests check one run.
+TINY_RUN += ["--compare", "False"]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "TORCHELASTIC_RUN_ID", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 

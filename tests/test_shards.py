@@ -14,6 +14,8 @@ from guided_diffusion.errors import UsageError
 
 # The embedded digits model, five steps; seven samples in batches of two make four batches.
 TINY_RUN = ["--timestep_respacing", "5", "--num_samples", "7", "--batch_size", "2", "--seed", "5", "--grid", ""]
+# The embedded default also samples an unguided comparison (--compare True); these tests check one run.
+TINY_RUN += ["--compare", "False"]
 
 
 @pytest.fixture(scope="module")
