@@ -2,6 +2,7 @@ import importlib.util
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,14 @@ GUIDED_PATHS = {
     "batched": dict(batched=True, share_prefix=False),
     "shared_prefix": dict(batched=True, share_prefix=True),
 }
+
+
+def images_around_one(n, size, seed, spread):
+    """
+    n uint8 NHWC images scattered by +-spread levels around one random image: batches whose features vary
+    enough for a full-rank covariance from few images.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(1, size, size, 3))
+    noise = rng.integers(-spread, spread, size=(n, size, size, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)

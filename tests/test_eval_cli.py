@@ -19,6 +19,8 @@ from evaluations.inception_score import inception_score
 from evaluations.kid import kernel_inception_distance
 from evaluations.precision_recall import compute_prec_recall
 
+from conftest import images_around_one
+
 TINY_NET = '''
 import torch
 import torch.nn.functional as F
@@ -60,10 +62,7 @@ def tiny_spec(tmp_path):
 
 
 def _images(n, size, seed):
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(1, size, size, 3))
-    noise = rng.integers(-60, 60, size=(n, size, size, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
+    return images_around_one(n, size, seed, spread=60)
 
 
 def _direct_results(net, ref, sample):

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from evaluations import evaluator as evaluator_cli
 from evaluations import make_reference_batch as make_ref_cli
@@ -17,6 +16,8 @@ from evaluations.evaluator import Evaluator
 from evaluations.feature_nets import load_feature_net
 from evaluations.frechet import compute_statistics
 from evaluations.npz_io import NpzWriter
+
+from conftest import images_around_one
 
 # The Inception code path (evaluations.inception.InceptionFeatureNet: TF1 resize to 299, (x - 128) / 128,
 # spatial features as the first 7 NHWC channels, IS logits through fc) around a tiny random-weight network, so
@@ -77,10 +78,7 @@ def spec(tmp_path):
 
 
 def _images(n, size, seed):
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(1, size, size, 3))
-    noise = rng.integers(-70, 70, size=(n, size, size, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
+    return images_around_one(n, size, seed, spread=70)
 
 
 def _adm_like_reference(path, net, images):
