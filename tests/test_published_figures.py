@@ -11,7 +11,7 @@ import pytest
 
 from guided_diffusion.table_rows import is_row, load_row
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
 
 # 'Results on pretrained models' and 'Compatibility of SAG and classifier guidance' (ImageNet 128).
 SAG_README = {
@@ -29,7 +29,7 @@ SAG_README = {
 
 
 def _rows():
-    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.cfg")))
+    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.cfg")))
     return [load_row(p) for p in paths if is_row(p)]
 
 

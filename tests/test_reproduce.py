@@ -7,7 +7,6 @@ The sampler runs as a subprocess (as reproduce.py always runs it); reproduce.py 
 
 import contextlib
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from guided_diffusion.table_rows import (
     steps_label,
 )
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT, load_script
 
 TINY = dict(
     image_size=16,
@@ -81,16 +80,9 @@ ADM_ROWS = [
 ]
 
 
-def _load_module(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def reproduce():
-    return _load_module(os.path.join(REPO_ROOT, "scripts", "reproduce.py"), "reproduce_under_test")
+    return load_script("reproduce")
 
 
 @pytest.fixture(scope="module")
