@@ -3,7 +3,6 @@ image_sample.py --compare: the same seeds sampled without and with the guidance 
 Runs the embedded digits model in this process, with few samples and steps.
 """
 
-import importlib.util
 import io
 import json
 import os
@@ -11,21 +10,11 @@ import os
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
-
 from guided_diffusion.image_output import enlarge_small, image_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FEW = ["--num_samples", "4", "--batch_size", "4", "--timestep_respacing", "3"]
-
-
-@pytest.fixture(scope="module")
-def image_sample():
-    spec = importlib.util.spec_from_file_location("image_sample", os.path.join(REPO_ROOT, "scripts", "image_sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import sys
 import threading
 import types
 
@@ -22,10 +21,9 @@ from guided_diffusion import assets
 from guided_diffusion import script_util as su
 from guided_diffusion.download import part_path
 
-from conftest import REPO_ROOT, TINY_ADM_FLAGS, reference_file
+from conftest import REPO_ROOT, TINY_ADM_FLAGS, load_script, reference_file
 
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-import fetch_assets  # noqa: E402
+fetch_assets = load_script("fetch_assets")
 
 
 class FileServer:

@@ -6,6 +6,7 @@ error messages.
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -451,17 +452,13 @@ def parse_row(name):
     """
     (row, args) of a shipped row config, parsed with its script's parser.
     """
-    import importlib.util
-    import os
-
     from guided_diffusion.flag_files import expand_flag_files, resolve_config
     from guided_diffusion.table_rows import select_configs
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from conftest import load_script
+
     (row,) = select_configs([name])
-    spec = importlib.util.spec_from_file_location("_row_script", os.path.join(root, "scripts", row.script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(os.path.join("scripts", row.script))
     tokens, _ = expand_flag_files(["@" + resolve_config(name)])
     args, unknown = module.create_argparser().parse_known_args(tokens)
     assert unknown == [], f"{name}: {unknown}"
