@@ -4,9 +4,8 @@ unwritable path at its end.
 """
 
 import os
-import tempfile
 
-from guided_diffusion.atomic_io import TMP_PREFIX
+from guided_diffusion.atomic_io import nearest_existing, probe_write
 
 
 class OutputPathError(ValueError):
@@ -16,9 +15,8 @@ class OutputPathError(ValueError):
 def check_output_file(path, what):
     """
     Raise OutputPathError unless a file can be written atomically at `path` (a temporary file beside it, then a
-    rename): `path` must not be a folder, and a file must be creatable in its folder. The check really writes
-    (os.access says yes to root on a read-only mount or in /proc), creating missing folders for the probe, and
-    removes all it made.
+    rename): `path` must not be a folder, and a file must be creatable in its folder, tried with a real write in
+    the nearest existing folder on the way (atomic_io.probe_write). Creates nothing.
 
     :param what: how the user gave the path, e.g. "--json results.json", for the message.
     """
@@ -26,24 +24,10 @@ def check_output_file(path, what):
     if os.path.isdir(path):
         raise OutputPathError(f"{what}: {path} is a folder; give the path of a file")
     folder = os.path.dirname(path)
-    created = []
-    probe = folder
-    while not os.path.exists(probe):
-        created.append(probe)
-        probe = os.path.dirname(probe)
+    probe = nearest_existing(folder)
     if not os.path.isdir(probe):
         raise OutputPathError(f"{what}: {probe} is a file, not a folder, so {path} cannot be written")
-    try:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=TMP_PREFIX + "probe-"):
-                pass
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise OutputPathError(f"{what}: cannot write a file in {folder} ({reason})") from None
-    finally:
-        for made in created:  # innermost first
-            try:
-                os.rmdir(made)
-            except OSError:
-                pass
+    exc = probe_write(probe)
+    if exc is not None:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputPathError(f"{what}: cannot write a file in {folder} ({reason})")

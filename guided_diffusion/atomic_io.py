@@ -95,32 +95,51 @@ def remove_temporary_files(folder):
             os.remove(os.path.join(folder, name))
 
 
-def unwritable_reason(path, is_folder=True):
+def nearest_existing(path):
     """
-    Why `path` (a folder to create or write into, or with is_folder=False a file to write) cannot be written, or
-    None when it can. Nothing is created: the nearest existing folder on the way is tried with a probe file that
-    is removed at once, which also catches what permission bits do not show (read-only mounts, /proc, quotas
-    taken to zero, ACLs).
+    `path` itself if it exists, else its nearest existing ancestor folder (or file).
     """
-    import tempfile
-
-    target = os.path.abspath(path)
-    if is_folder and os.path.exists(target) and not os.path.isdir(target):
-        return f"{path!r} is an existing file, not a folder"
-    if not is_folder and os.path.isdir(target):
-        return f"{path!r} is a folder, not a file"
-    probe = target if is_folder else os.path.dirname(target)
+    probe = os.path.abspath(path)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
             break
         probe = parent
-    if not os.path.isdir(probe):
-        return f"{path!r} lies under the file {probe!r}, not in a folder"
+    return probe
+
+
+def probe_write(folder):
+    """
+    None when a file can be created (and is at once removed) in the existing `folder`, else the OSError that
+    creating it raised. A real write, since permission bits do not show read-only mounts, /proc, quotas taken to
+    zero or ACLs (and os.access says yes to root).
+    """
+    import tempfile
+
     try:
-        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe-", dir=probe)
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe-", dir=folder)
     except OSError as exc:
-        return f"{path!r} cannot be written: cannot create files in {probe!r} ({exc.strerror or exc})"
+        return exc
     os.close(fd)
     os.remove(name)
+    return None
+
+
+def unwritable_reason(path, is_folder=True):
+    """
+    Why `path` (a folder to create or write into, or with is_folder=False a file to write) cannot be written, or
+    None when it can. Nothing is created: the nearest existing folder on the way is tried with a probe file
+    (probe_write).
+    """
+    target = os.path.abspath(path)
+    if is_folder and os.path.exists(target) and not os.path.isdir(target):
+        return f"{path!r} is an existing file, not a folder"
+    if not is_folder and os.path.isdir(target):
+        return f"{path!r} is a folder, not a file"
+    probe = nearest_existing(target if is_folder else os.path.dirname(target))
+    if not os.path.isdir(probe):
+        return f"{path!r} lies under the file {probe!r}, not in a folder"
+    exc = probe_write(probe)
+    if exc is not None:
+        return f"{path!r} cannot be written: cannot create files in {probe!r} ({exc.strerror or exc})"
     return None
