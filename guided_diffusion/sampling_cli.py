@@ -262,7 +262,7 @@ def start_run(args, checkpoints, kind="diffusion", check=None, output=None, inpu
         flags=set(vars(args)),
     )
     for line in ignored_flags_warnings(args):
-        warn(run, line)
+        say(run, line, file=sys.stderr)
     return run
 
 
@@ -278,13 +278,14 @@ def check_attention_backend():
         raise UsageError(str(exc)) from None
 
 
-def say(run, message):
+def say(run, message, file=None):
     """
-    A log line before the output folder exists: printed by rank 0 now, copied into log.txt by finish_run.
+    A log line before the output folder exists: printed by rank 0 now (to `file`, default stdout; warnings go to
+    stderr), copied into log.txt by finish_run.
     """
     run.notes.append(message)
     if run.comm.rank == 0:
-        print(message, flush=True)
+        print(message, file=file or sys.stdout, flush=True)
 
 
 def say_if_not_deterministic(run, args, reason):
@@ -295,15 +296,6 @@ def say_if_not_deterministic(run, args, reason):
     note = not_deterministic_note(getattr(args, "deterministic", False), run.device, reason)
     if note:
         say(run, note)
-
-
-def warn(run, message):
-    """
-    A warning before the output folder exists: to stderr on rank 0 now, copied into log.txt by finish_run.
-    """
-    run.notes.append(message)
-    if run.comm.rank == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def load_checkpoint(run, module, flag, what, use_fp16):
