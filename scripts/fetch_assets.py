@@ -33,7 +33,8 @@ from guided_diffusion.download import DownloadError, discard_part, download_part
 from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
 
-CHECKPOINT_FLAGS = ("model_path", "classifier_path")
+# --ag_model_path: autoguidance's guide checkpoint (rows that autoguide).
+CHECKPOINT_FLAGS = ("model_path", "classifier_path", "ag_model_path")
 
 
 class FetchUsageError(Exception):
