@@ -231,7 +231,8 @@ def state_dict_mismatch(expected, state, examples=3):
         if keys:
             shown = ", ".join(keys[:examples]) + (", ..." if len(keys) > examples else "")
             parts.append(f"{len(keys)} {label} ({shown})")
-    return f"{len(missing) + len(unexpected) + len(reshaped)} of its keys do not fit the {len(expected)} of ViT-L/14: " + "; ".join(parts)
+    count = len(missing) + len(unexpected) + len(reshaped)
+    return f"{count} of its keys do not fit the {len(expected)} of ViT-L/14: " + "; ".join(parts)
 
 
 def vitl14_state_shapes():
@@ -265,10 +266,13 @@ def build_dinov2_vit(weights_path):
     except Exception as exc:  # torch raises many kinds (pickle, zip, EOF, runtime) here
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise DINOv2WeightsError(
-            f"{weights_path}: not the {WEIGHTS_FILENAME} weights: torch.load cannot read it ({type(exc).__name__}: {first})"
+            f"{weights_path}: not the {WEIGHTS_FILENAME} weights: torch.load cannot read it "
+            f"({type(exc).__name__}: {first})"
         ) from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise DINOv2WeightsError(f"{weights_path}: not the {WEIGHTS_FILENAME} weights: it holds a {type(state).__name__}, not a state dict")
+        raise DINOv2WeightsError(
+            f"{weights_path}: not the {WEIGHTS_FILENAME} weights: it holds a {type(state).__name__}, not a state dict"
+        )
     vit = DINOv2ViT(VITL14)
     problem = state_dict_mismatch({k: tuple(v.shape) for k, v in vit.state_dict().items()}, state)
     if problem:

@@ -33,11 +33,12 @@ ADM_EVAL_README = "openai/guided-diffusion evaluations/README.md, 'Download batc
 class Asset:
     """
     One file. `folder` is "models" or "datasets" (under the repository root) or "torch_hub" (torch's checkpoint
-    folder, where the evaluator looks for the Inception weights). `check` names how a copy is verified:
+    folder, where the evaluator looks for the Inception and DINOv2 weights). `check` names how a copy is verified:
     "checkpoint" (loads strict=True into the architecture `builder` builds from `flags`), "reference_batch"
     (an npz with uint8 N x H x W x 3 images in arr_0), "sha256_name" (its sha256 starts with the hex in its
-    published name), "dinov2_vitl14" (exactly the keys and shapes of the published DINOv2 ViT-L/14), "lpips_linear" (LPIPS v0.1's linear layers for `flags["net"]`). An empty `url` means the
-    file cannot be fetched by plain HTTP: `manual` then says how to get it.
+    published name), "dinov2_vitl14" (exactly the keys and shapes of the published DINOv2 ViT-L/14),
+    "lpips_linear" (LPIPS v0.1's linear layers for `flags["net"]`). An empty `url` means the file cannot be fetched
+    by plain HTTP: `manual` then says how to get it.
     """
 
     name: str
