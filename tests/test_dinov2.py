@@ -167,3 +167,17 @@ def test_fetch_entry_for_the_weights(small_weights, tmp_path):
     torch.save(state, tmp_path / "short.pth")
     with pytest.raises(assets.VerificationError, match="1 missing \\(norm.bias\\)"):
         assets.verify(asset, str(tmp_path / "short.pth"))
+
+
+def test_statistics_recording_no_network_are_not_taken_for_dinov2s(small_weights, tmp_path, capsys):
+    # ADM's reference batches store Inception statistics without naming the network: FD_DINOv2 recomputes them.
+    rng = np.random.RandomState(4)
+    ref = tmp_path / "adm_style.npz"
+    np.savez(ref, arr_0=rng.randint(0, 256, (6, 32, 32, 3)).astype(np.uint8), mu=np.zeros(2048),
+             sigma=np.eye(2048))
+    sample = write_batch(tmp_path / "sample.npz", rng.randint(0, 256, (5, 32, 32, 3)).astype(np.uint8))
+    evaluator_cli.main([str(ref), sample, "--feature_net", "dinov2", "--dinov2_path", str(small_weights),
+                        "--device", "cpu", "--no_cache"])
+    captured = capsys.readouterr()
+    assert "record no feature network, so they are taken to be the FID Inception's" in captured.err
+    assert "Statistics: reference computed from its 6 images" in captured.out.splitlines()
