@@ -33,6 +33,7 @@ from evaluations.feature_nets import (
     embed_batch,
     load_cli_feature_net,
     net_channels,
+    net_fd_label,
     net_identity,
     net_is_fid_inception,
     net_logits,
@@ -474,6 +475,8 @@ class Evaluator:
             num_samples=len(sample_acts),
             feature_net=name,
             feature_net_weights=weights,
+            # What "fid" is on these features: FID on Inception's, FD_DINOv2 on DINOv2's (the value stays under "fid").
+            fd_label=net_fd_label(self.net),
             ref_stats=ref_sources["pool"],
             ref_stats_spatial=ref_sources["spatial"],
             sample_stats=sample_sources["pool"],
@@ -528,8 +531,10 @@ RESULT_LINES = (
 
 def format_results(results):
     lines = []
+    fd_label = results.get("fd_label") or "FID"
     for label, key in RESULT_LINES:
         value = results.get(key)
+        label = fd_label if key == "fid" else label
         lines.append(f"{label}: {value if value is not None else 'n/a'}")
     if results.get("kid_mean") is None:
         lines.append("KID: n/a")
@@ -537,6 +542,8 @@ def format_results(results):
         lines.append(f"KID: {results['kid_mean']} ± {results['kid_std']}")
     if "ref_stats" in results:
         lines.append(describe_statistics(results))
+    if fd_label != "FID":
+        lines.append(f"Features: every figure above from {results.get('feature_net')}'s features ({fd_label})")
     return "\n".join(lines)
 
 
@@ -554,13 +561,20 @@ def create_argparser():
     parser.add_argument(
         "--feature_net",
         default="inception",
-        help="'inception', 'package.module:factory', 'file.py:factory' or a TorchScript file",
+        help="'inception' (FID), 'dinov2' (FD_DINOv2), 'package.module:factory', 'file.py:factory' or a "
+        "TorchScript file",
     )
     parser.add_argument(
         "--inception_path",
         default=None,
         help="pt_inception-2015-12-05-6726825d.pth (else $PAG_ADM_INCEPTION_PATH, else the "
         "torch hub checkpoint folder)",
+    )
+    parser.add_argument(
+        "--dinov2_path",
+        default=None,
+        help="with --feature_net dinov2: dinov2_vitl14_pretrain.pth (else $PAG_ADM_DINOV2_PATH, else the torch hub "
+        "checkpoint folder, where scripts/fetch_assets.py puts it)",
     )
     parser.add_argument(
         "--cache_dir",
@@ -607,7 +621,7 @@ def main(argv=None):
             check_output_file(args.json, f"--json {args.json}")
         device = resolve_device(args.device)
         net = load_cli_feature_net(
-            args.feature_net, device, args.inception_path, fast_gpu=args.fast_gpu
+            args.feature_net, device, args.inception_path, fast_gpu=args.fast_gpu, dinov2_path=args.dinov2_path
         )
         evaluator = Evaluator(
             net,

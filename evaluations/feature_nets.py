@@ -18,8 +18,13 @@ conventions, TorchScript included):
 - fid_inception, set only by evaluations.inception's network: statistics that record no network (ADM's reference
   batches) are used with it and with no other network.
 
+- fd_label, optional: what the Fréchet distance on its pool features is called in results ("FID" when absent;
+  "FD_DINOv2" for evaluations.dinov2's network).
+
 load_feature_net() resolves the --feature_net spec of the command-line tools:
   inception              the FID Inception-v3 (weights from --inception_path and friends)
+  dinov2                 DINOv2 ViT-L/14 behind EDM2's preprocessing, for FD_DINOv2 (weights from --dinov2_path,
+                         else $PAG_ADM_DINOV2_PATH, else torch hub's checkpoint folder)
   package.module:factory a callable in an importable module
   path/to/file.py:factory a callable in a Python file
   path/to/net.pt         a TorchScript module saved with torch.jit.save (with a `logits`
@@ -101,6 +106,11 @@ def net_is_fid_inception(net):
 
 def net_channels(net):
     return getattr(net, "input_channels", None)
+
+
+def net_fd_label(net):
+    """What the Fréchet distance on the network's pool features is called: "FID" unless the network says."""
+    return getattr(net, "fd_label", None) or "FID"
 
 
 def net_logits(net, pool):
@@ -202,20 +212,25 @@ def _load_python_object(spec):
 
 # Networks known by a short name, as 'module:factory' strings resolved on use: this module never
 # imports the networks themselves, so they can import FeatureNet from here without a cycle.
-# Each factory takes the keyword arguments load_feature_net passes it (inception_path, fast_gpu).
+# Each factory takes those of load_feature_net's keyword arguments that it names (inception_path, fast_gpu,
+# dinov2_path, device).
 BUILTIN_NETS = {
     "inception": "evaluations.inception:load_inception_feature_net",
+    "dinov2": "evaluations.dinov2:load_dinov2_feature_net",
 }
 
 
-def load_feature_net(spec="inception", device="cpu", inception_path=None, fast_gpu=False):
+def load_feature_net(spec="inception", device="cpu", inception_path=None, fast_gpu=False, dinov2_path=None):
     """
     Resolve a --feature_net spec (see the module docstring) to a network on `device`.
     fast_gpu asks the built-in Inception for its TF32/float16 CUDA mode; other networks ignore it.
+    dinov2_path is the DINOv2 weights file of the built-in 'dinov2' (default: see evaluations.dinov2).
     """
     if spec in BUILTIN_NETS:
         factory = _load_python_object(BUILTIN_NETS[spec])
-        net = factory(inception_path=inception_path, fast_gpu=fast_gpu)
+        options = dict(inception_path=inception_path, fast_gpu=fast_gpu, dinov2_path=dinov2_path, device=device)
+        named = inspect.signature(factory).parameters
+        net = factory(**{key: value for key, value in options.items() if key in named})
     elif ":" in spec and not os.path.isfile(spec):
         factory = _load_python_object(spec)
         if isinstance(factory, nn.Module) or not callable(factory):
@@ -245,7 +260,7 @@ def load_feature_net(spec="inception", device="cpu", inception_path=None, fast_g
         net = ScriptedFeatureNet(module, "torchscript:" + _file_identity(spec))
     else:
         raise ValueError(
-            f"unknown feature network {spec!r}: expected 'inception', 'package.module:factory', "
+            f"unknown feature network {spec!r}: expected 'inception', 'dinov2', 'package.module:factory', "
             "'path/to/file.py:factory', or the path of a TorchScript (.pt) or torch.export "
             "(.pt2) file"
         )
@@ -254,13 +269,13 @@ def load_feature_net(spec="inception", device="cpu", inception_path=None, fast_g
     return net
 
 
-def load_cli_feature_net(spec, device, inception_path, fast_gpu=False):
+def load_cli_feature_net(spec, device, inception_path, fast_gpu=False, dinov2_path=None):
     """load_feature_net for the command-line tools: a failure is one line (ValueError)."""
     if fast_gpu and torch.device(device).type != "cuda":
         raise ValueError(f"--fast_gpu speeds up CUDA only; drop it for --device {device}")
     try:
         return load_feature_net(
-            spec, device=device, inception_path=inception_path, fast_gpu=fast_gpu
+            spec, device=device, inception_path=inception_path, fast_gpu=fast_gpu, dinov2_path=dinov2_path
         )
     except (ValueError, FileNotFoundError):
         raise

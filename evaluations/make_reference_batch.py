@@ -12,7 +12,7 @@ resized when --image_size differs from their size).
 OUT.npz gets `arr_0` (N x H x W x C uint8) plus FID statistics computed with the feature network:
 `mu`, `sigma` from pool features and `mu_s`, `sigma_s` from spatial features, and
 `stats_feature_net`, `stats_feature_weights` naming the network and a digest of its weights (the
-evaluator uses the statistics only with that same network). --no_stats writes the images only (no weights needed).
+evaluator uses the statistics only with that same network). `--feature_net dinov2` stores DINOv2's (FD_DINOv2). --no_stats writes the images only (no weights needed).
 Images are streamed in and out, so large batches never sit in memory whole.
 """
 
@@ -251,6 +251,7 @@ def create_argparser():
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--feature_net", default="inception", help="as for evaluator.py")
     parser.add_argument("--inception_path", default=None, help="as for evaluator.py")
+    parser.add_argument("--dinov2_path", default=None, help="as for evaluator.py (with --feature_net dinov2)")
     return parser
 
 
@@ -265,7 +266,7 @@ def main(argv=None):
         device = resolve_device(args.device)
         net = None
         if not args.no_stats:
-            net = load_cli_feature_net(args.feature_net, device, args.inception_path)
+            net = load_cli_feature_net(args.feature_net, device, args.inception_path, dinov2_path=args.dinov2_path)
         result = make_reference_batch(
             args.source,
             args.out,

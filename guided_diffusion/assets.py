@@ -3,7 +3,8 @@ The released files the scripts need: where each is published, where it goes, and
 
 This is the one place that records their URLs, each as its project publishes it (ADM's checkpoints: the README of
 openai/guided-diffusion; ADM's reference batches: its evaluations/README.md; the FID Inception weights: the
-pytorch-fid release; LPIPS's linear layers: the files in richzhang/PerceptualSimilarity; the LPIPS backbones:
+pytorch-fid release; the DINOv2 ViT-L/14 weights of FD_DINOv2: the URL facebookresearch/dinov2's hub code
+builds; LPIPS's linear layers: the files in richzhang/PerceptualSimilarity; the LPIPS backbones:
 torchvision's model URLs; DPS's FFHQ model: the DPS README's Google Drive folder). Nothing here touches the
 network: `python scripts/fetch_assets.py NAME` downloads, and only when asked. The other scripts only name that
 command in their missing-file messages (fetch_hint).
@@ -20,6 +21,7 @@ from .file_digest import sha256_of
 
 BASE_URL_ENV = "PAG_ADM_ASSET_BASE_URL"
 INCEPTION_PATH_ENV = "PAG_ADM_INCEPTION_PATH"
+DINOV2_PATH_ENV = "PAG_ADM_DINOV2_PATH"
 
 ADM_RELEASE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 ADM_REF_BATCHES = ADM_RELEASE + "ref_batches/"
@@ -31,11 +33,12 @@ ADM_EVAL_README = "openai/guided-diffusion evaluations/README.md, 'Download batc
 class Asset:
     """
     One file. `folder` is "models" or "datasets" (under the repository root) or "torch_hub" (torch's checkpoint
-    folder, where the evaluator looks for the Inception weights). `check` names how a copy is verified:
+    folder, where the evaluator looks for the Inception and DINOv2 weights). `check` names how a copy is verified:
     "checkpoint" (loads strict=True into the architecture `builder` builds from `flags`), "reference_batch"
     (an npz with uint8 N x H x W x 3 images in arr_0), "sha256_name" (its sha256 starts with the hex in its
-    published name), "lpips_linear" (LPIPS v0.1's linear layers for `flags["net"]`). An empty `url` means the
-    file cannot be fetched by plain HTTP: `manual` then says how to get it.
+    published name), "dinov2_vitl14" (exactly the keys and shapes of the published DINOv2 ViT-L/14),
+    "lpips_linear" (LPIPS v0.1's linear layers for `flags["net"]`). An empty `url` means the file cannot be fetched
+    by plain HTTP: `manual` then says how to get it.
     """
 
     name: str
@@ -111,6 +114,7 @@ def _reference_batch(subpath, what):
 
 
 INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
+DINOV2 = "dinov2_vitl14_pretrain.pth"
 
 ASSETS = [
     _adm_checkpoint("64x64_diffusion.pt", "64x64_diffusion", "ADM ImageNet 64x64 class-conditional diffusion model"),
@@ -139,6 +143,13 @@ ASSETS = [
         INCEPTION, "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION,
         "torch_hub", "sha256_name", "FID Inception-v3 weights (the evaluator's feature network)",
         "mseitzer/pytorch-fid release 'fid_weights'", env_path=INCEPTION_PATH_ENV,
+    ),
+    Asset(
+        # facebookresearch/dinov2 hub/backbones.py: _DINOV2_BASE_URL + /dinov2_vitl14/dinov2_vitl14_pretrain.pth. In
+        # torch hub's checkpoint folder, where torch.hub.load_state_dict_from_url caches it too.
+        DINOV2, "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + DINOV2, "torch_hub", "dinov2_vitl14",
+        "DINOv2 ViT-L/14 weights (the evaluator's --feature_net dinov2, for FD_DINOv2)",
+        "facebookresearch/dinov2 hub code (dinov2/hub/backbones.py)", env_path=DINOV2_PATH_ENV,
     ),
     Asset(
         "lpips_vgg.pth", "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
@@ -177,6 +188,7 @@ GROUPS = {
     "upsamplers": ["64_256_upsampler.pt", "128_512_upsampler.pt"],
     "lsun": ["lsun_bedroom.pt", "lsun_cat.pt", "lsun_horse.pt", "lsun_horse_nodropout.pt"],
     "inception": [INCEPTION],
+    "dinov2": [DINOV2],
     "eval-imagenet64": ["VIRTUAL_imagenet64_labeled.npz", INCEPTION],
     "eval-imagenet128": ["VIRTUAL_imagenet128_labeled.npz", INCEPTION],
     "eval-imagenet256": ["VIRTUAL_imagenet256_labeled.npz", INCEPTION],
@@ -364,6 +376,17 @@ def _check_lpips_linear(asset, path):
             raise VerificationError(f"'{key}' is missing or not shaped (1, {c}, 1, 1), as LPIPS v0.1's {asset.flags['net']}.pth has it")
 
 
+def _check_dinov2(path):
+    from evaluations.dinov2 import state_dict_mismatch, vitl14_state_shapes
+
+    state = _torch_load(path)
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise VerificationError(f"it holds a {type(state).__name__}, not a state dict")
+    problem = state_dict_mismatch(vitl14_state_shapes(), state)
+    if problem:
+        raise VerificationError(problem)
+
+
 def verify(asset, path):
     """
     Raise VerificationError unless the file at `path` passes the asset's check; return what was checked.
@@ -382,6 +405,9 @@ def verify(asset, path):
         if not digest.startswith(prefix):
             raise VerificationError(f"its sha256 is {digest[:16]}..., but its name says it starts with {prefix}")
         return f"sha256 starts with {prefix}"
+    if asset.check == "dinov2_vitl14":
+        _check_dinov2(path)
+        return "the keys and shapes of DINOv2 ViT-L/14"
     if asset.check == "lpips_linear":
         _check_lpips_linear(asset, path)
         return f"LPIPS v0.1 {asset.flags['net']} linear layers"

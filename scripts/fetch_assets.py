@@ -1,6 +1,6 @@
 """
 Download and verify the released files the scripts need: ADM's checkpoints and reference batches, the FID
-Inception weights, the LPIPS weights, and (as a manual download it checks) DPS's FFHQ model. This is the only
+Inception weights, the DINOv2 ViT-L/14 weights of FD_DINOv2, the LPIPS weights, and (as a manual download it checks) DPS's FFHQ model. This is the only
 command that downloads anything, and only the files named.
 
     python scripts/fetch_assets.py adm256_uncond_ddpm250_pag     # what one table row needs
@@ -9,7 +9,7 @@ command that downloads anything, and only the files named.
     python scripts/fetch_assets.py 256x256_classifier.pt --dest /data/adm
     python scripts/fetch_assets.py --list
 
-NAME is a file name (see --list), a group (adm64, adm128, adm256, adm512, upsamplers, lsun, inception,
+NAME is a file name (see --list), a group (adm64, adm128, adm256, adm512, upsamplers, lsun, inception, dinov2,
 eval-imagenet64, eval-imagenet128, eval-imagenet256, eval-imagenet512, eval-lsun, lpips, lpips-alex, ffhq-dps), or a
 config (configs/NAME.cfg, a path, or a quoted glob over config names): the checkpoints its --model_path and
 --classifier_path name, its reference batch and its feature network's weights.
@@ -18,8 +18,8 @@ Each file streams into NAME.part beside its destination with a progress bar; an 
 there (HTTP Range) when the same command runs again. It is renamed into place only once complete (the size the
 server announced) and verified: ADM's checkpoints load with strict=True into the architecture of ADM's README
 flags (DPS's into that of configs/ffhq256_model.cfg), reference batches are npz files of uint8 images, the
-Inception and torchvision weights match the sha256 prefix in their names, LPIPS's linear layers have LPIPS v0.1's
-shapes. A file already in place and verified is skipped. See docs/reproduce.md.
+Inception and torchvision weights match the sha256 prefix in their names, DINOv2's have exactly the keys and
+shapes of ViT-L/14, LPIPS's linear layers have LPIPS v0.1's shapes. A file already in place and verified is skipped. See docs/reproduce.md.
 """
 
 import argparse
@@ -33,7 +33,8 @@ from guided_diffusion.download import DownloadError, discard_part, download_part
 from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
 
-CHECKPOINT_FLAGS = ("model_path", "classifier_path")
+# --ag_model_path: autoguidance's guide checkpoint (rows that autoguide).
+CHECKPOINT_FLAGS = ("model_path", "classifier_path", "ag_model_path")
 
 
 class FetchUsageError(Exception):
@@ -54,9 +55,9 @@ def create_argparser():
     where.add_argument(
         "--dest", metavar="DIR",
         help="put every file in DIR instead of its default place (checkpoints and LPIPS weights: the "
-        "repository's models/, reference batches: its datasets/, Inception weights: torch's hub checkpoint folder or $"
-        f"{assets.INCEPTION_PATH_ENV}); pass DIR to the scripts too (reproduce.py --model_dir DIR, "
-        "--ref_batch, --inception_path)",
+        "repository's models/, reference batches: its datasets/, Inception and DINOv2 weights: torch's hub checkpoint folder or $"
+        f"{assets.INCEPTION_PATH_ENV} / ${assets.DINOV2_PATH_ENV}); pass DIR to the scripts too (reproduce.py "
+        "--model_dir DIR, --ref_batch, --inception_path, evaluator.py --dinov2_path)",
     )
     where.add_argument(
         "--force", action="store_true",
@@ -122,6 +123,8 @@ def config_needs(path):
     feature_net = meta.get("feature_net") or ("inception" if is_row_metadata(meta) else "")
     if feature_net == "inception":
         needs.append((assets.INCEPTION, assets.INCEPTION, "feature network"))
+    elif feature_net == "dinov2":
+        needs.append((assets.DINOV2, assets.DINOV2, "feature network"))
     return needs
 
 
