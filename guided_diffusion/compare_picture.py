@@ -78,12 +78,13 @@ def difference_images(plain, perturbed, factor):
     return grey.repeat(3, axis=3)
 
 
-def draw(plain, guided, titles, predictions=None, ncol=8):
+def draw(plain, guided, titles, predictions=None, note="", ncol=8):
     """
     Draw compare.png.
 
     :param plain, guided: uint8 NHWC, the same seeds without and with guidance (the two panels).
     :param titles: the two panels' titles.
+    :param note: a sentence to print under the panels' legend (e.g. what is known of the setting's result).
     :param predictions: for PAG, a namespace with indices (into plain/guided: the columns of the bottom part),
                         plain and perturbed (uint8 NHWC x0 predictions of those samples), step (0-based), steps,
                         t, difference (mean |plain - perturbed| at that step, grey levels), scale, layers (the
@@ -113,14 +114,18 @@ def draw(plain, guided, titles, predictions=None, ncol=8):
                 lines.append(word)
         return lines
 
-    facts = SimpleNamespace(changed=int(changed.sum()), shown=len(plain), level=CHANGED_LEVEL)
-    header = wrap("The same seeds, without guidance (left) and with it (right)", title_font)
-    legend = wrap(
-        f"Framed: the {facts.changed} of {facts.shown} samples the guidance changed by {CHANGED_LEVEL} or more grey "
-        f"levels (of 255) on average over their pixels.",
-        font,
-        width - 2 * MARGIN - 2 * line,
+    change = change_per_sample(plain, guided)
+    facts = SimpleNamespace(
+        changed=int(changed.sum()), shown=len(plain), level=CHANGED_LEVEL, least=float(change.min()),
+        most=float(change.max()),
     )
+    header = wrap("The same seeds, without guidance (left) and with it (right)", title_font)
+    legend = (
+        f"Framed: the {facts.changed} of {facts.shown} samples the guidance changed most, by {CHANGED_LEVEL} or more "
+        f"grey levels (of 255) on average over their pixels (every sample changed, by {facts.least:.1f} to "
+        f"{facts.most:.1f})."
+    )
+    legend = wrap(legend, font, width - 2 * MARGIN - 2 * line) + wrap(note, font, width - 2 * MARGIN - 2 * line)
     bottom = _bottom_part(plain, guided, predictions, facts) if predictions is not None else None
     if bottom is not None:
         bottom.title, bottom.caption = wrap(bottom.title, font), wrap(bottom.caption, font)

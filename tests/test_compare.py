@@ -103,3 +103,17 @@ def test_unguided_and_guided_default_share_the_unguided_samples(image_sample, tm
     assert "baseline/samples_4x16x16x3.npz is already complete" in capsys.readouterr().out
     assert (tmp_path / plain_path).read_bytes() == plain
     assert (tmp_path / "samples" / "digits16" / "compare.png").exists()
+
+
+def test_the_embedded_result_is_stated_only_at_its_settings(image_sample, tmp_path, monkeypatch):
+    # compare.png repeats the measured FID of the embedded config only for samples of that setting (any seed,
+    # number or folder); other guidance is another setting.
+    notes = []
+    draw = image_sample.compare_picture.draw
+    monkeypatch.setattr(
+        image_sample.compare_picture, "draw", lambda *args: notes.append(args[4]) or draw(*args)
+    )
+    few = ["--num_samples", "2", "--batch_size", "2", "--seed", "7"]
+    image_sample.main(few + ["--out_dir", str(tmp_path / "default")])
+    image_sample.main(few + ["--pag_scale", "2", "--out_dir", str(tmp_path / "other")])
+    assert notes == [image_sample.EMBEDDED_RESULT, ""]

@@ -74,7 +74,8 @@ def test_the_changed_samples_are_framed_and_counted(drawn):
         framed += [k] if tuple(corner) == cp.FRAME else []
     assert framed == [3, 10, 40]
     assert regions["facts"].changed == 3
-    assert "Framed: the 3 of 64 samples the guidance changed by 16 or more grey levels" in drawn.text
+    assert "Framed: the 3 of 64 samples the guidance changed most, by 16 or more grey levels" in drawn.text
+    assert "(every sample changed, by 0.0 to 100.0)" in drawn.text
 
 
 def test_the_difference_row_is_amplified_as_labelled(drawn):
