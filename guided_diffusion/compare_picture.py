@@ -87,7 +87,8 @@ def draw(plain, guided, titles, predictions=None, note="", ncol=8):
     :param note: a sentence to print under the panels' legend (e.g. what is known of the setting's result).
     :param predictions: for PAG, a namespace with indices (into plain/guided: the columns of the bottom part),
                         plain and perturbed (uint8 NHWC x0 predictions of those samples), step (0-based), steps,
-                        t, difference (mean |plain - perturbed| at that step, grey levels), scale, layers (the
+                        t, guided_steps (how many steps PAG guides), difference (mean |plain - perturbed| at that
+                        step, grey levels), scale, layers (the
                         perturbed blocks, in words) and perturbation (its kind, as perturbations.py describes it).
     :return: (uint8 HWC RGB image, regions): regions maps "left" and "right" (the panels' sample grids), and with
              predictions "finals" (the bottom part's final samples, two rows), "predictions" (its three rows of
@@ -120,11 +121,17 @@ def draw(plain, guided, titles, predictions=None, note="", ncol=8):
         most=float(change.max()),
     )
     header = wrap("The same seeds, without guidance (left) and with it (right)", title_font)
-    legend = (
-        f"Framed: the {facts.changed} of {facts.shown} samples the guidance changed most, by {CHANGED_LEVEL} or more "
-        f"grey levels (of 255) on average over their pixels (every sample changed, by {facts.least:.1f} to "
-        f"{facts.most:.1f})."
-    )
+    spread = f"{facts.least:.1f} to {facts.most:.1f}"
+    if facts.changed:
+        legend = (
+            f"Framed: the {facts.changed} of {facts.shown} samples the guidance changed most, by {CHANGED_LEVEL} or "
+            f"more grey levels (of 255) on average over their pixels (every sample changed, by {spread})."
+        )
+    else:
+        legend = (
+            f"The guidance changed no sample by {CHANGED_LEVEL} or more grey levels (of 255) on average over its "
+            f"pixels, so none is framed (each changed by {spread})."
+        )
     legend = wrap(legend, font, width - 2 * MARGIN - 2 * line) + wrap(note, font, width - 2 * MARGIN - 2 * line)
     bottom = _bottom_part(plain, guided, predictions, facts) if predictions is not None else None
     if bottom is not None:
@@ -133,7 +140,8 @@ def draw(plain, guided, titles, predictions=None, note="", ncol=8):
     # Lay out from the top: each part's y, then the canvas's height.
     tops, y = {}, MARGIN
     tops["header"], y = y, y + len(header) * (TITLE_SIZE + 8)
-    tops["titles"], y = y, y + line + 2
+    titles = [wrap(title, font, panel.shape[1] - 2 * PADDING) for title, panel in zip(titles, panels)]
+    tops["titles"], y = y, y + max(len(lines) for lines in titles) * line + 2
     tops["panels"], y = y, y + max(p.shape[0] for p in panels) + 6
     tops["legend"], y = y, y + len(legend) * line
     if bottom is not None:
@@ -160,13 +168,17 @@ def draw(plain, guided, titles, predictions=None, note="", ncol=8):
 
     text_lines(header, MARGIN, tops["header"], title_font, TITLE_SIZE + 8)
     for left, title in zip(lefts, titles):
-        write((left, tops["titles"]), title)
+        text_lines(title, left, tops["titles"], font, line)
     for key, left, grid in zip(("left", "right"), lefts, panels):
         canvas.paste(Image.fromarray(grid), (left, tops["panels"]))
-        regions[key] = (tops["panels"] + PADDING, left + PADDING, grid.shape[0] - 2 * PADDING, grid.shape[1] - 2 * PADDING)
+        height, width = grid.shape[0] - 2 * PADDING, grid.shape[1] - 2 * PADDING
+        regions[key] = (tops["panels"] + PADDING, left + PADDING, height, width)
     y = tops["legend"]
-    pen.rectangle([MARGIN, y + 2, MARGIN + line - 6, y + line - 4], outline=FRAME, width=3)
-    text_lines(legend, MARGIN + 2 * line - 8, y, font, line)
+    indent = 0
+    if facts.changed:
+        pen.rectangle([MARGIN, y + 2, MARGIN + line - 6, y + line - 4], outline=FRAME, width=3)
+        indent = 2 * line - 8
+    text_lines(legend, MARGIN + indent, y, font, line)
     if bottom is None:
         return np.asarray(canvas), regions
 
@@ -239,16 +251,20 @@ def _bottom_part(plain, guided, predictions, facts):
         "x0 predicted, attention perturbed",
         f"plain - perturbed, x{factor}",
     ]
+    where = "the step where its two predictions differ most"
+    if p.guided_steps < p.steps:
+        where = f"of the {p.guided_steps} steps it guides, the one where its two predictions differ most"
     title = (
         f"Below: the {count} samples changed most, and what PAG steered them away from at step {p.step + 1} of "
-        f"{p.steps} (t = {p.t}), the step where its two predictions differ most."
+        f"{p.steps} (t = {p.t}), {where}."
     )
     caption = (
-        f"At every step PAG runs the model a second time with the attention of {p.layers} {perturbed}, and moves its "
-        f"prediction away from the perturbed one: guided x0 = plain + {p.scale:g} x (plain - perturbed). At step "
-        f"{p.step + 1} the two predictions of these samples differ by {p.difference:.1f} grey levels on average; "
-        f"the bottom row shows that difference {factor} times larger (mid-grey: no difference, light: the plain "
-        f"prediction is brighter, dark: darker). Repeated over {p.steps} steps, these small pushes changed the "
-        f"framed samples."
+        f"At every step it guides, PAG runs the model a second time with the attention of {p.layers} {perturbed}, "
+        f"and moves its prediction away from the perturbed one: "
+        f"guided x0 = plain + {p.scale:g} x (plain - perturbed). At step {p.step + 1} the two predictions of these "
+        f"samples differ by {p.difference:.1f} grey levels on average; the bottom row shows that difference "
+        f"{factor} times larger (mid-grey: no difference, light: the plain prediction is brighter, dark: darker). "
+        f"Repeated over the {p.guided_steps} steps it guides, these pushes make the differences between the two "
+        f"panels."
     )
     return SimpleNamespace(grids=grids, tile=tile, labels=labels, title=title, caption=caption)

@@ -197,7 +197,8 @@ def perturbed_predictions(args, indices=None, step=None):
     :return: namespace of indices, plain and perturbed (uint8 NHWC, at the kept step), final (the guided
              samples, uint8 NHWC), step, steps, t (the step's timestep on the model's scale), differences (the
              mean absolute difference of every step, None where the step is not guided), difference (the kept
-             step's), layers (the perturbed blocks, in words), scale and perturbation (its kind, described);
+             step's), guided_steps (how many were measured), layers (the perturbed blocks, in words), scale and
+             perturbation (its kind, described);
              step, t, plain and perturbed are None when no step was guided.
     """
     indices = list(range(min(8, args.num_samples)) if indices is None else indices)
@@ -241,6 +242,7 @@ def perturbed_predictions(args, indices=None, step=None):
         if args.class_cond:
             model_kwargs["y"] = draw_labels(generators, NUM_CLASSES).to(device)
         taken.final = cli.sample_images(diffusion, recording, args, generators, args.image_size, model_kwargs, device=device)
+    taken.guided_steps = sum(difference is not None for difference in taken.differences)
     return taken
 
 

@@ -37,13 +37,14 @@ def drawn():
     predicted = rng.integers(60, 200, (8, 16, 16, 3), dtype=np.uint8)
     perturbed = np.clip(predicted.astype(int) + rng.integers(-3, 4, predicted.shape), 0, 255).astype(np.uint8)
     predictions = SimpleNamespace(
-        indices=indices, plain=predicted, perturbed=perturbed, step=1, steps=10, t=800,
+        indices=indices, plain=predicted, perturbed=perturbed, step=1, steps=10, t=800, guided_steps=10,
         difference=float(np.abs(predicted.astype(int) - perturbed).mean()), scale=3.0,
         layers="the middle_block.1 block", perturbation="identity",
     )
     picture, regions = cp.draw(plain, guided, ["No guidance (seed 0)", "PAG (same seeds)"], predictions)
     return SimpleNamespace(
-        plain=plain, guided=guided, predictions=predictions, picture=picture, regions=regions, text=" ".join(regions["text"])
+        plain=plain, guided=guided, predictions=predictions, picture=picture, regions=regions,
+        text=" ".join(regions["text"]),
     )
 
 
@@ -118,6 +119,7 @@ def test_without_predictions_the_picture_has_only_the_panels():
     picture, regions = cp.draw(plain, plain + 50, ["a", "b"])
     assert "predictions" not in regions and "finals" not in regions
     assert picture.shape[2] == 3 and regions["facts"].changed == 4
+    assert not any("Below" in line for line in regions["text"])
     np.testing.assert_array_equal(tiles(picture, regions["right"], 4, cp.PADDING), np.full((4, SIZE, SIZE, 3), 50))
 
 
@@ -130,3 +132,20 @@ def test_labels_use_a_truetype_font_of_readable_size():
     assert isinstance(font, ImageFont.FreeTypeFont)
     _, top, _, bottom = font.getbbox("Hg")
     assert bottom - top >= 12
+
+
+def test_long_titles_wrap_within_their_panel_and_no_frame_is_explained():
+    from PIL import ImageDraw, Image
+
+    plain = np.zeros((4, 16, 16, 3), np.uint8)
+    title = "PAG: scale 3.0, layers 'middle', interval all, perturbation mask (drop_rate=0.5) (same seeds)"
+    picture, regions = cp.draw(plain, plain + 3, ["No guidance (seed 0)", title])
+    lines = [line for line in regions["text"] if line in title]
+    assert len(lines) > 1 and " ".join(lines) == title
+    font = cp.label_font(cp.TEXT_SIZE)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert max(measure.textlength(line, font=font) for line in lines) <= regions["right"][3]
+    text = " ".join(regions["text"])
+    assert "The guidance changed no sample by 16 or more grey levels" in text and "(each changed by 3.0 to 3.0)" in text
+    # No frame, and no frame in the legend either: the picture holds no orange.
+    assert not (picture == np.array(cp.FRAME, np.uint8)).all(axis=2).any()
