@@ -158,3 +158,19 @@ def images_around_one(n, size, seed, spread):
     base = rng.integers(0, 256, size=(1, size, size, 3))
     noise = rng.integers(-spread, spread, size=(n, size, size, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def grid_tiles(picture, region, size, padding):
+    """
+    The size x size images of a grid drawn in a picture (region: top, left, height, width of the grid without its
+    outer padding; `padding` pixels between images), row by row; the region must hold whole images.
+    """
+    top, left, height, width = region
+    step = size + padding
+    rows, cols = (height + padding) // step, (width + padding) // step
+    assert rows * step - padding == height and cols * step - padding == width, "the region is not a grid of images"
+    return np.stack([
+        picture[top + r * step : top + r * step + size, left + c * step : left + c * step + size]
+        for r in range(rows)
+        for c in range(cols)
+    ])
