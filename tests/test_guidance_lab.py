@@ -351,3 +351,14 @@ def test_ignored_successor_flags_are_named():
 
     lines = ignored_flags_warnings(flag_args(pag_perturbation="seg", pag_seg_sigma="2"))
     assert lines and "--pag_perturbation seg --pag_seg_sigma 2" in lines[0]
+
+
+def test_docs_table_lists_every_registered_kind():
+    import os
+    import re
+
+    from conftest import REPO_ROOT
+
+    with open(os.path.join(REPO_ROOT, "docs", "pag.md")) as f:
+        rows = re.findall(r"^\| `(\w+)` \|", f.read(), flags=re.M)
+    assert set(perturbations.PERTURBATIONS) <= set(rows)
