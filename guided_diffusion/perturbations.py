@@ -193,8 +193,9 @@ DROP_RATE = Param("drop_rate", probability, "the probability of masking (mask) o
 class AttentionPerturbation:
     """
     One perturbation of an attention block (see the module docstring). A subclass sets `kind`, `summary` (a few
-    words for --help) and `params`, and overrides the hooks it acts in; the block calls only the hooks a class
-    overrides, so the others cost nothing.
+    words for --help) and `params_declared`, and overrides the hooks it acts in: the block writes the attention map
+    out only for a class that changes the queries or the map, and calls output() only where a class overrides it,
+    so the hooks a class leaves alone cost nothing. attend() may be overridden to take the whole attention branch.
     """
 
     kind = ""
@@ -507,6 +508,9 @@ class SoftPerturbation(AttentionPerturbation):
         return attention.attend_with_map(qkv, weights_fn=soften)
 
     def _soften(self, weight, n_heads):
+        """
+        The map [rows * n_heads, T, T] with the chosen heads moved toward the identity.
+        """
         u = self.params["soft_alpha"]
         eye = th.eye(weight.shape[-1], dtype=weight.dtype, device=weight.device)
         soft = (1 - u) * weight + u * eye
@@ -518,10 +522,6 @@ class SoftPerturbation(AttentionPerturbation):
         chosen[list(heads)] = True
         chosen = chosen.repeat(weight.shape[0] // n_heads)[:, None, None]
         return th.where(chosen, soft, weight)
-
-    # The block calls attend(); weights() serves callers that apply the map themselves, on every head.
-    def weights(self, weight):
-        return self._soften(weight, 1)
 
 
 @register
