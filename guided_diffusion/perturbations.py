@@ -349,7 +349,10 @@ class MaskPerturbation(AttentionPerturbation):
     summary = "random -inf logits"
     params_declared = (
         DROP_RATE,
-        Param("retain_diag", boolean, "never mask the diagonal of the attention map (the official attention_mask_identity)", default=False),
+        Param(
+            "retain_diag", boolean, "never mask the diagonal of the attention map (the official "
+            "attention_mask_identity)", default=False,
+        ),
     )
     random = True
     paper_kind = True
@@ -544,7 +547,9 @@ class TPGPerturbation(AttentionPerturbation):
         if self.generators is None:
             return th.randperm(tokens, device=device).expand(rows, tokens)
         if len(self.generators) != rows:
-            raise ValueError(f"perturbation 'tpg': {rows} rows cannot take {len(self.generators)} per-sample generators")
+            raise ValueError(
+                f"perturbation 'tpg': {rows} rows cannot take {len(self.generators)} per-sample generators"
+            )
         return th.stack([th.randperm(tokens, generator=g, device=g.device) for g in self.generators]).to(device)
 
     def output(self, x, h):
