@@ -394,3 +394,35 @@ def test_image_sample_runs_each_successor_with_compare(image_sample, tmp_path, m
                                         "--out_dir", str(tmp_path / "by3")])
         with np.load(path) as data:
             assert np.abs(data["arr_0"].astype(int) - guided.astype(int)).max() <= 1
+
+
+# --- rows ----------------------------------------------------------------------------------------------------------
+
+
+def test_successor_rows():
+    from guided_diffusion.guidance import check_guidance_args
+    from guided_diffusion.pag import resolve_layers
+    from test_perturbations import adm256_uncond_blocks, parse_row, row_names
+
+    expected = {
+        "adm256_uncond_ddpm250_seg": ("seg", dict(seg_sigma=math.inf), "middle_block.1"),
+        "adm256_uncond_ddpm250_tpg": ("tpg", {}, "input"),
+        "adm256_uncond_ddpm250_softpag": (
+            "soft", dict(soft_alpha=0.5), "input_blocks.14.1,input_blocks.16.1,input_blocks.17.1,middle_block.1"
+        ),
+        "digits16_lab_seg": ("seg", dict(seg_sigma=math.inf), "middle"),
+        "digits16_lab_tpg": ("tpg", {}, "middle"),
+        "digits16_lab_soft": ("soft", dict(soft_alpha=0.5), "middle"),
+    }
+    assert row_names("digits16_lab_*") == sorted(n for n in expected if n.startswith("digits16"))
+    model = adm256_uncond_blocks()
+    for name, (kind, params, layers) in expected.items():
+        row, args = parse_row(name)
+        check_guidance_args(args)
+        spec = PAGFlags().spec(args)
+        assert (spec.kind, spec.params, args.pag_layers, args.pag_scale) == (kind, params, layers, 3.0)
+        assert row.published == {}
+        if name.startswith("adm256"):
+            assert "not tuned for ADM" in row.title
+            assert (args.class_cond, args.timestep_respacing, args.use_ddim) == (False, "250", False)
+            assert resolve_layers(model, layers)
