@@ -3,17 +3,21 @@ The guidance flags of the sampling scripts, in one place.
 
 A script adds every guidance method's flags with guidance_defaults(), checks them before loading anything with
 check_guidance_args(args), and wraps its loaded model with guide_model(model, diffusion, args); it never names a
-method's flags itself. Each method is a GuidanceFlags subclass below that turns its flags into a small frozen spec
-once (spec(args): parsed and checked), from which it checks the built model, wraps it and describes itself; the
-method itself lives in its own module (PAG in pag.py, SAG in sag.py). A new method is one more class here and one
-more entry in GUIDANCE_METHODS.
+method's flags itself. Each method is a GuidanceFlags subclass below that declares its flags once (flags(): name,
+default, help, choices, type, as flag_help.Flag), turns them into a small frozen spec once (spec(args): parsed and
+checked with the method's own check functions), from which it checks the built model, wraps it and describes
+itself; the method itself lives in its own module (PAG in pag.py, SAG in sag.py). A new method is one more class
+here and one more entry in GUIDANCE_METHODS; a new flag of a method is one more entry in its flags().
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+from . import flag_help
 from .errors import UsageError
+from .flag_help import Flag
+from .guided_model import check_scale
+from .perturbations import PERTURBATIONS, make_perturbation
 
 
 def parse_interval(text, diffusion_steps, flag):
@@ -132,11 +136,17 @@ class GuidanceFlags:
     # The method's GuidanceSpec subclass.
     spec_type = GuidanceSpec
 
-    def defaults(self):
+    def flags(self):
         """
-        The method's flags and their defaults; the defaults leave the method off.
+        The method's flags, {name: flag_help.Flag}, in --help order; their defaults leave the method off.
         """
         raise NotImplementedError
+
+    def defaults(self):
+        """
+        {flag: default} of the method's flags.
+        """
+        return {name: flag.default for name, flag in self.flags().items()}
 
     def spec(self, args):
         """
@@ -144,14 +154,17 @@ class GuidanceFlags:
         flags missing from args count as their defaults.
         """
         flags = {name: getattr(args, name, default) for name, default in self.defaults().items()}
-        scale = flags[self.switch]
-        if not math.isfinite(scale):
-            raise UsageError(f"--{self.switch} must be a finite number (0 turns {self.name} off), got {scale}")
-        return self.spec_type(scale, self.changed_flags(args), *self.spec_fields(flags, args))
+        try:
+            scale = check_scale(flags[self.switch], self.name)
+        except ValueError:
+            raise UsageError(
+                f"--{self.switch} must be a finite number (0 turns {self.name} off), got {flags[self.switch]}"
+            ) from None
+        return self.spec_type(scale=scale, changed=self.changed_flags(args), **self.spec_fields(flags, args))
 
     def spec_fields(self, flags, args):
         """
-        The spec's fields after scale and changed, in spec_type's order, from the method's flags (a dict) and args.
+        The spec's fields besides scale and changed, {field: value}, from the method's flags (a dict) and args.
         """
         raise NotImplementedError
 
@@ -191,12 +204,16 @@ class GuidanceFlags:
         return [] if spec.enabled else list(spec.changed)
 
 
-# PAG's perturbation parameters: flag suffix -> what it is, for messages.
-PAG_PERTURBATION_FLAGS = {
-    "drop_rate": "the probability of masking (mask) or zeroing (drop) each attention weight",
-    "blur_sigma": "the std of the Gaussian blur of the attention map",
-    "noise_scale": "the std of the noise added to the attention map",
-}
+def perturbation_flags():
+    """
+    {param: (Param, kinds that take it)} for every perturbation parameter the PAG flags expose as --pag_<param>.
+    """
+    params = {}
+    for kind, cls in PERTURBATIONS.items():
+        for param in cls.params_declared:
+            if param.flag:
+                params.setdefault(param.name, (param, []))[1].append(kind)
+    return params
 
 
 @dataclass(frozen=True)
@@ -232,23 +249,42 @@ class PAGFlags(GuidanceFlags):
     switch = "pag_scale"
     spec_type = PAGSpec
 
-    def defaults(self):
-        return dict(
-            pag_scale=0.0,
-            pag_layers="middle",
-            pag_interval="",
-            pag_perturbation="identity",
-            # None: not given. Each applies to the kinds that take it, and only to them.
-            pag_drop_rate=None,
-            pag_retain_diag=False,
-            pag_blur_sigma=None,
-            pag_noise_scale=None,
-        )
+    def flags(self):
+        group = flag_help.PAG
+        kinds = "; ".join(f"{kind} ({cls.summary})" for kind, cls in PERTURBATIONS.items())
+        flags = {
+            "pag_scale": Flag(group, "guidance scale s: eps + s (eps - eps_perturbed); 0 turns PAG off", default=0.0),
+            "pag_layers": Flag(
+                group, "attention blocks to perturb: comma-separated module names (middle_block.1) or aliases all, "
+                "middle, input (encoder), output (decoder)", default="middle",
+            ),
+            "pag_interval": Flag(
+                group, "'lo,hi': guide only at timesteps lo..hi of 0..--diffusion_steps - 1 (e.g. 0,499 for the "
+                "last half); empty: every step", default="",
+            ),
+            "pag_perturbation": Flag(
+                group, f"how the attention is perturbed: {kinds}", default="identity", choices=tuple(PERTURBATIONS)
+            ),
+        }
+        # One flag per perturbation parameter; None (False for a switch): not given. Each applies to the kinds
+        # that take it, and only to them.
+        for name, (param, kinds) in perturbation_flags().items():
+            switch = isinstance(param.default, bool)
+            flags[f"pag_{name}"] = Flag(
+                group, f"{param.help}; {' and '.join(kinds)} only", default=False if switch else None,
+                type=None if switch else param.flag_type,
+            )
+        return flags
 
     def spec_fields(self, flags, args):
-        interval = IntervalSpec.parse(flags["pag_interval"], args, "--pag_interval")
         kind, params, perturbation = pag_perturbation(flags)
-        return flags["pag_layers"], interval, kind, params, perturbation
+        return dict(
+            layers=flags["pag_layers"],
+            interval=IntervalSpec.parse(flags["pag_interval"], args, "--pag_interval"),
+            kind=kind,
+            params=params,
+            perturbation=perturbation,
+        )
 
     def check_model(self, spec, model, diffusion):
         from .pag import resolve_layers
@@ -265,9 +301,7 @@ class PAGFlags(GuidanceFlags):
 
         # The random kinds draw from each sample's own perturbation stream inside the run's batches
         # (random_streams.py), so no global seeding is needed for them.
-        return PAGGuidedModel(
-            model, scale=spec.scale, layers=spec.layers, t_range=spec.t_range, kind=spec.perturbation, validated=True
-        )
+        return PAGGuidedModel(model, scale=spec.scale, layers=spec.layers, t_range=spec.t_range, kind=spec.perturbation)
 
     def describe(self, spec):
         text = f"PAG: scale {spec.scale}, layers {spec.layers!r}, interval {spec.interval.describe()}"
@@ -278,34 +312,35 @@ class PAGFlags(GuidanceFlags):
 
 def pag_perturbation(flags):
     """
-    (kind, parameters given, perturbation) from PAG's perturbation flags, checked.
+    (kind, parameters given, perturbation) from PAG's perturbation flags, checked by make_perturbation.
     """
-    from .perturbations import KINDS, make_perturbation
-
     kind = flags["pag_perturbation"]
-    if kind not in KINDS:
-        raise UsageError(f"--pag_perturbation {kind!r} is unknown; use one of {', '.join(KINDS)}")
-    required, optional = KINDS[kind]
+    if kind not in PERTURBATIONS:
+        raise UsageError(f"--pag_perturbation {kind!r} is unknown; use one of {', '.join(PERTURBATIONS)}")
+    declared = {param.name: param for param in PERTURBATIONS[kind].params_declared}
     params = {}
-    for name in PAG_PERTURBATION_FLAGS:
+    for name, (param, kinds) in perturbation_flags().items():
         value = flags[f"pag_{name}"]
-        text = "" if value is None else str(value).strip()
-        if not text:
-            continue
-        if name not in required:
-            takers = [k for k, (req, _) in KINDS.items() if name in req]
-            raise UsageError(f"--pag_{name} applies to --pag_perturbation {' or '.join(takers)} only, not {kind!r}")
-        try:
-            params[name] = float(text)
-        except ValueError:
-            raise UsageError(f"--pag_{name} {text!r} is not a number") from None
-    if flags["pag_retain_diag"]:
-        if "retain_diag" not in optional:
-            raise UsageError(f"--pag_retain_diag applies to --pag_perturbation mask only, not {kind!r}")
-        params["retain_diag"] = True
-    for name in required:
-        if name not in params:
-            raise UsageError(f"--pag_perturbation {kind} needs --pag_{name} ({PAG_PERTURBATION_FLAGS[name]})")
+        if isinstance(param.default, bool):
+            if not value:
+                continue
+        else:
+            text = "" if value is None else str(value).strip()
+            if not text:
+                continue
+            if param.flag_type is float:
+                try:
+                    value = float(text)
+                except ValueError:
+                    raise UsageError(f"--pag_{name} {text!r} is not a number") from None
+            else:
+                value = text
+        if name not in declared:
+            raise UsageError(f"--pag_{name} applies to --pag_perturbation {' or '.join(kinds)} only, not {kind!r}")
+        params[name] = value
+    for param in declared.values():
+        if param.required and param.name not in params:
+            raise UsageError(f"--pag_perturbation {kind} needs --pag_{param.name} ({param.help})")
     try:
         perturbation = make_perturbation(kind, **params)
     except ValueError as exc:
@@ -347,29 +382,49 @@ class SAGFlags(GuidanceFlags):
     switch = "sag_scale"
     spec_type = SAGSpec
 
-    def defaults(self):
+    def flags(self):
         from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER
 
-        return dict(
-            sag_scale=0.0,
-            sag_layer=OFFICIAL_SAG_LAYER,
-            sag_blur_sigma=OFFICIAL_SAG_BLUR_SIGMA,
-            sag_interval="",
-            sag_heads="num_heads",
-        )
+        group = flag_help.SAG
+        return {
+            "sag_scale": Flag(
+                group, "guidance scale s (the official --guide_scale is 1 + s); 0 turns SAG off", default=0.0
+            ),
+            "sag_layer": Flag(
+                group, "the one attention block whose map selects the blurred regions (the official "
+                "--sel_attn_block output --sel_attn_depth D is output_blocks.D.1)", default=OFFICIAL_SAG_LAYER,
+            ),
+            "sag_blur_sigma": Flag(
+                group, "std of the Gaussian blur of the masked regions", default=OFFICIAL_SAG_BLUR_SIGMA
+            ),
+            "sag_interval": Flag(group, "'lo,hi' as --pag_interval; empty: every step", default=""),
+            "sag_heads": Flag(
+                group, "how the attention map is split into heads: num_heads (the official code: --num_heads "
+                "heads), block (the block's own heads) or a positive count", default="num_heads",
+            ),
+        }
 
     def spec_fields(self, flags, args):
+        from .sag import check_blur_sigma
+
         blur_sigma = flags["sag_blur_sigma"]
-        if not (math.isfinite(blur_sigma) and blur_sigma > 0):
-            raise UsageError(f"--sag_blur_sigma must be a finite number > 0, got {blur_sigma}")
-        interval = IntervalSpec.parse(flags["sag_interval"], args, "--sag_interval")
+        try:
+            check_blur_sigma(blur_sigma)
+        except ValueError:
+            raise UsageError(f"--sag_blur_sigma must be a finite number > 0, got {blur_sigma}") from None
         heads = sag_heads(flags["sag_heads"])
         if heads == "num_heads":
             map_heads = args.num_heads
         else:
             map_heads = None if heads == "block" else heads
-        clip_denoised = getattr(args, "clip_denoised", True)
-        return flags["sag_layer"], blur_sigma, interval, flags["sag_heads"], map_heads, clip_denoised
+        return dict(
+            layer=flags["sag_layer"],
+            blur_sigma=blur_sigma,
+            interval=IntervalSpec.parse(flags["sag_interval"], args, "--sag_interval"),
+            heads=flags["sag_heads"],
+            map_heads=map_heads,
+            clip_denoised=getattr(args, "clip_denoised", True),
+        )
 
     def check_model(self, spec, model, diffusion):
         from .sag import OFFICIAL_SAG_LAYER
@@ -392,7 +447,7 @@ class SAGFlags(GuidanceFlags):
             raise UsageError(f"--sag_layer {spec.layer!r} selects {len(names)} attention blocks; give one")
 
     def wrap(self, model, diffusion, spec):
-        from .sag import SAGGuidedModel
+        from .sag import SAGGuidedModel, SAGLayerError
 
         try:
             return SAGGuidedModel(
@@ -404,13 +459,11 @@ class SAGFlags(GuidanceFlags):
                 map_heads=spec.map_heads,
                 t_range=spec.t_range,
                 clip_denoised=spec.clip_denoised,
-                validated=True,
             )
+        except SAGLayerError as exc:
+            raise UsageError(f"--sag_layer {spec.layer!r}: {exc.reason}") from None
         except ValueError as exc:
-            message = str(exc)
-            if message.startswith("SAG layer: "):
-                message = f"--sag_layer {spec.layer!r}: " + message[len("SAG layer: ") :]
-            raise UsageError(message) from None
+            raise UsageError(str(exc)) from None
 
     def describe(self, spec):
         return (
@@ -439,6 +492,9 @@ def sag_heads(value):
 
 
 GUIDANCE_METHODS = (PAGFlags(), SAGFlags())
+for _method in GUIDANCE_METHODS:
+    # --help and add_dict_to_argparser read the methods' flags from the one table.
+    flag_help.declare(_method.flags())
 
 
 def guidance_defaults():

@@ -81,19 +81,16 @@ class GuidedModel:
     :param scale: the method's scale s (any finite number; 0 turns it off).
     :param t_range: (lo, hi): guide only the rows whose timestep t, as the model receives it (original-scale
                     timesteps under respacing), satisfies lo <= t <= hi; other rows get the plain output.
-    :param validated: scale is a finite float and t_range None or a pair of floats lo <= hi, as the specs of
-                      guidance.py give them, so they are not checked again.
+    :param validated: ignored, for callers written when the flag specs skipped these checks: the values are
+                      checked here only (guidance.py calls the same check functions for its flags).
     """
 
     name = ""
 
     def __init__(self, model, scale, t_range=None, validated=False):
         self.model = model
-        if validated:
-            self.scale, self.t_range = float(scale), t_range
-        else:
-            self.scale = check_scale(scale, self.name)
-            self.t_range = check_t_range(t_range)
+        self.scale = check_scale(scale, self.name)
+        self.t_range = check_t_range(t_range)
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{name}={value}' for name, value in self.settings())})"

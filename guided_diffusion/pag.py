@@ -44,12 +44,12 @@ def scale_from_guide_scale(guide_scale):
 @contextlib.contextmanager
 def perturb_attention(model, layers, kind="identity", rows=True, batch_size=None, **params):
     """
-    Within the context, forward passes of `model` perturb the attention map of the named blocks: by default PAG's
+    Within the context, forward passes of `model` perturb the attention of the named blocks: by default PAG's
     identity map; `kind` and its parameters choose another perturbation of perturbations.py (e.g.
-    kind="mask", drop_rate=0.5).
+    kind="mask", drop_rate=0.5; kind="seg", seg_sigma=float("inf"); kind="tpg"; kind="soft", soft_alpha=0.5).
 
     :param layers: as for resolve_layers.
-    :param kind: a perturbation kind (perturbations.KINDS) or a ready AttentionPerturbation.
+    :param kind: a perturbation kind (perturbations.PERTURBATIONS) or a ready AttentionPerturbation.
     :param rows: which batch rows to perturb: True (all) or a bool mask; with batch_size, also an index tensor or
                  a slice (see attention_hooks.perturbation_rows).
     :raises ValueError: for unknown layers, an unknown kind, or missing, unknown or out-of-range parameters.
@@ -111,10 +111,11 @@ class PAGGuidedModel(GuidedModel):
     :param batched: run both branches in one forward pass on a doubled batch (False: two passes, less memory).
     :param share_prefix: with batched, run the stages before the first perturbed block once and duplicate their
                          activations instead of computing them twice.
-    :param kind: the perturbation of the perturbed branch (perturbations.KINDS): "identity" (PAG's, the
-                 default), "mask", "drop", "blur", "avgpool2d" or "noise"; `params` are its parameters
-                 (drop_rate, retain_diag, blur_sigma, blur_kernel_size, noise_scale).
-    :param validated: scale and t_range come checked (see GuidedModel).
+    :param kind: the perturbation of the perturbed branch (perturbations.PERTURBATIONS): "identity" (PAG's, the
+                 default), the ablation's "mask", "drop", "blur", "avgpool2d", "noise", or PAG's successors
+                 "seg" (SEG), "soft" (SoftPAG), "tpg" (TPG); `params` are its parameters (drop_rate, retain_diag,
+                 blur_sigma, blur_kernel_size, noise_scale, seg_sigma, soft_alpha, soft_heads).
+    :param validated: ignored (see GuidedModel).
     """
 
     name = "PAG"
@@ -155,14 +156,7 @@ class PAGGuidedModel(GuidedModel):
         )
 
     def nonfinite_hint(self):
-        p = self.perturbation
-        if p.kind == "mask" and not p.params["retain_diag"]:
-            return (
-                "the random mask (as in the official attention_mask) can mask every logit of an attention row, "
-                "whose softmax is NaN; --pag_retain_diag (the official attention_mask_identity) never masks the "
-                "diagonal, or lower --pag_drop_rate"
-            )
-        return ""
+        return self.perturbation.nonfinite_hint()
 
     def _guided_eps(self, x, t, model_kwargs, rows, autograd):
         if not autograd:

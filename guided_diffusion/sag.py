@@ -95,6 +95,17 @@ def attention_mask(weight, spatial, image_size):
     return F.interpolate(mask, tuple(image_size), mode="nearest")
 
 
+class SAGLayerError(ValueError):
+    """
+    A layer selection that names no attention block of the model; `reason` says why, without the "SAG layer: "
+    prefix (the samplers name their flag instead).
+    """
+
+    def __init__(self, reason):
+        super().__init__(f"SAG layer: {reason}")
+        self.reason = reason
+
+
 def check_blur_sigma(blur_sigma):
     if isinstance(blur_sigma, bool) or not isinstance(blur_sigma, numbers.Real) or not blur_sigma > 0:
         raise ValueError(f"SAG blur_sigma must be a number > 0, got {blur_sigma!r}")
@@ -118,8 +129,7 @@ class SAGGuidedModel(GuidedModel):
                       uses the model's --num_heads flag; see the module docstring).
     :param t_range: (lo, hi): guide only rows with lo <= t <= hi, t as the model receives it (as for PAG).
     :param clip_denoised: clip x0 to [-1, 1] before blurring, as the sampler's clip_denoised does.
-    :param validated: scale, t_range and blur_sigma come checked (guidance.SAGFlags); the layer, map_heads and
-                      diffusion, which need the model, are checked here either way.
+    :param validated: ignored (every value is checked here, once; see GuidedModel).
     """
 
     name = "SAG"
@@ -140,14 +150,13 @@ class SAGGuidedModel(GuidedModel):
         try:
             names = resolve_layers(model, layer)
         except ValueError as exc:
-            raise ValueError(f"SAG layer: {exc}") from None
+            raise SAGLayerError(str(exc)) from None
         if len(names) != 1:
             raise ValueError(
                 f"SAG reads the attention map of one block; layer {layer!r} selects {len(names)}: {', '.join(names)}"
             )
         block = dict(model.named_modules())[names[0]]
-        if not validated:
-            check_blur_sigma(blur_sigma)
+        check_blur_sigma(blur_sigma)
         if map_heads is None:
             map_heads = block.attention.n_heads
         if isinstance(map_heads, bool) or not isinstance(map_heads, int) or map_heads < 1:

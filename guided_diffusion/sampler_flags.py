@@ -4,48 +4,50 @@ inverse_sample.py): each script's own defaults on top of the flags every sampler
 row runner (row_runner.py, which checks a row's flags before it starts the script) parse with the same parser.
 """
 
+from .flag_help import flag_defaults
 from .sampling_cli import create_sampling_argparser
 from .script_util import classifier_defaults, model_and_diffusion_defaults
 
 
 def image_sample_argparser(description=""):
     # --compare: image_sample.py also samples the same seeds without guidance and draws both side by side.
-    defaults = dict(model_path="", compare=False)
+    defaults = flag_defaults(("model_path", "compare"))
     defaults.update(model_and_diffusion_defaults())
     return create_sampling_argparser(description, defaults)
 
 
 def classifier_sample_argparser(description=""):
-    defaults = dict(model_path="", classifier_path="", classifier_scale=1.0)
+    defaults = flag_defaults(("model_path", "classifier_path", "classifier_scale"))
     defaults.update(model_and_diffusion_defaults())
     defaults.update(classifier_defaults())
     return create_sampling_argparser(description, defaults)
 
 
 def inverse_sample_argparser(description=""):
-    defaults = dict(
-        model_path="",
-        data_dir="",
-        task="",  # required
-        kernel_size=61,
-        intensity=None,
-        kernel_seed=0,
-        kernel_path="",
-        scale_factor=4,
-        mask_type="box",
-        mask_len_range="128,129",
-        mask_prob_range="0.3,0.7",
-        mask_margin="16,16",
-        mask_path="",
-        sigma=0.05,
-        dps_scale=1.0,
-        gradient_through="plain",
-    )
+    defaults = flag_defaults(INVERSE_SAMPLE_FLAGS, script="inverse_sample")
     defaults.update(model_and_diffusion_defaults())
-    parser = create_sampling_argparser(description, defaults, script="inverse_sample")
-    # All of --data_dir unless fewer are asked for; the grid is on by default.
-    parser.set_defaults(num_samples=0, grid="grid.png")
-    return parser
+    # All of --data_dir unless fewer are asked for; the grid is on by default (flag_help.SCRIPT_FLAGS).
+    return create_sampling_argparser(description, defaults, script="inverse_sample")
+
+
+INVERSE_SAMPLE_FLAGS = (
+    "model_path",
+    "data_dir",
+    "task",  # required
+    "kernel_size",
+    "intensity",
+    "kernel_seed",
+    "kernel_path",
+    "scale_factor",
+    "mask_type",
+    "mask_len_range",
+    "mask_prob_range",
+    "mask_margin",
+    "mask_path",
+    "sigma",
+    "dps_scale",
+    "gradient_through",
+)
 
 
 SAMPLER_ARGPARSERS = {

@@ -36,6 +36,7 @@ from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
 from . import run_store
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
+from .flag_help import flag_defaults
 from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
 
 
@@ -47,28 +48,31 @@ def sampling_defaults():
     ADM), --overwrite to sample again into a folder that holds a finished run, --shard i/n (run_store) and the
     CUDA precision policy's --allow_tf32 and --deterministic (precision.py).
     """
-    return dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        seed=0,
-        grid="",
-        out_dir="",
-        overwrite=False,
-        shard="",
-        allow_tf32=False,
-        deterministic=False,
-    )
+    return flag_defaults(SAMPLING_FLAGS)
+
+
+SAMPLING_FLAGS = (
+    "clip_denoised",
+    "num_samples",
+    "batch_size",
+    "use_ddim",
+    "seed",
+    "grid",
+    "out_dir",
+    "overwrite",
+    "shard",
+    "allow_tf32",
+    "deterministic",
+)
 
 
 def create_sampling_argparser(description, defaults, script=None):
     """
     An argument parser (with @flagfile support) for the script's own defaults, the common sampling flags and
     every guidance method's flags, in ADM's add_dict_to_argparser style; `script` picks the help of flags whose
-    meaning is the script's own (flag_help.SCRIPT_HELP).
+    default or meaning is the script's own (flag_help.SCRIPT_FLAGS).
     """
-    merged = sampling_defaults()
+    merged = flag_defaults(SAMPLING_FLAGS, script)
     merged.update(defaults)
     merged.update(guidance_defaults())
     parser = FlagFileArgumentParser(

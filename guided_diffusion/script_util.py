@@ -6,6 +6,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
+from .flag_help import GROUP_ORDER, flag_defaults, flag_info
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import SuperResModel, UNetModel, EncoderUNetModel
 
@@ -25,63 +26,69 @@ SR_CHANNEL_MULTS = {
     64: (1, 2, 3, 4),
 }
 
+# ADM's flags in the order of its defaults dicts; their defaults, help and choices are declared in flag_help.py.
+DIFFUSION_FLAGS = (
+    "learn_sigma",
+    "diffusion_steps",
+    "noise_schedule",
+    "timestep_respacing",
+    "use_kl",
+    "predict_xstart",
+    "rescale_timesteps",
+    "rescale_learned_sigmas",
+)
+# classifier_channel_mult and classifier_num_classes are ours, for classifiers of other sizes and label sets (the
+# 16x16 digits); their defaults ("" and 1000) are ADM's.
+CLASSIFIER_FLAGS = (
+    "image_size",
+    "classifier_use_fp16",
+    "classifier_width",
+    "classifier_depth",
+    "classifier_attention_resolutions",
+    "classifier_use_scale_shift_norm",
+    "classifier_resblock_updown",
+    "classifier_pool",
+    "classifier_channel_mult",
+    "classifier_num_classes",
+)
+MODEL_FLAGS = (
+    "image_size",
+    "num_channels",
+    "num_res_blocks",
+    "num_heads",
+    "num_heads_upsample",
+    "num_head_channels",
+    "attention_resolutions",
+    "channel_mult",
+    "dropout",
+    "class_cond",
+    "use_checkpoint",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_fp16",
+    "use_new_attention_order",
+)
+
 
 def diffusion_defaults():
     """
     Defaults for image and classifier training.
     """
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
+    return flag_defaults(DIFFUSION_FLAGS)
 
 
 def classifier_defaults():
     """
     Defaults for classifier models.
     """
-    return dict(
-        image_size=64,
-        classifier_use_fp16=False,
-        classifier_width=128,
-        classifier_depth=2,
-        classifier_attention_resolutions="32,16,8",  # 16
-        classifier_use_scale_shift_norm=True,  # False
-        classifier_resblock_updown=True,  # False
-        classifier_pool="attention",
-        # Ours, for classifiers of other sizes and label sets (e.g. the 16x16 digits): "" and 1000 are ADM's.
-        classifier_channel_mult="",
-        classifier_num_classes=NUM_CLASSES,
-    )
+    return flag_defaults(CLASSIFIER_FLAGS)
 
 
 def model_and_diffusion_defaults():
     """
     Defaults for image training.
     """
-    res = dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        class_cond=False,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-    )
+    res = flag_defaults(MODEL_FLAGS)
     res.update(diffusion_defaults())
     return res
 
@@ -313,8 +320,7 @@ def create_classifier(
 
 def sr_model_and_diffusion_defaults():
     res = model_and_diffusion_defaults()
-    res["large_size"] = 256
-    res["small_size"] = 64
+    res.update(flag_defaults(("large_size", "small_size")))
     arg_names = inspect.getfullargspec(sr_create_model_and_diffusion)[0]
     for k in res.copy().keys():
         if k not in arg_names:
@@ -508,13 +514,12 @@ def check_channel_flags(args, keys):
 def add_dict_to_argparser(parser, default_dict, script=None):
     """
     One `--name` flag per entry, with the entry as its default (ADM's names and defaults), and its help text,
-    --help group, choices and the type of a None ("off") default from flag_help.py (as `script` uses the flag).
+    --help group, choices and the type of a None ("off") default from its declaration in flag_help.py (as
+    `script` uses the flag).
     """
-    from .flag_help import GROUP_ORDER, flag_help
-
     groups = parser.__dict__.setdefault("_flag_help_groups", {})
     for k, v in default_dict.items():
-        info = flag_help(k, script)
+        info = flag_info(k, script)
         v_type = type(v)
         if v is None:
             v_type = (info.type if info is not None else None) or str

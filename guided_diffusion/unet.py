@@ -234,9 +234,10 @@ class AttentionBlock(nn.Module):
     Multi-head self-attention over all spatial positions.
 
     `hook` (attention_hooks.AttentionHook, None by default) is how guidance changes the block: its perturbation
-    replaces the attention map of the selected batch rows (Perturbed-Attention Guidance: by the identity, so each
-    token attends only to itself and the attention output is V, per head; proj_out and the residual apply as
-    usual), and its capture sees the block's qkv on every forward (Self-Attention Guidance reads the map from it).
+    (perturbations.py) changes the selected batch rows' queries, attention map or output (Perturbed-Attention
+    Guidance: the map becomes the identity, so each token attends only to itself and the attention output is V,
+    per head; proj_out and the residual apply as usual), and its capture sees the block's qkv on every forward
+    (Self-Attention Guidance reads the map from it).
     """
 
     def __init__(
@@ -280,35 +281,42 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))
         if hook is not None and hook.capture is not None:
             hook.capture(qkv, tuple(spatial))
-        if hook is None or hook.perturbation is None:
+        perturbation = None if hook is None else hook.perturbation
+        if perturbation is None:
             h = self.attention(qkv)
-        else:
-            h = self._perturbed_attention(qkv, hook.perturbation, row_mask(hook, b, qkv.device))
-        h = self.proj_out(h)
-        return (x + h).reshape(b, c, *spatial)
-
-    def _perturbed_attention(self, qkv, perturbation, mask):
-        """
-        The attention with the perturbation applied to the map of the rows in `mask` (None: every row).
-        """
+            return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        mask = row_mask(hook, b, qkv.device)
         if mask is not None and not bool(mask.any()):
-            return self.attention(qkv)
-        if perturbation.kind == "identity":
-            identity = self.attention.values(qkv)
-            if mask is None:
-                return identity
-            # Only the unperturbed rows pay for the attention map.
-            out = identity.clone()
-            out[~mask] = self.attention(qkv[~mask])
-            return out
+            mask = False
+        h = self._perturbed_rows(qkv, mask, lambda rows: perturbation.attend(self.attention, rows, tuple(spatial)),
+                                 self.attention)
+        h = self.proj_out(h)
+        if mask is False or not perturbation.acts_on("output"):
+            return (x + h).reshape(b, c, *spatial)
+        out = self._perturbed_rows((x, h), mask, lambda xh: perturbation.output(*xh), lambda xh: xh[0] + xh[1])
+        return out.reshape(b, c, *spatial)
+
+    @staticmethod
+    def _perturbed_rows(inputs, mask, perturbed_fn, plain_fn):
+        """
+        perturbed_fn on the rows in `mask` (None: every row) and plain_fn on the others (False: no row is
+        perturbed), each on a tensor (or a tuple of tensors) of those rows, put back in batch order.
+        """
+        if mask is False:
+            return plain_fn(inputs)
         if mask is None:
             # The whole batch in one call: random perturbations then draw with the full map's shape, as the
             # official modules do.
-            return self.attention.attend_with_map(qkv, perturbation.logits, perturbation.weights)
-        perturbed = self.attention.attend_with_map(qkv[mask], perturbation.logits, perturbation.weights)
-        out = perturbed.new_empty((qkv.shape[0],) + tuple(perturbed.shape[1:]))
+            return perturbed_fn(inputs)
+
+        def rows(select):
+            return tuple(t[select] for t in inputs) if isinstance(inputs, tuple) else inputs[select]
+
+        perturbed = perturbed_fn(rows(mask))
+        out = perturbed.new_empty((mask.shape[0],) + tuple(perturbed.shape[1:]))
         out[mask] = perturbed
-        out[~mask] = self.attention(qkv[~mask])
+        # Only the unperturbed rows pay for the plain computation.
+        out[~mask] = plain_fn(rows(~mask))
         return out
 
 
@@ -566,17 +574,22 @@ class _HeadAttention(nn.Module):
         q, k, _ = self._split(qkv)
         return _attention_map(q, k).reshape(bs, self.n_heads, length, length)
 
-    def attend_with_map(self, qkv, logits_fn=None, weights_fn=None, capture=None):
+    def attend_with_map(self, qkv, logits_fn=None, weights_fn=None, capture=None, queries_fn=None):
         """
-        Attention with its map written out (ADM's einsum formulation), so the map can be changed or read.
+        Attention with its map written out (ADM's einsum formulation), so the queries or the map can be changed or
+        the map read.
 
+        :param queries_fn: applied to the [N*H x C x T] queries after the head split (returns the new queries).
         :param logits_fn: applied to the [N*H x T x T] scaled logits before the softmax (returns the new logits).
         :param weights_fn: applied to the [N*H x T x T] map after the softmax (returns the new map).
         :param capture: called with the map that is applied to V.
         :return: an [N x (H * C) x T] tensor, as forward().
         """
         bs, _, length = qkv.shape
-        return _attend_heads(*self._split(qkv), bs, length, logits_fn, weights_fn, capture)
+        q, k, v = self._split(qkv)
+        if queries_fn is not None:
+            q = queries_fn(q)
+        return _attend_heads(q, k, v, bs, length, logits_fn, weights_fn, capture)
 
     @staticmethod
     def count_flops(model, _x, y):

@@ -15,6 +15,7 @@ from torch.optim import AdamW
 from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import check_training_data, exit_with_usage_error
 from guided_diffusion.flag_files import FlagFileArgumentParser
+from guided_diffusion.flag_help import flag_defaults
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -200,23 +201,27 @@ def split_microbatches(microbatch, *args):
             yield tuple(x[i : i + microbatch] if x is not None else None for x in args)
 
 
+# This script's own flags (declared in guided_diffusion/flag_help.py).
+CLASSIFIER_TRAIN_FLAGS = (
+    "data_dir",
+    "val_data_dir",
+    "noised",
+    "iterations",
+    "lr",
+    "weight_decay",
+    "anneal_lr",
+    "batch_size",
+    "microbatch",
+    "schedule_sampler",
+    "resume_checkpoint",
+    "log_interval",
+    "eval_interval",
+    "save_interval",
+)
+
+
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        val_data_dir="",
-        noised=True,
-        iterations=150000,
-        lr=3e-4,
-        weight_decay=0.0,
-        anneal_lr=False,
-        batch_size=4,
-        microbatch=-1,
-        schedule_sampler="uniform",
-        resume_checkpoint="",
-        log_interval=10,
-        eval_interval=5,
-        save_interval=10000,
-    )
+    defaults = flag_defaults(CLASSIFIER_TRAIN_FLAGS, script="classifier_train")
     defaults.update(classifier_and_diffusion_defaults())
     parser = FlagFileArgumentParser(description=__doc__.strip())
     add_dict_to_argparser(parser, defaults, script="classifier_train")

@@ -10,6 +10,7 @@ import torch as th
 from guided_diffusion import dist_util, logger
 from guided_diffusion.errors import check_training_data, exit_with_usage_error
 from guided_diffusion.flag_files import FlagFileArgumentParser
+from guided_diffusion.flag_help import flag_defaults
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -82,24 +83,28 @@ def seed_everything(seed):
     th.manual_seed(seed)
 
 
+# This script's own flags (declared in guided_diffusion/flag_help.py).
+IMAGE_TRAIN_FLAGS = (
+    "data_dir",
+    "schedule_sampler",
+    "lr",
+    "weight_decay",
+    "lr_anneal_steps",
+    "batch_size",
+    "microbatch",
+    "ema_rate",
+    "log_interval",
+    "save_interval",
+    "resume_checkpoint",
+    "use_fp16",
+    "fp16_scale_growth",
+    "random_flip",
+    "seed",
+)
+
+
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA values
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        random_flip=True,  # turn off for data where mirror images are wrong (digits, text)
-        seed=-1,  # -1: unseeded, as in ADM
-    )
+    defaults = flag_defaults(IMAGE_TRAIN_FLAGS, script="image_train")
     defaults.update(model_and_diffusion_defaults())
     parser = FlagFileArgumentParser(description=__doc__.strip())
     add_dict_to_argparser(parser, defaults, script="image_train")

@@ -61,7 +61,11 @@ def test_every_flag_has_help(name):
 def test_adm_flags_come_from_the_table_and_are_grouped(name):
     parser = _parser(name)
     for action in _flags(parser):
-        assert action.dest in flag_help.FLAG_HELP, f"{action.dest} is not in guided_diffusion/flag_help.py"
+        assert action.dest in flag_help.FLAGS, f"{action.dest} is not declared in guided_diffusion/flag_help.py"
+        # The parser's default and choices are the declaration's (as the script uses the flag).
+        declared = flag_help.flag_info(action.dest, name)
+        assert action.default == declared.default and type(action.default) is type(declared.default), action.dest
+        assert action.choices == declared.choices, action.dest
     titles = [group.title for group in parser._action_groups]
     known = [t for t in titles if t in flag_help.GROUP_ORDER]
     assert known == sorted(known, key=flag_help.GROUP_ORDER.index)  # groups in one order in every script
@@ -77,7 +81,8 @@ def test_adm_flags_come_from_the_table_and_are_grouped(name):
 
 def test_image_sample_help_reads_as_a_manual():
     text = _parser("image_sample").format_help()
-    assert "{identity,mask,drop,blur,avgpool2d,noise}" in text
+    assert "{identity,mask,drop,blur,avgpool2d,noise,seg,soft,tpg}" in text
+    assert "--pag_seg_sigma" in text and "--pag_soft_alpha" in text and "--pag_soft_heads" in text
     assert "Perturbed-Attention Guidance" in text and "model (U-Net architecture" in text
     assert "(default: 0.0)" in text  # --pag_scale, with its default
     assert "'ddimN'" in text  # what --timestep_respacing takes
@@ -85,15 +90,14 @@ def test_image_sample_help_reads_as_a_manual():
 
 def test_enumerations_are_choices_and_match_the_code():
     from guided_diffusion.inverse import GRADIENT_THROUGH, MASK_TYPES, OPERATORS
-    from guided_diffusion.perturbations import KINDS
+    from guided_diffusion.perturbations import PERTURBATIONS
 
-    assert flag_help.PAG_PERTURBATIONS == tuple(KINDS)
     assert flag_help.TASKS == tuple(OPERATORS)
     assert flag_help.MASK_TYPES == MASK_TYPES
     assert flag_help.GRADIENT_THROUGH == GRADIENT_THROUGH
     choices = {a.dest: a.choices for name in ("inverse_sample", "classifier_train", "classifier_sample")
                for a in _flags(_parser(name))}
-    assert choices["pag_perturbation"] == flag_help.PAG_PERTURBATIONS
+    assert choices["pag_perturbation"] == tuple(PERTURBATIONS)
     assert choices["noise_schedule"] == ("linear", "cosine")
     assert choices["task"] == flag_help.TASKS
     assert choices["classifier_pool"] == flag_help.CLASSIFIER_POOLS
@@ -121,6 +125,49 @@ def test_off_values_are_typed_none():
     assert args.pag_blur_sigma == 3.0 and isinstance(args.pag_blur_sigma, float)
     inverse = _parser("inverse_sample").parse_args(["--intensity", "2.5"])
     assert inverse.intensity == 2.5 and _parser("inverse_sample").parse_args([]).intensity is None
+
+
+# ADM's defaults dicts as openai/guided-diffusion's script_util.py writes them (with our two classifier flags).
+ADM_MODEL_AND_DIFFUSION = dict(
+    image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1, num_head_channels=-1,
+    attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False, use_checkpoint=False,
+    use_scale_shift_norm=True, resblock_updown=False, use_fp16=False, use_new_attention_order=False,
+    learn_sigma=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="", use_kl=False,
+    predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False,
+)
+ADM_CLASSIFIER_DEFAULTS = dict(
+    image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
+    classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True, classifier_pool="attention", classifier_channel_mult="",
+    classifier_num_classes=1000,
+)
+
+
+def test_adm_defaults_functions_return_adms_dicts():
+    # The defaults now live in flag_help.py's declarations; ADM's functions still return ADM's dicts, in order.
+    from guided_diffusion.script_util import classifier_and_diffusion_defaults
+
+    for got, want in (
+        (model_and_diffusion_defaults(), ADM_MODEL_AND_DIFFUSION),
+        (classifier_defaults(), ADM_CLASSIFIER_DEFAULTS),
+        (diffusion_defaults(), {k: v for k, v in ADM_MODEL_AND_DIFFUSION.items() if k in diffusion_defaults()}),
+        (classifier_and_diffusion_defaults(), {**ADM_CLASSIFIER_DEFAULTS, **diffusion_defaults()}),
+    ):
+        assert list(got.items()) == list(want.items())
+        assert all(type(got[k]) is type(want[k]) for k in want)
+    sr = sr_model_and_diffusion_defaults()
+    assert (sr["large_size"], sr["small_size"]) == (256, 64) and "image_size" not in sr
+
+
+def test_a_flag_is_declared_once():
+    # A declared flag is one entry; declaring it again differently is refused.
+    from guided_diffusion.flag_help import Flag
+
+    flag_help.declare({"pag_scale": flag_help.FLAGS["pag_scale"]})  # the same declaration again: fine
+    with pytest.raises(ValueError, match="declared twice"):
+        flag_help.declare({"pag_scale": Flag(flag_help.PAG, "another help", default=1.0)})
+    assert flag_help.flag_defaults(["batch_size"], "image_train") == {"batch_size": 1}
+    assert flag_help.flag_defaults(["batch_size"]) == {"batch_size": 16}
 
 
 def test_defaults_stay_adms():

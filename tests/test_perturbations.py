@@ -340,7 +340,7 @@ def test_scale_zero_is_plain_sampling_bit_for_bit(name):
 @pytest.mark.parametrize(
     "kind, params, message",
     [
-        ("swap", {}, r"^unknown attention perturbation 'swap'; use one of identity, mask, drop, blur, avgpool2d, noise$"),
+        ("swap", {}, r"^unknown attention perturbation 'swap'; use one of identity, mask, drop, blur, avgpool2d, noise, seg, soft, tpg$"),
         ("attention_mask", {}, r"^unknown attention perturbation 'attention_mask'"),
         (None, {}, r"^unknown attention perturbation None"),
         ("mask", {}, r"^perturbation 'mask' needs drop_rate; it takes drop_rate, retain_diag \(optional, default False\)$"),
