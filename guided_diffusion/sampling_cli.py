@@ -34,6 +34,7 @@ from .nonfinite import NonFiniteSampleError
 from .image_output import grid_format, to_uint8_images
 from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
+from .sampling_cost import counted
 from . import run_store
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
 from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
@@ -342,7 +343,8 @@ def sample_images(
     shape = (len(generators), 3, image_size, image_size)
     loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
     sample = loop(
-        model_fn,
+        # Each call's cost goes to the batch being measured (sampling_cost.py).
+        counted(model_fn),
         shape,
         noise=noise.draw(shape, device),
         clip_denoised=args.clip_denoised,
