@@ -155,7 +155,7 @@ def test_grid_values_with_commas_and_a_key_also_after_the_double_dash():
 
 def run_reproduce(*argv):
     reproduce = load_script("reproduce")
-    status = reproduce.main([*argv, "--device", "cpu"])
+    status = reproduce.main(["--device", "cpu", *argv])
     return status
 
 
