@@ -221,6 +221,10 @@ def records_cost(records):
     return out
 
 
+def _measured_cost(entry):
+    return entry.get("evaluations_per_sample") is not None or entry.get("seconds_per_sample") is not None
+
+
 def _metric_table(entries, metrics):
     """
     The markdown lines of one table: a line per evaluated entry, with the published figures beside ours when any
@@ -228,7 +232,7 @@ def _metric_table(entries, metrics):
     """
     with_paper = any(e["published"] for e in entries)
     # The cost columns where any entry measured its cost (inverse-problem samplers do not).
-    with_cost = any(e.get("evaluations_per_sample") is not None for e in entries)
+    with_cost = any(_measured_cost(e) for e in entries)
     header = ["Config", "Title", "Steps", "Guidance", "N"] + (["Evals/sample", "s/sample"] if with_cost else [])
     for _, label, _ in metrics:
         header.append(label)
@@ -277,7 +281,7 @@ def render_table(entries):
         seeds = "; ".join(", ".join(str(s) for s in group) for group in seeded)
         out += [f"Figures are mean ± sample standard deviation over seeds {seeds}.", ""]
     devices = sorted({d for e in entries if e["metrics"] is not None for d in e.get("sampling_devices") or []})
-    if any(e.get("evaluations_per_sample") is not None for e in entries):
+    if any(_measured_cost(e) for e in entries):
         out += [
             "Evals/sample: model evaluations per sample, a guided call counted at its cost in plain calls of the "
             "model (PAG's perturbed branch at the FLOP share it recomputes, SAG's at one full call; steps the "

@@ -32,6 +32,7 @@ class BatchCost:
 
     def __init__(self, batch_size):
         self.evaluations = th.zeros(batch_size, dtype=th.float64)
+        self.calls = 0
         self.seconds = None
 
     def add(self, cost):
@@ -43,6 +44,7 @@ class BatchCost:
             self.evaluations = None
             return
         self.evaluations += cost
+        self.calls += 1
 
 
 @contextlib.contextmanager
@@ -100,7 +102,8 @@ def write_batch_cost(parts_dir, start, end, meter, device):
     write_json_atomic(
         os.path.join(parts_dir, cost_name(start, end)),
         {
-            "evaluations": None if meter.evaluations is None else meter.evaluations.tolist(),
+            # None where no call was counted: a sampler that calls its model outside counted() (DPS).
+            "evaluations": None if meter.evaluations is None or not meter.calls else meter.evaluations.tolist(),
             "seconds": meter.seconds,
             "device": str(device) if device is not None else None,
         },
@@ -111,7 +114,7 @@ def summarize_parts(parts_dir, ranges):
     """
     The run's cost from the cost files of its parts `ranges` ([(start, end)]), or None when no part has one:
     evaluations_per_sample (mean over samples; min and max beside it, which differ only when the guidance depends
-    on the sample), seconds_per_sample (over the samples whose batches were timed, summed over ranks: the time one
+    on the sample; None where the sampler did not count its calls), seconds_per_sample (over the samples whose batches were timed, summed over ranks: the time one
     device spends per sample), and how many samples each figure covers.
     """
     evaluations, seconds, timed, devices = [], 0.0, 0, set()
@@ -122,20 +125,19 @@ def summarize_parts(parts_dir, ranges):
         except (OSError, ValueError):
             continue
         values = data.get("evaluations") or []
-        if len(values) != end - start:
-            continue
-        evaluations += [float(v) for v in values]
+        if len(values) == end - start:
+            evaluations += [float(v) for v in values]
         if isinstance(data.get("seconds"), (int, float)):
             seconds += float(data["seconds"])
             timed += end - start
         if data.get("device"):
             devices.add(data["device"])
-    if not evaluations:
+    if not evaluations and not timed:
         return None
     return {
-        "evaluations_per_sample": sum(evaluations) / len(evaluations),
-        "evaluations_min": min(evaluations),
-        "evaluations_max": max(evaluations),
+        "evaluations_per_sample": sum(evaluations) / len(evaluations) if evaluations else None,
+        "evaluations_min": min(evaluations) if evaluations else None,
+        "evaluations_max": max(evaluations) if evaluations else None,
         "seconds_per_sample": seconds / timed if timed else None,
         "samples_counted": len(evaluations),
         "samples_timed": timed,
