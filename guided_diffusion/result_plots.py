@@ -1,5 +1,5 @@
 """
-The curves of a results folder's sweeps (reproduce.py --grid), as PNG files beside table.md, one set per model:
+The curves of a results folder's sweeps (reproduce.py --sweep), as PNG files beside table.md, one set per model:
 
     <model>_fid_vs_scale.png        FID against the guidance scale, one line per swept row and setting
     <model>_precision_recall.png    precision against recall over the scale (the trade-off figures of guidance

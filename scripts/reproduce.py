@@ -6,10 +6,10 @@ the results folder holds.
     python scripts/reproduce.py 'adm256_*' --mpi 8 -- --batch_size 32
     python scripts/reproduce.py 'adm256_*' --launcher torchrun --nproc 8 -- --batch_size 32
     python scripts/reproduce.py 'digits16_*'
-    python scripts/reproduce.py digits16_ddim10_pag3 digits16_ddim10_sag --grid scale=0,1,3 --seeds 0,1,2
+    python scripts/reproduce.py digits16_ddim10_pag3 digits16_ddim10_sag --sweep scale=0,1,3 --seeds 0,1,2
 
 CONFIG is a config name (configs/NAME.cfg), a path, or a glob over config names. Flags after `--` go to the
-sampler. --grid KEY=V1,V2,... sweeps a sampler flag (or `scale`, the row's guidance scale) over values: each point
+sampler. --sweep KEY=V1,V2,... sweeps a sampler flag (or `scale`, the row's guidance scale) over values: each point
 of the grid is a row of its own (ROW@key=value,...). Finished rows (same flags, sample count, reference batch and
 feature network) are not redone, and an interrupted row resumes where it stopped. Beside table.md go PNG curves of
 the swept rows (FID against scale, precision against recall, FID against evaluations and seconds per sample; they
@@ -63,9 +63,9 @@ def create_argparser():
         "results/<row>/seed<k>/) and the table gives the mean and standard deviation over them",
     )
     parser.add_argument(
-        "--grid", action="append", metavar="KEY=V1,V2,...",
+        "--sweep", action="append", metavar="KEY=V1,V2,...",
         help="sweep a sampler flag (without dashes; `scale`: the row's guidance scale) over values, each point a "
-        "row; repeat for a grid (e.g. --grid scale=0,1,3 --grid timestep_respacing=ddim10,ddim20); ';' separates "
+        "row; repeat for a grid (e.g. --sweep scale=0,1,3 --sweep timestep_respacing=ddim10,ddim20); ';' separates "
         "values holding commas",
     )
     parser.add_argument("--config_dir", default=CONFIG_DIR, help="where names and globs are looked up")
@@ -80,9 +80,9 @@ def main(argv=None):
     check_options(parser, opts, extra)
     try:
         rows = select_configs(opts.configs, opts.config_dir)
-        grid = parse_grid(opts.grid)
+        grid = parse_grid(opts.sweep)
         check_grid_flags(grid, extra)
-        rows = expand_rows(rows, grid, parse_sampler_flags, log=log)
+        rows = expand_rows(rows, grid, parse_sampler_flags, extra, log=log)
     except ReproduceError as exc:
         parser.error(str(exc))
     problem = output_problem(opts, rows)

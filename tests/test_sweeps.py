@@ -1,5 +1,5 @@
 """
-Sweeps (reproduce.py --grid), equal-compute accounting (GuidedModel.call_cost, the samplers' evaluations and
+Sweeps (reproduce.py --sweep), equal-compute accounting (GuidedModel.call_cost, the samplers' evaluations and
 seconds per sample) and the curves beside table.md.
 """
 
@@ -159,13 +159,48 @@ def run_reproduce(*argv):
     return status
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["digits16_ddim10_pag3", "--sweep", "no_such_flag=1,2"], "unrecognized arguments: --no_such_flag 1"),
+        (["digits16_ddim10_pag3", "--sweep", "scale=1", "--", "--pag_scale", "2"], "both set it"),
+        (["digits16_ddim10_baseline", "--sweep", "seed=1"], "use --seeds"),
+    ],
+)
+def test_a_bad_sweep_is_one_error_before_any_row(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_reproduce("--results", str(tmp_path / "results"), *argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_sweeps_scale_is_the_rows_method_and_the_only_one_setting_it(capsys):
+    from guided_diffusion.sampler_launch import parse_sampler_flags
+    from guided_diffusion.sweeps import expand_rows
+    from guided_diffusion.table_rows import select_configs
+
+    pag, sag = select_configs(["digits16_ddim10_pag3", "digits16_ddim10_sag"])
+    points = expand_rows([pag, sag], [("scale", ["1", "2"])], parse_sampler_flags)
+    assert [p.flags for p in points] == [
+        ("--pag_scale", "1"), ("--pag_scale", "2"), ("--sag_scale", "1"), ("--sag_scale", "2"),
+    ]
+    # The method's scale after `--` as well would leave one of the two unused.
+    with pytest.raises(ReproduceError, match="--sweep sag_scale and --sag_scale after `--` both set it"):
+        expand_rows([sag], [("scale", ["1"])], parse_sampler_flags, ["--sag_scale", "0.5"])
+    rows = select_configs(["digits16_ddim10_baseline"])
+    # Unguided, the scale does not apply: the row itself, once.
+    (point,) = expand_rows(rows, [("scale", ["1", "2"])], parse_sampler_flags)
+    assert point.name == "digits16_ddim10_baseline" and point.flags == () and point.sweep["point"] == {}
+
+
 def test_a_sweep_of_two_methods_over_three_scales_is_one_command(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")  # the digits feature network's reference statistics
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PAG_ADM_CACHE_DIR", str(tmp_path / "cache"))
     results = tmp_path / "results"
     argv = [
-        "digits16_ddim10_pag3", "digits16_ddim10_sag", "--grid", "scale=0,1,3", "--num_samples", "4",
+        "digits16_ddim10_pag3", "digits16_ddim10_sag", "--sweep", "scale=0,1,3", "--num_samples", "4",
         "--results", str(results), "--", "--batch_size", "4", "--timestep_respacing", "ddim4",
     ]
     assert run_reproduce(*argv) == 0
