@@ -84,6 +84,8 @@ class CountedModel:
 
     def __getattr__(self, name):
         # parameters() (the samplers find the device from it), plain_and_guided, ...
+        if name == "model":
+            raise AttributeError(name)  # not yet set (a copy being built): no recursion
         return getattr(self.model, name)
 
 

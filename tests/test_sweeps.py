@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch as th
 from torch.utils.flop_counter import FlopCounterMode
@@ -17,10 +16,10 @@ from guided_diffusion.pag import OFFICIAL_IMAGENET256_LAYERS, PAGGuidedModel, _s
 from guided_diffusion.sag import SAGGuidedModel
 from guided_diffusion.script_util import create_model, create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.stage_flops import count_stage_flops
-from guided_diffusion.sweeps import parse_grid, check_grid_flags
+from guided_diffusion.sweeps import check_grid_flags, parse_grid
 from guided_diffusion.table_rows import ReproduceError
 
-from conftest import REPO_ROOT, load_script, randomize_zero_params
+from conftest import load_script, randomize_zero_params
 
 DIGITS = dict(
     image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="8,4",
