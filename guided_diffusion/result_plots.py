@@ -55,11 +55,11 @@ def _title(what, entries, model):
     steps = sorted({e.get("steps") or "?" for e in entries})
     counts = sorted({e.get("num_samples") for e in entries if e.get("num_samples")})
     seeds = sorted({tuple(e["seeds"]) for e in entries if e.get("seeds")})
-    seed_text = "; ".join(",".join(str(s) for s in group) for group in seeds) if seeds else "one seed"
-    return (
-        f"{what}\n{model}, {', '.join(steps)}, {'/'.join(str(c) for c in counts)} samples per point, "
-        f"seeds {seed_text}"
-    )
+    if seeds:
+        seed_text = "seeds " + "; ".join(",".join(str(s) for s in group) for group in seeds) + " (bars: ±1 sd)"
+    else:
+        seed_text = "one seed"
+    return f"{what}\n{model}, {', '.join(steps)}, {'/'.join(str(c) for c in counts)} samples per point, {seed_text}"
 
 
 def _save(figure, path):

@@ -214,7 +214,8 @@ def records_cost(records):
     names = []
     for r in records:
         env = r.get("sampling_environment") or {}
-        name = env.get("device_name") or env.get("device")
+        device, model = env.get("device"), env.get("device_name")
+        name = f"{device}: {model}" if device and model and model != device else (device or model)
         if name and name not in names:
             names.append(name)
     out["sampling_devices"] = names or None
