@@ -69,17 +69,20 @@ class CountedModel:
     """
     A model (or guided model) whose calls add their cost to the batch being measured, if any; otherwise it is the
     model itself.
+
+    :param cost_of: the model whose call_cost prices each call, when `model` is a function around it.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, cost_of=None):
         self.model = model
+        self.cost_of = model if cost_of is None else cost_of
 
     def __call__(self, x, t, **kwargs):
         if _current:
             t_rows = th.as_tensor(t)
             if t_rows.dim() == 0:
                 t_rows = t_rows.expand(x.shape[0])
-            _current[-1].add(wrapped_call_cost(self.model, t_rows))
+            _current[-1].add(wrapped_call_cost(self.cost_of, t_rows))
         return self.model(x, t, **kwargs)
 
     def __getattr__(self, name):
@@ -89,8 +92,8 @@ class CountedModel:
         return getattr(self.model, name)
 
 
-def counted(model):
-    return model if isinstance(model, CountedModel) else CountedModel(model)
+def counted(model, cost_of=None):
+    return model if isinstance(model, CountedModel) else CountedModel(model, cost_of)
 
 
 # --- the figures beside a run's parts ------------------------------------------------------------------------------

@@ -836,6 +836,10 @@ def test_classifier_sample_with_pag_and_classifier_guidance(classifier_sample, c
     )
     np.testing.assert_array_equal(unguided["arr_1"], guided["arr_1"])
     assert not np.array_equal(unguided["arr_0"], guided["arr_0"])
+    # The model is called through a function for the classifier's labels; its calls are priced as PAG's (the
+    # classifier is not counted): 5 steps, each between one and two plain calls.
+    cost = json.loads((tmp_path / "cg" / "samples_2x64x64x3.json").read_text())["cost"]
+    assert 5 < cost["evaluations_per_sample"] < 10
 
 
 @pytest.mark.parametrize(
