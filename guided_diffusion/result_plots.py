@@ -112,9 +112,11 @@ def _swept_scale(group, keys):
 
 
 def plot_fid_vs_scale(entries, model, path):
+    keys = _scale_keys(entries)
+    if not _swept_scale(entries, keys):
+        return False  # no scale swept (e.g. a sweep over layers): no curve over the scale to draw
     figure, ax = _figure()
     drawn, references = False, 0
-    keys = _scale_keys(entries)
     for label, group in _series(entries, keys).items():
         if not _swept_scale(group, keys):
             # A row whose scale the grid does not sweep (an unguided row): its FID as a reference line.

@@ -237,6 +237,28 @@ def test_a_sweep_of_two_methods_over_three_scales_is_one_command(tmp_path, monke
     assert [os.stat(f).st_mtime_ns for f in files] == before
 
 
+def _entry(base, point, fid, evaluations, scale, model="m.pt"):
+    return {
+        "config": base + "@" + ",".join(f"{k}={v}" for k, v in point.items()), "kind": "generation",
+        "sweep": {"base": base, "point": point, "flags": {}}, "model": model, "scale": scale, "steps": "DDIM-10",
+        "num_samples": 8, "seeds": [0, 1], "metrics": {"fid": fid, "precision": 0.5, "recall": 0.5},
+        "metrics_std": {"fid": 1.0, "precision": 0.1, "recall": 0.1}, "evaluations_per_sample": evaluations,
+        "seconds_per_sample": evaluations / 100, "sampling_devices": ["cpu: x86_64"],
+    }
+
+
+def test_plots_one_set_per_model_and_no_scale_curve_without_a_swept_scale(tmp_path):
+    entries = [_entry("pag", {"scale": s}, 10 - float(s), 18.2, float(s)) for s in ("0", "1", "3")]
+    entries += [_entry("layers", {"pag_layers": v}, 5.0, 18.0, 3.0, model="other.pt") for v in ("middle", "output")]
+    entries.append(dict(_entry("plain", {}, 7.0, 10.0, 0.0), sweep=None))  # not a sweep: not drawn
+    (line,) = result_plots.write_plots(str(tmp_path), entries)
+    assert sorted(os.listdir(tmp_path)) == [
+        "m_fid_vs_evaluations.png", "m_fid_vs_scale.png", "m_fid_vs_seconds.png", "m_precision_recall.png",
+        "other_fid_vs_evaluations.png", "other_fid_vs_seconds.png", "other_precision_recall.png",
+    ]
+    assert line.startswith("wrote 7 plots: ")
+
+
 def test_without_matplotlib_one_line_says_how_to_install_it(monkeypatch, tmp_path):
     entry = {
         "config": "a@scale=1", "sweep": {"base": "a", "point": {"scale": "1"}, "flags": {"pag_scale": "1"}},
