@@ -147,7 +147,7 @@ def plot_precision_recall(entries, model, path):
         for e in sorted(group, key=lambda e: e.get("scale") or 0.0):
             recall, recall_sd = _metric(e, "recall")
             precision, precision_sd = _metric(e, "precision")
-            points.append((recall, precision, precision_sd, recall_sd, f"s={e.get('scale', 0):g}"))
+            points.append((recall, precision, precision_sd, recall_sd, f"s={e.get('scale') or 0:g}"))
         drawn |= _draw_line(ax, points, label, annotate=True)
     if not drawn:
         return False
