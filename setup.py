@@ -12,6 +12,8 @@ setup(
         "mpi": ["mpich"],
         # scikit-learn: the test that rebuilds datasets/digits16.npz from its bundled digits; scikit-image: the
         # test that holds our PSNR/SSIM to its reference implementation.
-        "test": ["pytest", "scikit-learn", "scikit-image"],
+        # matplotlib: reproduce.py's curves (results/*.png); without it the table is still written.
+        "plots": ["matplotlib"],
+        "test": ["pytest", "scikit-learn", "scikit-image", "matplotlib"],
     },
 )

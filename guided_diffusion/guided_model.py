@@ -70,6 +70,17 @@ def take_rows(value, rows, batch_size):
     return value[rows]
 
 
+def wrapped_call_cost(model, t):
+    """
+    The cost per row of t of calling `model`: its own call_cost where it has one (a guided model inside another),
+    else 1.0, one plain call.
+    """
+    t = th.as_tensor(t)
+    if hasattr(model, "call_cost"):
+        return th.as_tensor(model.call_cost(t), dtype=th.float64).reshape(t.shape).cpu()
+    return th.ones(t.shape, dtype=th.float64)
+
+
 class GuidedModel:
     """
     A model wrapper called like the model, `guided(x, t, **model_kwargs)`. Subclasses set `name` and implement
@@ -124,6 +135,30 @@ class GuidedModel:
         The rows to guide: None (no row), True (every row) or a LongTensor of row indices.
         """
         return guided_rows(self.scale, self.t_range, t, batch_size)
+
+    def call_cost(self, t):
+        """
+        What one call at timesteps t costs, per row of t, in plain forward passes of the main model: a float64
+        tensor of t's shape (one row for a scalar t), the wrapped model's own cost where this method does not
+        guide, and there the cost of the method's second pass on top. The base counts the second pass as one more
+        full call of the wrapped model; methods that share work between the passes (PAG) or call another network
+        override second_pass_cost.
+        """
+        t = th.as_tensor(t)
+        rows_t = (t.reshape(-1) if t.dim() else t.reshape(1)).cpu()
+        inner = wrapped_call_cost(self.model, rows_t)
+        cost = inner.clone()
+        rows = self.guided_rows(rows_t, rows_t.shape[0])
+        if rows is not None:
+            index = slice(None) if rows is True else rows
+            cost[index] = inner[index] + self.second_pass_cost() * inner[index]
+        return cost.reshape(t.shape)
+
+    def second_pass_cost(self):
+        """
+        The cost of the method's second pass, in calls of the wrapped model (1.0: one full call).
+        """
+        return 1.0
 
     def __call__(self, x, t, **model_kwargs):
         rows = self.guided_rows(t, x.shape[0])

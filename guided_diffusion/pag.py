@@ -155,6 +155,21 @@ class PAGGuidedModel(GuidedModel):
             f"perturbation {self.perturbation.describe()})"
         )
 
+    def second_pass_cost(self):
+        """
+        The perturbed branch's cost in plain calls: with the shared prefix, the share of a plain pass's FLOPs from
+        the stage of the first perturbed block to the output (counted once per model, stage_flops.py; 0.75 at the
+        official layers on ADM-256, so a guided call costs 1.75); two full passes otherwise.
+        """
+        if not (self.batched and self.share_prefix and _can_share_prefix(self.model)):
+            return 1.0
+        if getattr(self, "_prefix_share", None) is None:
+            from .stage_flops import share_from_stage
+
+            first = min(_stage_of(self.model, name) for name in self.layers)
+            self._prefix_share = share_from_stage(self.model, first)
+        return self._prefix_share
+
     def nonfinite_hint(self):
         return self.perturbation.nonfinite_hint()
 

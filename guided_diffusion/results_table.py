@@ -20,6 +20,7 @@ from .table_rows import (
     read_json,
     steps_label,
 )
+from .sweeps import point_of_record
 
 
 def _usable_record(record):
@@ -77,13 +78,17 @@ def _row_of_record(record):
     kept of it.
     """
     path = record.get("config_path")
+    sweep = record.get("sweep")
     if path and os.path.isfile(path):
         try:
-            return load_row(path)
-        except (ReproduceError, OSError):
+            row = load_row(path)
+            return point_of_record(row, sweep) if isinstance(sweep, dict) else row
+        except (ReproduceError, OSError, AttributeError, TypeError):
             pass
     restoration = record.get("script") == INVERSE_SCRIPT
     return SimpleNamespace(
+        sweep=sweep if isinstance(sweep, dict) else None,
+        meta={},
         name=record["config"],
         title=record.get("title") or record["config"],
         published=record.get("published") or {},
@@ -157,6 +162,7 @@ def table_row(row, args, metrics_records, status):
     if len(records) > 1:
         metrics_std = {key: _std([r["metrics"].get(key) for r in records]) for key, _, _ in row.metrics}
         per_seed = {str(r["flags"].get("seed")): r["metrics"] for r in records}
+    cost = records_cost(records)
     return {
         "config": row.name,
         "title": row.title,
@@ -173,7 +179,51 @@ def table_row(row, args, metrics_records, status):
         "published": row.published or None,
         "source": row.source or None,
         "status": status,
+        # What the plots need: the grid point (sweeps.py), the checkpoint, the guidance scale.
+        "sweep": getattr(row, "sweep", None),
+        "model": (getattr(row, "meta", None) or {}).get("model"),
+        "scale": guidance_scale(args) if args is not None else None,
+        **cost,
     }
+
+
+def guidance_scale(args):
+    """
+    The scale of the guidance method the flags turn on (0.0 when none is; the first when several are).
+    """
+    from .guidance import GUIDANCE_METHODS
+
+    for method in GUIDANCE_METHODS:
+        value = getattr(args, method.switch, 0.0)
+        if value:
+            return float(value)
+    return 0.0
+
+
+def records_cost(records):
+    """
+    evaluations_per_sample, seconds_per_sample (means over the records that measured them, with their sample
+    standard deviations) and the sampling devices, from metrics records' `cost` (None where unmeasured).
+    """
+    costs = [r.get("cost") for r in records if isinstance(r.get("cost"), dict)]
+    out = {}
+    for key in ("evaluations_per_sample", "seconds_per_sample"):
+        values = [c.get(key) for c in costs if isinstance(c.get(key), (int, float))]
+        out[key] = _mean(values)
+        out[key + "_std"] = _std(values)
+    names = []
+    for r in records:
+        env = r.get("sampling_environment") or {}
+        device, model = env.get("device"), env.get("device_name")
+        name = f"{device}: {model}" if device and model and model != device else (device or model)
+        if name and name not in names:
+            names.append(name)
+    out["sampling_devices"] = names or None
+    return out
+
+
+def _measured_cost(entry):
+    return entry.get("evaluations_per_sample") is not None or entry.get("seconds_per_sample") is not None
 
 
 def _metric_table(entries, metrics):
@@ -182,7 +232,9 @@ def _metric_table(entries, metrics):
     entry carries them.
     """
     with_paper = any(e["published"] for e in entries)
-    header = ["Config", "Title", "Steps", "Guidance", "N"]
+    # The cost columns where any entry measured its cost (inverse-problem samplers do not).
+    with_cost = any(_measured_cost(e) for e in entries)
+    header = ["Config", "Title", "Steps", "Guidance", "N"] + (["Evals/sample", "s/sample"] if with_cost else [])
     for _, label, _ in metrics:
         header.append(label)
         if with_paper:
@@ -196,6 +248,9 @@ def _metric_table(entries, metrics):
             e.get("guidance") or "–",
             str(e["num_samples"]),
         ]
+        if with_cost:
+            cells.append(_number(e.get("evaluations_per_sample"), 2))
+            cells.append(_with_spread(e.get("seconds_per_sample"), e.get("seconds_per_sample_std"), 3))
         spread = e.get("metrics_std") or {}
         for key, _, digits in metrics:
             cells.append(_with_spread(e["metrics"].get(key), spread.get(key), digits))
@@ -226,6 +281,15 @@ def render_table(entries):
     if seeded:
         seeds = "; ".join(", ".join(str(s) for s in group) for group in seeded)
         out += [f"Figures are mean ± sample standard deviation over seeds {seeds}.", ""]
+    devices = sorted({d for e in entries if e["metrics"] is not None for d in e.get("sampling_devices") or []})
+    if any(_measured_cost(e) for e in entries):
+        out += [
+            "Evals/sample: model evaluations per sample, a guided call counted at its cost in plain calls of the "
+            "model (PAG's perturbed branch at the FLOP share it recomputes, SAG's at one full call; steps the "
+            "guidance skips at 1); s/sample: sampling seconds per sample on the sampler's device"
+            + (f" ({'; '.join(devices)})" if devices else "") + "; – where a result did not measure it.",
+            "",
+        ]
     sources = sorted({e["source"] for e in entries if e["published"] and e["source"]})
     if sources:
         out += ["Published figures: " + "; ".join(sources) + ".", ""]

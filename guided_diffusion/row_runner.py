@@ -199,6 +199,8 @@ def metrics_record(run, key, sample_batch, results, seconds, device):
     return {
         "config": row.name,
         "config_path": row.path,
+        # The grid point this row is (sweeps.py), or None.
+        "sweep": getattr(row, "sweep", None),
         "title": row.title,
         "script": row.script,
         "command": run.command,
@@ -219,6 +221,8 @@ def metrics_record(run, key, sample_batch, results, seconds, device):
         # Where the figures were computed, and where the samples were (git commit, torch, device, ranks).
         "environment": environment(device=device or "cpu", ranks=1),
         "sampling_environment": sampler_record.get("environment"),
+        # Model evaluations and seconds per sample, measured by the sampler (sampling_cost.py).
+        "cost": sampler_record.get("cost"),
         "key": key,
     }
 

@@ -38,6 +38,7 @@ from .errors import UsageError
 from .file_digest import file_record
 from .image_output import first_samples, save_grid
 from .random_streams import batch_streams, sample_generator
+from .sampling_cost import measure_batch, summarize_parts, write_batch_cost
 
 # Set to a positive integer k, a run stops (exit status 3) after each rank has finished k batches: an interrupted
 # run on demand, for testing resumption.
@@ -574,7 +575,7 @@ def run_sampling(
     comm = comm if comm is not None else mpi_comm()
     stop_after = _stop_after()
     plan = plan_batches(args, out_dir, image_shape, record, comm)
-    sample_missing_batches(plan, args, sample_batch, comm, stop_after)
+    sample_missing_batches(plan, args, sample_batch, comm, stop_after, device)
     error = None
     if comm.rank == 0:
         try:
@@ -654,7 +655,7 @@ def plan_batches(args, out_dir, image_shape, record, comm):
     return plan
 
 
-def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None):
+def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None, device=None):
     """
     Sample this rank's batches of the plan into part files, each on its samples' own streams, with one bar on
     rank 0 over the run's samples; stop after `stop_after` batches (the tests' $STOP_AFTER_ENV). Returns when
@@ -672,8 +673,10 @@ def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None):
     )
     for batch_number, (start, end) in enumerate(plan.mine):
         generators = [sample_generator(args.seed, i) for i in range(start, end)]
-        with batch_streams(args.seed, range(start, end)):
+        with batch_streams(args.seed, range(start, end)), measure_batch(end - start) as cost:
             arrays = sample_batch(start, end, generators)
+        # The cost first: a part never lacks it unless its run was stopped in between.
+        write_batch_cost(plan.parts_dir, start, end, cost, device)
         save_npz_atomic(os.path.join(plan.parts_dir, part_name(start, end)), arrays)
         if comm.rank == 0:
             # The parts on disk count the other ranks' work too.
@@ -703,7 +706,8 @@ def write_final_samples(plan, arrays, script, args, record, device, ranks):
     from . import logger
 
     # The record first: a run stopped between the two leaves its parts, so the rerun just joins them.
-    summary = final_record(script, args, record, plan.final_path, plan.grid, device, ranks)
+    cost = summarize_parts(plan.parts_dir, finished_ranges(plan.parts_dir))
+    summary = final_record(script, args, record, plan.final_path, plan.grid, device, ranks, cost)
     write_json_atomic(final_record_path(plan.final_path), summary)
     if plan.shard:
         named = {f"arr_{k}": a for k, a in enumerate(arrays)}
@@ -727,10 +731,10 @@ def draw_run_grid(plan, arrays, write_grid):
     return None
 
 
-def final_record(script, args, record, final_path, grid, device, ranks):
+def final_record(script, args, record, final_path, grid, device, ranks, cost=None):
     """
     What is kept beside a finished run's .npz: every flag as given, the seed, the record that identifies the
-    samples (checkpoint digests included) and what they were made with.
+    samples (checkpoint digests included), what they were made with and what they cost (sampling_cost.py).
     """
     from .run_info import environment
 
@@ -744,6 +748,7 @@ def final_record(script, args, record, final_path, grid, device, ranks):
         "record": record,
         "grid": os.path.abspath(grid) if grid else None,
         "environment": environment(device=device, ranks=ranks),
+        "cost": cost,
     }
 
 

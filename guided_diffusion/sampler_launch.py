@@ -50,8 +50,9 @@ def sampler_command(row, opts, extra, missing=None, subfolder=""):
     missing = [] if missing is None else missing
     check_passed_flags(extra)
     out_dir = os.path.join(os.path.abspath(opts.results), row.name, *([subfolder] if subfolder else []))
-    first = parse_sampler_flags(row, ["@" + row.path, *extra])
-    tokens = ["@" + row.path, *extra]
+    # A sweep point's own flags come last (sweeps.py refuses them after `--` too).
+    tokens = ["@" + row.path, *extra, *getattr(row, "flags", ())]
+    first = parse_sampler_flags(row, tokens)
     for flag in CHECKPOINT_FLAGS:
         value = getattr(first, flag, "")
         if value:

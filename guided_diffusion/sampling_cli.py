@@ -34,6 +34,7 @@ from .nonfinite import NonFiniteSampleError
 from .image_output import grid_format, to_uint8_images
 from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
+from .sampling_cost import counted
 from . import run_store
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
 from .flag_help import flag_defaults
@@ -335,18 +336,21 @@ def build_guided_model(args, run, create, defaults, what="diffusion model"):
 
 
 def sample_images(
-    diffusion, model_fn, args, generators, image_size, model_kwargs, cond_fn=None, device=None, progress=False
+    diffusion, model_fn, args, generators, image_size, model_kwargs, cond_fn=None, device=None, progress=False,
+    cost_of=None,
 ):
     """
     Run ADM's sampler (DDIM with --use_ddim, else ancestral) on one batch whose random draws all come from the
-    samples' own generators. :param progress: the sampling loop's progress (e.g. run.progress). :return: uint8 NHWC
-    images.
+    samples' own generators. :param progress: the sampling loop's progress (e.g. run.progress). :param cost_of: the
+    (guided) model whose call_cost prices each call when model_fn is a function around it (sampling_cost.py).
+    :return: uint8 NHWC images.
     """
     noise = PerSampleNoise(generators)
     shape = (len(generators), 3, image_size, image_size)
     loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
     sample = loop(
-        model_fn,
+        # Each call's cost goes to the batch being measured (sampling_cost.py).
+        counted(model_fn, cost_of),
         shape,
         noise=noise.draw(shape, device),
         clip_denoised=args.clip_denoised,

@@ -134,6 +134,9 @@ class RowConfig:
         self.source = meta.get("source", "")
         self.restoration = self.script == INVERSE_SCRIPT
         self.metrics = RESTORATION_METRICS if self.restoration else METRICS
+        # A sweep's point (sweeps.py): the flags the sampler gets after the config's, and what the point is.
+        self.flags = ()
+        self.sweep = None
 
 
 def config_name(path):

@@ -72,7 +72,7 @@ def sample(args):
         classes = draw_labels(generators, args.classifier_num_classes).to(run.device)
         images = cli.sample_images(
             diffusion, model_fn, args, generators, args.image_size, {"y": classes}, cond_fn=cond_fn,
-            device=run.device, progress=run.progress,
+            device=run.device, progress=run.progress, cost_of=guided,
         )
         return [images, classes.cpu().numpy()]
 

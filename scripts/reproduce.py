@@ -6,10 +6,14 @@ the results folder holds.
     python scripts/reproduce.py 'adm256_*' --mpi 8 -- --batch_size 32
     python scripts/reproduce.py 'adm256_*' --launcher torchrun --nproc 8 -- --batch_size 32
     python scripts/reproduce.py 'digits16_*'
+    python scripts/reproduce.py digits16_ddim10_pag3 digits16_ddim10_sag --sweep scale=0,1,3 --seeds 0,1,2
 
 CONFIG is a config name (configs/NAME.cfg), a path, or a glob over config names. Flags after `--` go to the
-sampler. Finished rows (same flags, sample count, reference batch and feature network) are not redone, and an
-interrupted row resumes where it stopped. See docs/reproduce.md.
+sampler. --sweep KEY=V1,V2,... sweeps a sampler flag (or `scale`, the row's guidance scale) over values: each point
+of the grid is a row of its own (ROW@key=value,...). Finished rows (same flags, sample count, reference batch and
+feature network) are not redone, and an interrupted row resumes where it stopped. Beside table.md go PNG curves of
+the swept rows (FID against scale, precision against recall, FID against evaluations and seconds per sample; they
+need matplotlib: pip install -e '.[plots]'). See docs/reproduce.md.
 """
 
 import argparse
@@ -21,7 +25,9 @@ from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.flag_files import CONFIG_DIR
 from guided_diffusion.results_table import write_table
 from guided_diffusion.row_runner import log, output_problem, run_rows
-from guided_diffusion.sampler_launch import LAUNCHERS, launch_settings, sampler_env
+from guided_diffusion.result_plots import write_plots
+from guided_diffusion.sampler_launch import LAUNCHERS, launch_settings, parse_sampler_flags, sampler_env
+from guided_diffusion.sweeps import check_grid_flags, expand_rows, parse_grid
 from guided_diffusion.table_rows import ReproduceError, select_configs
 
 
@@ -56,6 +62,12 @@ def create_argparser():
         help="comma-separated sampling seeds, e.g. 0,1,2: each row is sampled and evaluated once per seed (in "
         "results/<row>/seed<k>/) and the table gives the mean and standard deviation over them",
     )
+    parser.add_argument(
+        "--sweep", action="append", metavar="KEY=V1,V2,...",
+        help="sweep a sampler flag (without dashes; `scale`: the row's guidance scale) over values, each point a "
+        "row; repeat for a grid (e.g. --sweep scale=0,1,3 --sweep timestep_respacing=ddim10,ddim20); ';' separates "
+        "values holding commas",
+    )
     parser.add_argument("--config_dir", default=CONFIG_DIR, help="where names and globs are looked up")
     return parser
 
@@ -68,6 +80,9 @@ def main(argv=None):
     check_options(parser, opts, extra)
     try:
         rows = select_configs(opts.configs, opts.config_dir)
+        grid = parse_grid(opts.sweep)
+        check_grid_flags(grid, extra)
+        rows = expand_rows(rows, grid, parse_sampler_flags, extra, log=log)
     except ReproduceError as exc:
         parser.error(str(exc))
     problem = output_problem(opts, rows)
@@ -88,6 +103,8 @@ def main(argv=None):
     # This call's rows and every earlier result in the folder, so no call narrows the table to its own rows.
     table_md, earlier = write_table(results, this_call)
     log(f"wrote {table_md}" + (f" ({earlier} of its lines from earlier runs in {results})" if earlier else ""))
+    for line in write_plots(results):
+        log(line)
     if failures:
         log(f"{len(failures)} of {len(rows)} rows failed: {', '.join(failures)} (see the errors above)")
         return 1

@@ -194,20 +194,27 @@ def test_end_to_end_writes_metrics_and_table(first_run, world):
 
     table = (results / "table.md").read_text().splitlines()
     header = table[2]
-    assert header.startswith("| Config | Title | Steps | Guidance | N | IS | IS (paper) | FID | FID (paper) |")
+    assert header.startswith(
+        "| Config | Title | Steps | Guidance | N | Evals/sample | s/sample | IS | IS (paper) | FID | FID (paper) |"
+    )
     rows = [line for line in table if line.startswith("| `")]
     assert len(rows) == 2
     plain_cells = [c.strip() for c in rows[0].strip("|").split("|")]
     pag_cells = [c.strip() for c in rows[1].strip("|").split("|")]
     assert plain_cells[:5] == ["`tiny_plain`", "tiny, no guidance", "DDPM-5", "no guidance", "8"]
     assert pag_cells[:5] == ["`tiny_pag`", "tiny, PAG", "DDPM-5", "PAG: scale 2.0, layers 'middle_block.1'", "8"]
+    # Model evaluations per sample: 5 steps, each guided one at PAG's cost in plain calls.
+    model, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **TINY})
+    pag_cost = pag.PAGGuidedModel(model, 2.0, "middle_block.1").call_cost(th.tensor([0])).item()
+    assert plain_cells[5] == "5.00" and pag_cells[5] == f"{5 * pag_cost:.2f}" and 5 < 5 * pag_cost < 10
+    assert float(plain_cells[6]) > 0
     # Ours next to the paper's: IS, IS (paper), FID, FID (paper), sFID, sFID (paper), ...
-    assert pag_cells[5:] == [
+    assert pag_cells[7:] == [
         f"{guided['inception_score']:.2f}", "3.25", f"{guided['fid']:.2f}", "12.50",
         f"{guided['sfid']:.2f}", "–", f"{guided['precision']:.3f}", "–", f"{guided['recall']:.3f}", "0.500",
         f"{guided['kid_mean']:.4f}", "–",
     ]
-    assert plain_cells[6] == "–"
+    assert plain_cells[8] == "–"
     assert "Published figures: Table 9 of a made-up paper." in table
 
     entries = json.loads((results / "table.json").read_text())["rows"]
@@ -252,7 +259,7 @@ def test_interrupted_row_resumes(reproduce, first_run, world, tmp_path, monkeypa
     status, out, _ = run(reproduce, world, "tiny_pag", "--results", str(out_dir))
     assert status == 1
     assert f"error: row tiny_pag: sampling stopped early (exit status {run_store.STOP_EXIT_CODE}" in out
-    assert sorted(os.listdir(parts)) == ["000000000-000000004.npz", "run.json"]
+    assert sorted(os.listdir(parts)) == ["000000000-000000004.npz", "cost-000000000-000000004.json", "run.json"]
     assert not (out_dir / "tiny_pag" / "metrics.json").exists()
 
     monkeypatch.delenv(run_store.STOP_AFTER_ENV)
@@ -265,7 +272,10 @@ def test_interrupted_row_resumes(reproduce, first_run, world, tmp_path, monkeypa
         results / "tiny_pag" / "samples_8x16x16x3.npz"
     ) as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
-    resumed = json.loads((out_dir / "tiny_pag" / "metrics.json").read_text())["metrics"]
+    resumed_record = json.loads((out_dir / "tiny_pag" / "metrics.json").read_text())
+    # The first run's batch kept what it cost: the record covers every sample.
+    assert resumed_record["cost"]["samples_counted"] == resumed_record["cost"]["samples_timed"] == 8
+    resumed = resumed_record["metrics"]
     assert resumed == json.loads((results / "tiny_pag" / "metrics.json").read_text())["metrics"]
 
 
@@ -555,7 +565,7 @@ def test_help_shows_the_whole_description_and_the_sampler_flags_form(reproduce):
     text = reproduce.create_argparser().format_help()
     assert "[-- SAMPLER FLAGS ...]" in text.splitlines()[0]
     # The description is whole, not cut after its first line.
-    assert "interrupted row resumes where it stopped. See docs/reproduce.md." in text
+    assert "need matplotlib: pip install -e '.[plots]'). See docs/reproduce.md." in text
     assert "python scripts/reproduce.py 'adm256_*' --mpi 8 -- --batch_size 32" in text
 
 

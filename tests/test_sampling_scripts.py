@@ -328,7 +328,7 @@ def test_interrupted_run_resumes_without_duplicates(image_sample, ckpt, tmp_path
     with pytest.raises(SystemExit) as stopped:
         image_sample.main(tiny_flags(out_dir=out_dir, **common))
     assert stopped.value.code == run_store.STOP_EXIT_CODE
-    assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "run.json"]
+    assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "cost-000000000-000000002.json", "run.json"]
     assert not (out_dir / "samples_5x32x32x3.npz").exists()
     # A temporary file a killed run left behind is not a part.
     (parts / ".tmp-12345-000000002-000000004.npz").write_bytes(b"truncated")
@@ -411,7 +411,7 @@ def test_resume_after_the_checkpoint_was_swapped_is_refused(image_sample, tmp_pa
     assert "loading diffusion model" not in out
     # Nothing of the second model was added to the first one's parts.
     parts = tmp_path / "run" / "samples_4x32x32x3_parts"
-    assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "run.json"]
+    assert sorted(os.listdir(parts)) == ["000000000-000000002.npz", "cost-000000000-000000002.json", "run.json"]
 
 
 def test_file_digest_is_cached_per_identity_and_sees_a_swap(tmp_path, monkeypatch):
@@ -836,6 +836,10 @@ def test_classifier_sample_with_pag_and_classifier_guidance(classifier_sample, c
     )
     np.testing.assert_array_equal(unguided["arr_1"], guided["arr_1"])
     assert not np.array_equal(unguided["arr_0"], guided["arr_0"])
+    # The model is called through a function for the classifier's labels; its calls are priced as PAG's (the
+    # classifier is not counted): 5 steps, each between one and two plain calls.
+    cost = json.loads((tmp_path / "cg" / "samples_2x64x64x3.json").read_text())["cost"]
+    assert 5 < cost["evaluations_per_sample"] < 10
 
 
 @pytest.mark.parametrize(

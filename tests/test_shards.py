@@ -65,7 +65,7 @@ def test_shards_merge_into_the_whole_run(image_sample, merge, whole_run, tmp_pat
     with pytest.raises(SystemExit) as stopped:
         image_sample.main(flags + ["--shard", "2/3"])
     assert stopped.value.code == run_store.STOP_EXIT_CODE
-    assert sorted(os.listdir(out / "samples_7x16x16x3_shard2of3_parts")) == ["000000004-000000006.npz", "run.json"]
+    assert sorted(os.listdir(out / "samples_7x16x16x3_shard2of3_parts")) == ["000000004-000000006.npz", "cost-000000004-000000006.json", "run.json"]
     monkeypatch.delenv(run_store.STOP_AFTER_ENV)
     image_sample.main(flags + ["--shard", "2/3"])
     image_sample.main(flags + ["--shard", "0/3"])

@@ -62,7 +62,10 @@ def test_reduced_digits_inverse_table(tmp_path):
         figures[name] = values["psnr"]
     assert figures["digits16_inverse_box_inpainting"] != figures["digits16_inverse_box_inpainting_pag"]
     table = (results / "table.md").read_text()
-    assert "| Config | Title | Steps | Guidance | N | PSNR | SSIM | LPIPS | FID | KID |" in table
+    assert "| Config | Title | Steps | Guidance | N | Evals/sample | s/sample | PSNR | SSIM | LPIPS | FID | KID |" in table
+    # DPS's calls (a forward and a backward pass each) are not counted as evaluations; its time is.
+    record = json.loads((results / "digits16_inverse_box_inpainting_pag" / "metrics.json").read_text())
+    assert record["cost"]["evaluations_per_sample"] is None and record["cost"]["seconds_per_sample"] > 0
 
 
 def test_reduced_sag_and_perturbation_rows_over_seeds(tmp_path):
