@@ -37,7 +37,7 @@ from guided_diffusion.assets import fetch_hint
 from guided_diffusion.file_digest import file_digest
 
 from .device import strict_float32
-from .feature_nets import FeatureNet, state_dict_digest
+from .feature_nets import FeatureNet, state_dict_digest, weights_candidate
 
 WEIGHTS_FILENAME = "dinov2_vitl14_pretrain.pth"
 # As facebookresearch/dinov2's hub code builds it: _DINOV2_BASE_URL + /dinov2_vitl14/dinov2_vitl14_pretrain.pth.
@@ -244,13 +244,7 @@ def vitl14_state_shapes():
 
 def find_dinov2_weights(path=None):
     """The given path, else $PAG_ADM_DINOV2_PATH, else torch hub's checkpoint folder; a missing file is one line."""
-    hub_path = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
-    if path:
-        how, candidate = "--dinov2_path", path
-    elif os.environ.get(WEIGHTS_ENV):
-        how, candidate = f"${WEIGHTS_ENV}", os.environ[WEIGHTS_ENV]
-    else:
-        how, candidate = "torch hub checkpoints", hub_path
+    how, candidate = weights_candidate(path, "--dinov2_path", WEIGHTS_ENV, WEIGHTS_FILENAME)
     if os.path.isfile(candidate):
         return candidate
     hint = fetch_hint(candidate, WEIGHTS_FILENAME) or (

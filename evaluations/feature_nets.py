@@ -75,6 +75,18 @@ def net_weights_digest(net):
     return state_dict_digest(net.state_dict())
 
 
+def weights_candidate(path, flag, env_var, filename):
+    """
+    Where a feature network's weights file is looked for: the path given with `flag`, else $`env_var`, else torch
+    hub's checkpoint folder (where torch.hub and the fetcher put it). Returns (how it was chosen, the path).
+    """
+    if path:
+        return flag, path
+    if os.environ.get(env_var):
+        return f"${env_var}", os.environ[env_var]
+    return "torch hub checkpoints", os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+
+
 def state_dict_digest(state_dict, chars=16):
     digest = hashlib.sha256()
     for key in sorted(state_dict):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from guided_diffusion.assets import fetch_hint
 
 from .device import fast_gpu_precision, strict_float32
-from .feature_nets import FeatureNet, state_dict_digest
+from .feature_nets import FeatureNet, state_dict_digest, weights_candidate
 from .inception_fast import FastFIDInceptionV3, MatmulResize
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -331,12 +331,7 @@ def find_inception_weights(path=None):
     else the torch hub checkpoint folder (where pytorch-fid's download lands).
     """
     hub_path = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
-    if path:
-        how, candidate = "--inception_path", path
-    elif os.environ.get(WEIGHTS_ENV):
-        how, candidate = f"${WEIGHTS_ENV}", os.environ[WEIGHTS_ENV]
-    else:
-        how, candidate = "torch hub checkpoints", hub_path
+    how, candidate = weights_candidate(path, "--inception_path", WEIGHTS_ENV, WEIGHTS_FILENAME)
     if os.path.isfile(candidate):
         return candidate
     raise FileNotFoundError(
