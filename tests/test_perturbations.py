@@ -313,11 +313,23 @@ def test_guided_paths_agree_for_every_kind(name):
     assert torch.equal(outs["naive", (250, 600)][[0, 2]], plain[[0, 2]])
 
 
-@pytest.mark.parametrize("name", ["mask", "noise", "blur"])
-def test_scale_zero_is_plain_sampling_bit_for_bit(name):
+# The paper's random and filtering kinds, and the successors acting on the queries (seg), the map per head (soft)
+# and the block's output (tpg).
+SCALE_ZERO_KINDS = {
+    "mask": KIND_PARAMS["mask"],
+    "noise": KIND_PARAMS["noise"],
+    "blur": KIND_PARAMS["blur"],
+    "seg": dict(seg_sigma=1.0),
+    "soft": dict(soft_alpha=0.6),
+    "tpg": {},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SCALE_ZERO_KINDS))
+def test_scale_zero_is_plain_sampling_bit_for_bit(kind):
     model = tiny_unet()
     diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True, timestep_respacing="3")
-    guided = PAGGuidedModel(model, 0.0, "all", kind=kind_of(name), **KIND_PARAMS[name])
+    guided = PAGGuidedModel(model, 0.0, "all", kind=kind, **SCALE_ZERO_KINDS[kind])
     y = torch.tensor([2, 5])
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
