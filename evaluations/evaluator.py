@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from guided_diffusion.atomic_io import write_json_atomic
 from guided_diffusion.errors import OneLineErrorParser
 from evaluations.device import resolve_device
+from evaluations.digits_net import IMAGE_SIZE as DIGITS_IMAGE_SIZE
 from evaluations.feature_nets import (
     embed_batch,
     load_cli_feature_net,
@@ -41,12 +42,13 @@ from evaluations.feature_nets import (
 from guided_diffusion.file_digest import file_digest
 from evaluations.frechet import FIDStatistics, compute_statistics, singular_covariance_warning
 from evaluations.inception_score import inception_score
-from evaluations.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
+from evaluations.kid import KID_SUBSET_SIZE, KID_SUBSETS, KID_UNIT, kernel_inception_distance
 from evaluations.npz_io import (
     IMAGE_KEY,
     BatchFormatError,
     NpzImageReader,
     NpzWriter,
+    read_image_header,
     read_stats,
 )
 from evaluations.output_paths import check_output_file
@@ -451,6 +453,7 @@ class Evaluator:
             "recall": None,
             "kid_mean": None,
             "kid_std": None,
+            "kid_unit": KID_UNIT,
         }
         if sample_stats_spatial is not None and ref_stats_spatial is not None:
             results["sfid"] = sample_stats_spatial.frechet_distance(ref_stats_spatial)
@@ -539,12 +542,34 @@ def format_results(results):
     if results.get("kid_mean") is None:
         lines.append("KID: n/a")
     else:
-        lines.append(f"KID: {results['kid_mean']} ± {results['kid_std']}")
+        lines.append(f"KID: {results['kid_mean']} ± {results['kid_std']} ({KID_UNIT})")
     if "ref_stats" in results:
         lines.append(describe_statistics(results))
     if fd_label != "FID":
         lines.append(f"Features: every figure above from {results.get('feature_net')}'s features ({fd_label})")
     return "\n".join(lines)
+
+
+DIGITS_FEATURE_NET = "evaluations.digits_net:load_digits_net"
+
+
+def digits_hint(*npz_paths):
+    """
+    A sentence naming the digits feature network when a batch holds 16x16 images (the embedded digits model's
+    size, for which the Inception is the wrong network anyway), else None. Unreadable batches give None here: the
+    evaluation itself reports them.
+    """
+    for path in npz_paths:
+        try:
+            shape = read_image_header(path, channels=None)[0]
+        except (OSError, ValueError):
+            continue
+        if tuple(shape[1:3]) == (DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE):
+            return (
+                f"{path} holds {DIGITS_IMAGE_SIZE}x{DIGITS_IMAGE_SIZE} images, the embedded digits model's size: "
+                f"score them with --feature_net {DIGITS_FEATURE_NET} (shipped, no download)"
+            )
+    return None
 
 
 def create_argparser():
@@ -620,9 +645,17 @@ def main(argv=None):
         if args.json:
             check_output_file(args.json, f"--json {args.json}")
         device = resolve_device(args.device)
-        net = load_cli_feature_net(
-            args.feature_net, device, args.inception_path, fast_gpu=args.fast_gpu, dinov2_path=args.dinov2_path
-        )
+        try:
+            net = load_cli_feature_net(
+                args.feature_net, device, args.inception_path, fast_gpu=args.fast_gpu, dinov2_path=args.dinov2_path
+            )
+        except FileNotFoundError as exc:
+            if args.feature_net != "inception":
+                raise
+            hint = digits_hint(args.sample_batch, args.ref_batch)
+            if hint is None:
+                raise
+            raise FileNotFoundError(f"{hint}. The default network, the FID Inception: {exc}") from None
         evaluator = Evaluator(
             net,
             device=device,

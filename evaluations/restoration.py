@@ -266,7 +266,7 @@ def lpips_distance(model, truth, test, batch_size=16):
 
 def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", batch_size=64, note=None):
     """
-    FID and KID (mean and std over subsets, evaluations/kid.py) of the reconstructions against the ground-truth
+    FID and KID (mean and std over subsets, unscaled: evaluations/kid.py) of the reconstructions against the ground-truth
     set, with our evaluator's feature network (evaluations.feature_nets.load_feature_net). NHWC uint8 inputs.
     Warnings (a set with no more images than feature dimensions, whose covariance is singular) go to `note`
     (default: stderr) and are returned under "notes".
@@ -282,7 +282,7 @@ def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", ba
     batches = lambda arr: (arr[i : i + batch_size] for i in range(0, len(arr), batch_size))
     ref = evaluator.compute_activations(batches(truth_uint8)).pool
     rec = evaluator.compute_activations(batches(recon_uint8)).pool
-    from .kid import kernel_inception_distance
+    from .kid import KID_UNIT, kernel_inception_distance
 
     kid_mean, kid_std = kernel_inception_distance(ref, rec, device=device)
     notes = []
@@ -295,6 +295,7 @@ def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", ba
         "fid": float(compute_statistics(rec).frechet_distance(compute_statistics(ref))),
         "kid_mean": kid_mean,
         "kid_std": kid_std,
+        "kid_unit": KID_UNIT,
         "notes": notes,
     }
 

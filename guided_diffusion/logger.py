@@ -198,7 +198,8 @@ def log_to_files(*lines):
     """
     for fmt in get_current().output_formats:
         if isinstance(fmt, HumanOutputFormat) and fmt.own_file:
-            fmt.writeseq([str(line) for line in lines])
+            for line in lines:  # one line each (writeseq joins its items into one line, as log() does)
+                fmt.writeseq([str(line)])
 
 
 def debug(*args):

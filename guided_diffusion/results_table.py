@@ -276,7 +276,9 @@ def render_table(entries):
         if lines:
             lines += ["", "Inverse problems (reconstructions against their ground truth):", ""]
         lines += _metric_table(restoration, RESTORATION_METRICS)
-    out = ["# Results", "", *lines, ""]
+    from evaluations.kid import KID_UNIT
+
+    out = ["# Results", "", *lines, "", f"KID is {KID_UNIT} (it can be slightly negative when the sets match).", ""]
     seeded = sorted({tuple(e["seeds"]) for e in entries if e.get("seeds")})
     if seeded:
         seeds = "; ".join(", ".join(str(s) for s in group) for group in seeded)

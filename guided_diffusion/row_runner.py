@@ -210,6 +210,7 @@ def metrics_record(run, key, sample_batch, results, seconds, device):
         "ref_batch": run.ref_batch,
         "feature_net": run.feature_net,
         "metrics": {k: results.get(k) for k, _, _ in row.metrics},
+        "kid_unit": results.get("kid_unit"),
         "ref_stats": results.get("ref_stats"),
         "published": row.published or None,
         "source": row.source or None,

@@ -1,5 +1,10 @@
 """
 Train a noised image classifier on ImageNet-style folders (class = file name prefix before "_").
+
+Checkpoints and logs go to the logger's folder, as in ADM: $OPENAI_LOGDIR, else a new folder
+openai-DATE-TIME under the system's temp folder (the first line printed, "Logging to ...", names it).
+Every --save_interval steps and at the end it gets modelNNNNNN.pt and optNNNNNN.pt (NNNNNN the step
+count); log.txt and progress.csv hold the loss tables.
 """
 
 import contextlib

@@ -11,8 +11,8 @@ noise and its sampling noise come from its own random stream, seeded by --seed a
 same reconstructions with any number of MPI ranks at the same --batch_size and thread count, and within a
 kernel's rounding with another --batch_size (docs/determinism.md). Output (resumable, like image_sample.py): one
 .npz with arr_0 the reconstructions, arr_1 the measurements (uint8, clipped to [-1, 1]; at the low resolution for
-super_resolution) and arr_2 the ground truth, all NHWC uint8; and a PNG grid (--grid) whose rows are
-measurement | reconstruction | ground truth for the first images.
+super_resolution) and arr_2 the ground truth, all NHWC uint8; and a PNG grid (--grid) whose labelled columns are
+measurement | reconstruction | truth, one row for each of the first images.
 """
 
 import copy
@@ -24,7 +24,8 @@ import torch as th
 from guided_diffusion import sampling_cli as cli
 from guided_diffusion.errors import UsageError, not_found
 from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, list_image_files
-from guided_diffusion.image_output import save_grid, to_uint8_images
+from guided_diffusion.atomic_io import atomic_write
+from guided_diffusion.image_output import enlarge_small, grid_format, image_bytes, to_uint8_images
 from guided_diffusion.inverse import (
     GRADIENT_THROUGH,
     MASK_TYPES,
@@ -42,6 +43,7 @@ from guided_diffusion.script_util import create_model_and_diffusion, model_and_d
 # DPS's intensity for each blur when --intensity is not given (its configs: gaussian 3.0, motion 0.5).
 DEFAULT_INTENSITY = {"gaussian_blur": 3.0, "motion_blur": 0.5}
 GRID_ROWS = 8
+GRID_LABELS = ("measurement", "reconstruction", "truth")
 
 
 def main(argv=None):
@@ -251,16 +253,53 @@ def describe_task(args, operator):
 def write_triplet_grid(path, arrays):
     """
     One row per image of the first GRID_ROWS: the measurement (nearest-upsampled to the image size), the
-    reconstruction, the truth; images under 64 pixels are enlarged so they can be looked at.
+    reconstruction, the truth, in columns labelled GRID_LABELS; images under 64 pixels are enlarged so they can be
+    looked at.
     """
     recons, measurements, truths = (a[:GRID_ROWS] for a in arrays)
     size = recons.shape[1]
     if measurements.shape[1] != size:
         factor = size // measurements.shape[1]
         measurements = measurements.repeat(factor, axis=1).repeat(factor, axis=2)
-    rows = np.stack([measurements, recons, truths], axis=1).reshape(-1, *recons.shape[1:])
-    save_grid(path, rows, ncol=3, min_size=64)
-    return "(measurement | reconstruction | ground truth) rows"
+    image, _ = labelled_columns([measurements, recons, truths], GRID_LABELS)
+    data = image_bytes(image, grid_format(path))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
+    return "(" + " | ".join(GRID_LABELS) + ") columns"
+
+
+def labelled_columns(columns, labels, padding=2, font_size=14):
+    """
+    uint8 HWC RGB image of image columns (uint8 NHWC arrays of one shape, row i of each side by side), each under
+    its label, on white; images under 64 pixels are enlarged. Also returns the (top, left) of each image, indexed
+    [row][column].
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = [enlarge_small(c, min_size=64) for c in columns]
+    columns = [c.repeat(3, axis=3) if c.shape[3] == 1 else c for c in columns]
+    rows, height, width = columns[0].shape[:3]
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except TypeError:  # Pillow before 10.1: one small bitmap font
+        font = ImageFont.load_default()
+    label_widths = [font.getbbox(label)[2] for label in labels]
+    # A column is as wide as its image or its label, whichever is wider; images are centred in it.
+    column_width = max([width] + [w + 2 * padding for w in label_widths])
+    header = font_size + 3 * padding
+    canvas = Image.new(
+        "RGB", (len(columns) * (column_width + padding) + padding, header + rows * (height + padding)), (255,) * 3
+    )
+    draw = ImageDraw.Draw(canvas)
+    positions = [[None] * len(columns) for _ in range(rows)]
+    for c, (images, label, label_width) in enumerate(zip(columns, labels, label_widths)):
+        left = padding + c * (column_width + padding)
+        draw.text((left + (column_width - label_width) // 2, padding), label, fill=(0, 0, 0), font=font)
+        for r, image in enumerate(images):
+            top, image_left = header + r * (height + padding), left + (column_width - width) // 2
+            canvas.paste(Image.fromarray(np.ascontiguousarray(image)), (image_left, top))
+            positions[r][c] = (top, image_left)
+    return np.asarray(canvas), positions
 
 
 def create_argparser():

@@ -4,7 +4,8 @@ Reproduce the embedded default model (models/digits16.pt) from scratch.
 Trains on the shipped digits dataset (datasets/digits16.npz, built from scikit-learn's digits by
 scripts/make_digits_dataset.py; scikit-learn is not needed here) with scripts/image_train.py and
 configs/digits16_train.cfg (fixed seed), then copies the final EMA weights to --out and writes a JSON record of the
-run beside them.
+run beside them (the flags it really ran with, the final logged loss). A progress bar follows the training log;
+ADM's loss tables go to --work_dir's log.txt and progress.csv.
 Rerunning the same command resumes from the last checkpoint in --work_dir.
 """
 
@@ -17,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
+
+from tqdm.auto import tqdm
 
 from guided_diffusion.atomic_io import atomic_write, write_json_atomic
 from guided_diffusion.errors import REPO_ROOT as REPO
@@ -31,13 +34,54 @@ def latest_checkpoint(work_dir):
     return found[-1] if found else ""
 
 
-def final_loss(work_dir):
+def last_logged(work_dir):
+    """(steps done, loss) of the last row of the training's progress.csv (each row the mean over its log
+    interval), or None before the first row. Read while training writes it, so a half-written row is skipped."""
     path = os.path.join(work_dir, "progress.csv")
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
         return None
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("loss")]
-    return float(rows[-1]["loss"]) if rows else None
+    for row in reversed(rows):
+        try:
+            return int(float(row["step"])) + 1, float(row["loss"])  # "step" is the 0-based index of the last step
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def final_loss(work_dir):
+    logged = last_logged(work_dir)
+    return None if logged is None else logged[1]
+
+
+def log_interval_for(steps, configured):
+    """
+    The config's log interval, made small enough for about ten progress updates and a divisor of `steps`, so the
+    last step is logged (ADM's loop logs every log_interval steps only) and the record gets the final loss.
+    """
+    interval = max(1, min(configured, steps // 10))
+    while steps % interval:
+        interval -= 1
+    return interval
+
+
+def train(command, env, work_dir, steps, resumed_at):
+    """Run image_train.py, with a progress bar over its steps fed from its progress.csv. Returns its exit status."""
+    proc = subprocess.Popen(command, env=env)
+    with tqdm(total=steps, initial=resumed_at, desc="training", unit="step") as bar:
+        while True:
+            try:
+                status = proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                status = None
+            logged = last_logged(work_dir)
+            if logged is not None and logged[0] > bar.n:
+                bar.set_postfix(loss=f"{logged[1]:.4f}", refresh=False)
+                bar.update(logged[0] - bar.n)
+            if status is not None:
+                return status
 
 
 def main():
@@ -62,16 +106,29 @@ def main():
 
     flags = config_flags(TRAIN_CONFIG)
     steps = args.steps or int(flags["lr_anneal_steps"])
+    # The flags this run trains with, as the record states them: the config's, with the step count and the log
+    # interval that --steps implies.
+    flags.update(
+        lr_anneal_steps=str(steps),
+        log_interval=str(log_interval_for(steps, int(flags["log_interval"]))),
+    )
     command = [sys.executable, os.path.join(REPO, "scripts", "image_train.py"), "@" + TRAIN_CONFIG,
-               "--data_dir", data, "--lr_anneal_steps", str(steps)]
+               "--data_dir", data, "--lr_anneal_steps", flags["lr_anneal_steps"],
+               "--log_interval", flags["log_interval"]]
     resume = latest_checkpoint(args.work_dir)
+    resumed_at = 0
     if resume:
         command += ["--resume_checkpoint", resume]
+        resumed_at = int(os.path.basename(resume)[len("model"):-len(".pt")])
         print(f"resuming from {resume}")
-    env = dict(os.environ, OPENAI_LOGDIR=args.work_dir, OPENAI_LOG_FORMAT="stdout,log,csv")
+    print(f"training {steps} steps; log and loss tables in {os.path.join(args.work_dir, 'log.txt')}", flush=True)
+    env = dict(os.environ, OPENAI_LOGDIR=args.work_dir, OPENAI_LOG_FORMAT="log,csv")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     start = time.time()
-    subprocess.run(command, env=env, check=True)
+    status = train(command, env, args.work_dir, steps, min(resumed_at, steps))
+    if status != 0:
+        sys.exit(f"train_embedded_model.py: training stopped with exit status {status}; "
+                 f"see {os.path.join(args.work_dir, 'log.txt')}")
     wall = time.time() - start
 
     ema = os.path.join(args.work_dir, f"ema_{flags['ema_rate']}_{steps:06d}.pt")

@@ -84,10 +84,14 @@ TINY = dict(
 
 
 @pytest.fixture(autouse=True)
-def meta_boolean_indexing(monkeypatch):
+def meta_boolean_indexing():
+    # torch's own config patch, not monkeypatch: a torch config module keeps its keys behind __getattr__, not in
+    # the module's __dict__, so newer pytest's monkeypatch records "no old value" and its undo deletes the key,
+    # breaking every later test's setup.
     import torch.fx.experimental._config as fx_config
 
-    monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,20 @@ def test_logger_writes_csv_json_and_log(tmp_path, fresh_logger):
     )
 
 
+def test_log_to_files_keeps_one_line_per_message(tmp_path, fresh_logger, capsys):
+    # The samplers' messages from before the output folder existed are copied into log.txt as they were printed.
+    logdir = str(tmp_path)
+    logger.configure(dir=logdir, format_strs=["stdout", "log"])
+    capsys.readouterr()
+    logger.log_to_files("creating model and diffusion...", "PAG: scale 3.0", "loading model from m.pt...")
+    logger.log("sampling...")
+    with open(os.path.join(logdir, "log.txt")) as f:
+        lines = f.read().splitlines()
+    assert lines == [f"Logging to {logdir}", "creating model and diffusion...", "PAG: scale 3.0",
+                     "loading model from m.pt...", "sampling..."]
+    assert capsys.readouterr().out == "sampling...\n"  # already printed once: not again
+
+
 def test_logger_human_table_truncates_long_keys(tmp_path, fresh_logger):
     logdir = str(tmp_path)
     logger.configure(dir=logdir, format_strs=["log"])

@@ -2,6 +2,7 @@
 The embedded default: shipped digits model, its data, its feature network, and `image_sample.py` with no flags.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -113,15 +114,30 @@ def test_train_embedded_model_needs_no_scikit_learn(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(blocker), REPO_ROOT, env.get("PYTHONPATH", "")])
     out = tmp_path / "model.pt"
     res = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "scripts", "train_embedded_model.py"), "--steps", "1",
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", "train_embedded_model.py"), "--steps", "2",
          "--work_dir", str(tmp_path / "work"), "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     state = torch.load(out)
     assert "time_embed.0.weight" in state
+    # A progress bar over the steps, and a record of the run that was made: its step count and log interval, and
+    # the loss its last logged step measured.
+    assert "training: 100%" in res.stderr and "2/2" in res.stderr
     with open(tmp_path / "model.json") as f:
-        assert json.load(f)["steps"] == 1
+        record = json.load(f)
+    assert record["steps"] == 2 and record["flags"]["lr_anneal_steps"] == "2"
+    assert record["flags"]["log_interval"] == "1"
+    with open(tmp_path / "work" / "progress.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert last["step"] == "1" and record["final_loss"] == float(last["loss"]) and np.isfinite(record["final_loss"])
+
+
+@pytest.mark.parametrize("steps, configured, expected", [(30, 100, 3), (12000, 100, 100), (1, 100, 1), (7, 100, 1),
+                                                         (250, 100, 25), (1000, 100, 100)])
+def test_train_embedded_model_logs_the_last_step(steps, configured, expected):
+    interval = load_script("train_embedded_model").log_interval_for(steps, configured)
+    assert interval == expected and steps % interval == 0
 
 
 def test_digits_feature_net_classifies_the_data():

@@ -111,7 +111,9 @@ def test_evaluator_cli_prints_adm_lines_and_writes_json(tmp_path, tiny_spec, cap
     for key, value in expected.items():
         assert results[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert lines[1] == f"FID: {results['fid']}"
-    assert lines[5] == f"KID: {results['kid_mean']} ± {results['kid_std']}"
+    # KID in one unit, the MMD^2 itself (what evaluations.kid computes), named where it is printed and stored.
+    assert lines[5] == f"KID: {results['kid_mean']} ± {results['kid_std']} (unscaled MMD^2, not x1e3)"
+    assert results["kid_unit"] == "unscaled MMD^2, not x1e3"
     assert (results["num_ref"], results["num_samples"]) == (40, 27)
     assert results["feature_net"] == "tiny-test-net"
     assert (results["ref_stats"], results["ref_stats_spatial"]) == ("images", "images")
@@ -396,6 +398,21 @@ def test_cli_wrong_or_corrupt_inception_weights_are_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert f"{tmp_path}/corrupt.pth: not the pt_inception-2015-12-05-6726825d.pth weights" in err
     assert "torch.load cannot read it" in err
+
+
+@pytest.mark.parametrize("size,hinted", [(16, True), (8, False)])
+def test_missing_inception_weights_on_digits_name_the_digits_network(tmp_path, capsys, monkeypatch, size, hinted):
+    # The quick start's samples are 16x16: the missing-weights line says which network scores them.
+    monkeypatch.delenv("PAG_ADM_INCEPTION_PATH", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    np.savez(tmp_path / "ref.npz", _images(6, size, seed=1))
+    np.savez(tmp_path / "sample.npz", _images(6, size, seed=2))
+    code, err = _cli_error([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--no_cache"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "Inception weights pt_inception-2015-12-05-6726825d.pth not found" in err
+    assert ("--feature_net evaluations.digits_net:load_digits_net" in err) == hinted
+    if hinted:
+        assert f"{tmp_path / 'sample.npz'} holds 16x16 images" in err
 
 
 def test_cli_errors_have_no_traceback(tmp_path):

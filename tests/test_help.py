@@ -88,6 +88,21 @@ def test_image_sample_help_reads_as_a_manual():
     assert "'ddimN'" in text  # what --timestep_respacing takes
 
 
+def test_image_sample_help_names_the_embedded_default():
+    text = " ".join(_parser("image_sample").format_help().split())
+    script = load_script(SCRIPTS["image_sample"])
+    assert "With no --model_path and no model flags it samples the embedded 16x16 digits model" in text
+    assert os.path.relpath(script.EMBEDDED_MODEL, REPO_ROOT) in text
+    assert f"configs/{script.EMBEDDED_CONFIG}.cfg" in text
+
+
+@pytest.mark.parametrize("name", ["image_train", "classifier_train"])
+def test_training_help_says_where_checkpoints_go(name):
+    text = " ".join(_parser(name).format_help().split())
+    assert "Checkpoints and logs go to the logger's folder" in text and "$OPENAI_LOGDIR" in text
+    assert "modelNNNNNN.pt" in text and "optNNNNNN.pt" in text
+
+
 def test_enumerations_are_choices_and_match_the_code():
     from guided_diffusion.inverse import GRADIENT_THROUGH, MASK_TYPES, OPERATORS
     from guided_diffusion.perturbations import PERTURBATIONS

@@ -706,12 +706,22 @@ def test_inverse_sample_outputs_draw_order_and_batch_independence(inverse_script
     from PIL import Image
 
     with Image.open(grid) as im:
-        assert im.size == (3 * (64 + 2) + 2, 3 * (64 + 2) + 2)  # 3 rows of (measurement | recon | truth)
         pixels = np.asarray(im.convert("RGB"))
+    # 3 rows of measurement | reconstruction | truth, 16x16 enlarged to 64x64, under one label per column.
+    assert inverse_script.module.GRID_LABELS == ("measurement", "reconstruction", "truth")
+    expected, positions = inverse_script.module.labelled_columns([meas, recon, truth], ("measurement",
+                                                                                        "reconstruction", "truth"))
+    np.testing.assert_array_equal(pixels, expected)
+    first_top = min(top for top, _ in positions[0])
     for i in range(3):
         for j, image in enumerate((meas[i], recon[i], truth[i])):
-            top, left = 2 + i * 66, 2 + j * 66
+            top, left = positions[i][j]
             np.testing.assert_array_equal(pixels[top : top + 64 : 4, left : left + 64 : 4], image)
+            if i == 0:  # the label: dark text on white above the column's first image, within its width
+                header = pixels[:first_top, max(0, left - 20) : left + 84]
+                assert (header < 100).all(axis=2).sum() > 20 and (header == 255).all(axis=2).mean() > 0.5
+    lefts = [left for _, left in positions[0]]
+    assert lefts == sorted(lefts) and min(np.diff(lefts)) >= 64  # columns do not overlap
     # The batch size does not change what image i becomes.
     again = inverse_script.module.main(_script_flags(batch_size=1, out_dir=tmp_path / "b", **common))
     with np.load(again) as data:

@@ -183,6 +183,7 @@ def test_end_to_end_writes_metrics_and_table(first_run, world):
         assert record["flags"]["model_path"] == str(world / "tiny.pt")
         assert record["feature_net"] == f"{world / 'tiny_net.py'}:build"
         assert set(record["metrics"]) == {"inception_score", "fid", "sfid", "precision", "recall", "kid_mean"}
+        assert record["kid_unit"] == "unscaled MMD^2, not x1e3"
         assert all(isinstance(v, float) and np.isfinite(v) for v in record["metrics"].values())
         assert record["timing"]["sampling_seconds"] > 0
         with np.load(record["sample_batch"]) as data:
@@ -486,6 +487,7 @@ def test_render_table_without_published_has_no_paper_columns():
     text = render_table([entry])
     assert "(paper)" not in text
     assert "| `a` | t | DDIM-25 | PAG: scale 3.0, layers 'middle' | 4 | 1.00 | 2.00 | – | 0.500 | 0.250 | 0.1250 |" in text
+    assert "KID is unscaled MMD^2, not x1e3 (it can be slightly negative when the sets match)." in text
 
 
 # --- the shipped configs ----------------------------------------------------------------------------------------

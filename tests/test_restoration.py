@@ -201,6 +201,7 @@ def test_restoration_metrics_with_fid(tmp_path):
     # KID grows with the distance between the sets: inverted images are much further than noisy ones.
     far = R.distribution_metrics(truth, 255 - truth, MeanColour())
     assert far["kid_mean"] > fid["kid_mean"] and np.isfinite(fid["kid_std"])
+    assert fid["kid_unit"] == "unscaled MMD^2, not x1e3"  # the evaluator's unit, named with the figure
 
 
 def test_restoration_fid_from_few_images_warns(capsys):

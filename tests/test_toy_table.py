@@ -58,6 +58,7 @@ def test_reduced_digits_inverse_table(tmp_path):
             record = json.load(f)
         values = record["metrics"]
         assert set(values) == {"psnr", "ssim", "lpips", "fid", "kid_mean"} and values["lpips"] is None
+        assert record["kid_unit"] == "unscaled MMD^2, not x1e3"
         assert 0 < values["psnr"] < 100 and -1 <= values["ssim"] <= 1 and values["fid"] >= 0
         figures[name] = values["psnr"]
     assert figures["digits16_inverse_box_inpainting"] != figures["digits16_inverse_box_inpainting_pag"]
