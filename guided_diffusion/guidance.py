@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from .errors import UsageError
+from .pag import PAGGuidedModel
+from .perturbations import KINDS, make_perturbation
+from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER, SAGGuidedModel
+from .unet import resolve_layers
 
 
 def parse_interval(text, diffusion_steps, flag):
@@ -251,8 +255,6 @@ class PAGFlags(GuidanceFlags):
         return flags["pag_layers"], interval, kind, params, perturbation
 
     def check_model(self, spec, model, diffusion):
-        from .pag import resolve_layers
-
         try:
             resolve_layers(model, spec.layers)
         except ValueError as exc:
@@ -261,8 +263,6 @@ class PAGFlags(GuidanceFlags):
             spec.interval.check_sampled(diffusion)
 
     def wrap(self, model, diffusion, spec):
-        from .pag import PAGGuidedModel
-
         # The random kinds draw from each sample's own perturbation stream inside the run's batches
         # (random_streams.py), so no global seeding is needed for them.
         return PAGGuidedModel(
@@ -280,8 +280,6 @@ def pag_perturbation(flags):
     """
     (kind, parameters given, perturbation) from PAG's perturbation flags, checked.
     """
-    from .perturbations import KINDS, make_perturbation
-
     kind = flags["pag_perturbation"]
     if kind not in KINDS:
         raise UsageError(f"--pag_perturbation {kind!r} is unknown; use one of {', '.join(KINDS)}")
@@ -348,8 +346,6 @@ class SAGFlags(GuidanceFlags):
     spec_type = SAGSpec
 
     def defaults(self):
-        from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER
-
         return dict(
             sag_scale=0.0,
             sag_layer=OFFICIAL_SAG_LAYER,
@@ -372,8 +368,6 @@ class SAGFlags(GuidanceFlags):
         return flags["sag_layer"], blur_sigma, interval, flags["sag_heads"], map_heads, clip_denoised
 
     def check_model(self, spec, model, diffusion):
-        from .sag import OFFICIAL_SAG_LAYER
-
         # The default layer is checked only when SAG is on: models without an attention block there (the digits
         # model, super-resolution models) must still run unguided with the default flags.
         if not spec.enabled and spec.layer == OFFICIAL_SAG_LAYER:
@@ -382,8 +376,6 @@ class SAGFlags(GuidanceFlags):
             # The layer, heads and model are checked by SAGGuidedModel itself when guide_model wraps the model.
             spec.interval.check_sampled(diffusion)
             return
-        from .unet import resolve_layers
-
         try:
             names = resolve_layers(model, spec.layer)
         except ValueError as exc:
@@ -392,8 +384,6 @@ class SAGFlags(GuidanceFlags):
             raise UsageError(f"--sag_layer {spec.layer!r} selects {len(names)} attention blocks; give one")
 
     def wrap(self, model, diffusion, spec):
-        from .sag import SAGGuidedModel
-
         try:
             return SAGGuidedModel(
                 model,

@@ -35,8 +35,10 @@ from .image_output import grid_format, to_uint8_images
 from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
 from . import run_store
+from .respace import space_timesteps
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
 from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
+from .unet import get_attention_backend
 
 
 def sampling_defaults():
@@ -151,8 +153,6 @@ def check_diffusion_args(args):
     """
     Reject the diffusion flags the factories would fail on, with messages that name the flag.
     """
-    from .respace import space_timesteps
-
     if args.diffusion_steps <= 0:
         raise UsageError(f"--diffusion_steps must be positive, got {args.diffusion_steps}")
     if args.noise_schedule not in ("linear", "cosine"):
@@ -270,8 +270,6 @@ def check_attention_backend():
     """
     Refuse a bad $PAG_ADM_ATTENTION now: the attention layers would only read it at the first sampling step.
     """
-    from .unet import get_attention_backend
-
     try:
         get_attention_backend()
     except ValueError as exc:

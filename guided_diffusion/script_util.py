@@ -6,6 +6,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
+from .flag_help import GROUP_ORDER, flag_help
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import SuperResModel, UNetModel, EncoderUNetModel
 
@@ -510,8 +511,6 @@ def add_dict_to_argparser(parser, default_dict, script=None):
     One `--name` flag per entry, with the entry as its default (ADM's names and defaults), and its help text,
     --help group, choices and the type of a None ("off") default from flag_help.py (as `script` uses the flag).
     """
-    from .flag_help import GROUP_ORDER, flag_help
-
     groups = parser.__dict__.setdefault("_flag_help_groups", {})
     for k, v in default_dict.items():
         info = flag_help(k, script)
