@@ -21,13 +21,14 @@ import contextlib
 import torch as th
 
 from .attention_hooks import hooked, perturbation_rows
+from .attention_layers import LAYER_ALIASES, attention_block_names, resolve_layers  # noqa: F401
 from .guided_model import GuidedModel, check_scale, check_t_range, guided_rows, take_rows  # noqa: F401
 from .perturbations import make_perturbation
 from .random_streams import current_batch
-from .unet import LAYER_ALIASES, SuperResModel, UNetModel, attention_block_names, resolve_layers  # noqa: F401
+from .unet import SuperResModel, UNetModel
 
 # check_scale, check_t_range, guided_rows (guided_model.py), LAYER_ALIASES, attention_block_names and
-# resolve_layers (unet.py) are imported here for code written against pag.py, as is _take_rows.
+# resolve_layers (attention_layers.py) are imported here for code written against pag.py, as is _take_rows.
 _take_rows = take_rows
 
 # The blocks the official PAG code perturbs on ADM's ImageNet 256x256 model (256x256_diffusion).

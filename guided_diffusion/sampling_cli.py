@@ -26,6 +26,7 @@ import tempfile
 from types import SimpleNamespace
 
 from . import dist_util, logger
+from .attention_backends import get_attention_backend
 from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_folder
 from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
 from .flag_files import FlagFileArgumentParser
@@ -38,7 +39,6 @@ from . import run_store
 from .respace import space_timesteps
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
 from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
-from .unet import get_attention_backend
 
 
 def sampling_defaults():
