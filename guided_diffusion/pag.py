@@ -11,6 +11,9 @@ perturbations.py and the `kind` argument):
 `s` is the paper's scale. The official code's `--guide_scale g` computes eps_perturbed + g * (eps - eps_perturbed),
 the same thing with g = 1 + s (see scale_from_guide_scale).
 
+two_pass.py states the guided output in plain words (two passes of the model, about 20 lines); PAGGuidedModel
+computes the same output faster and is held equal to it by the tests.
+
 The guidance acts on the model's output, so PAGGuidedModel simply takes the model's place in GaussianDiffusion's
 sampling loops (and under SpacedDiffusion's respacing wrapper); pred_xstart, the posterior mean, DDIM's update and
 classifier guidance all follow from the guided output without changes to the diffusion code.
@@ -100,7 +103,8 @@ class PAGGuidedModel(GuidedModel):
     `guided(x, t, **model_kwargs)`, e.g. as the model of GaussianDiffusion.p_sample_loop / ddim_sample_loop.
 
     The first x.shape[1] output channels (eps) are guided; further channels (the learned variance of learn_sigma
-    models) come from the unperturbed pass.
+    models) come from the unperturbed pass. Its output is two_pass.pag_two_pass's (the plain two-pass statement)
+    on the guided rows, up to float rounding for the batched paths.
 
     :param model: a UNetModel or SuperResModel (any callable model works with share_prefix=False or
                   batched=False; the prefix sharing is then skipped).
@@ -217,6 +221,7 @@ class PAGGuidedModel(GuidedModel):
         return perturb_attention(self.model, self.layers, self._perturbation_for(rows, n, device), rows=mask)
 
     def _batched_pass(self, x, t, model_kwargs, rows):
+        # Both branches of two_pass.pag_two_pass in one forward pass: the guided rows' copies are perturbed.
         n = x.shape[0]
         kwargs = {k: _append_rows(v, rows, n) for k, v in model_kwargs.items()}
         both = _append_rows(x, rows, n)
@@ -225,6 +230,8 @@ class PAGGuidedModel(GuidedModel):
         return out[:n], out[n:]
 
     def _shared_prefix_pass(self, x, t, model_kwargs, rows):
+        # _batched_pass with the stages before the first perturbed block run once, their activations copied
+        # for the perturbed branch: those stages compute the same thing for both branches of two_pass.pag_two_pass.
         model = self.model
         n = x.shape[0]
         kwargs = dict(model_kwargs)
