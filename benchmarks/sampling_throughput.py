@@ -31,7 +31,7 @@ import sys
 
 import torch as th
 
-from guided_diffusion import unet
+from guided_diffusion import attention_backends
 from guided_diffusion.atomic_io import write_json_atomic
 from guided_diffusion.flag_files import config_flags, resolve_config
 from guided_diffusion.pag import PAGGuidedModel
@@ -205,7 +205,7 @@ class on_device:
 
 def sample(diffusion, fn, backend, noise, kwargs, channels_last=False):
     x = noise.contiguous(memory_format=th.channels_last) if channels_last else noise
-    with th.no_grad(), unet.attention_backend(backend):
+    with th.no_grad(), attention_backends.attention_backend(backend):
         return diffusion.ddim_sample_loop(fn, tuple(x.shape), noise=x, model_kwargs=kwargs, clip_denoised=True)
 
 

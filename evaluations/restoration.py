@@ -37,6 +37,10 @@ import torch.nn.functional as F
 
 from guided_diffusion.assets import fetch_hint
 
+from .evaluator import Evaluator, _print_note
+from .frechet import compute_statistics, singular_covariance_warning
+from .kid import KID_UNIT, kernel_inception_distance
+
 SSIM_WIN_SIZE = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -271,9 +275,6 @@ def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", ba
     Warnings (a set with no more images than feature dimensions, whose covariance is singular) go to `note`
     (default: stderr) and are returned under "notes".
     """
-    from .evaluator import Evaluator, _print_note
-    from .frechet import compute_statistics, singular_covariance_warning
-
     truth_uint8, recon_uint8 = np.asarray(truth_uint8), np.asarray(recon_uint8)
     for name, arr in (("ground truth", truth_uint8), ("reconstructions", recon_uint8)):
         if arr.ndim != 4 or arr.dtype != np.uint8 or len(arr) < 2:
@@ -282,8 +283,6 @@ def distribution_metrics(truth_uint8, recon_uint8, feature_net, device="cpu", ba
     batches = lambda arr: (arr[i : i + batch_size] for i in range(0, len(arr), batch_size))
     ref = evaluator.compute_activations(batches(truth_uint8)).pool
     rec = evaluator.compute_activations(batches(recon_uint8)).pool
-    from .kid import KID_UNIT, kernel_inception_distance
-
     kid_mean, kid_std = kernel_inception_distance(ref, rec, device=device)
     notes = []
     for what, features in (("ground truth (FID)", ref), ("reconstructions (FID)", rec)):

@@ -6,8 +6,11 @@ everything is written to a temporary file beside the target and renamed over it.
 import contextlib
 import json
 import os
+import tempfile
 
+import blobfile as bf
 import numpy as np
+import torch as th
 
 # Temporary files start with this prefix, so a folder's leftovers from a killed writer can be recognised.
 TMP_PREFIX = ".tmp-"
@@ -75,11 +78,7 @@ def torch_save_atomic(obj, path):
     torch.save to `path` atomically; object-store URLs (blobfile) publish a blob only once its upload completes,
     so they are written directly.
     """
-    import torch as th
-
     if "://" in path:
-        import blobfile as bf
-
         with bf.BlobFile(path, "wb") as f:
             th.save(obj, f)
         return
@@ -114,8 +113,6 @@ def probe_write(folder):
     creating it raised. A real write, since permission bits do not show read-only mounts, /proc, quotas taken to
     zero or ACLs (and os.access says yes to root).
     """
-    import tempfile
-
     try:
         fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe-", dir=folder)
     except OSError as exc:

@@ -52,22 +52,6 @@ def perturbation_rows(rows, batch_size=None, device=None):
     return rows
 
 
-def row_mask(hook, batch_size, device):
-    """
-    The hook's rows for a batch: None (every row) or a bool mask [batch_size] that selects some, not all, rows.
-    """
-    rows = hook.rows
-    if rows is None:
-        return None
-    if rows.shape != (batch_size,):
-        raise ValueError(f"perturbation mask has shape {tuple(rows.shape)}, expected ({batch_size},) for this batch")
-    rows = rows.to(device)
-    # Every row takes the whole-batch path, so a random perturbation draws with the full map's shape.
-    if bool(rows.all()):
-        return None
-    return rows
-
-
 @contextlib.contextmanager
 def hooked(blocks, **fields):
     """

@@ -4,8 +4,11 @@ Finding and loading the checkpoints the sampling scripts are given.
 
 import os
 
+from . import dist_util
 from .assets import fetch_hint
+from .atomic_io import unwritable_reason
 from .errors import UsageError, not_found
+from .state_dict_check import describe_mismatch
 
 
 def resolve_checkpoint(path, flag, what, kind):
@@ -29,8 +32,6 @@ def resolve_output_folder(path, flag):
     Refuse an output folder that cannot be one (an existing file, a folder under a file) or cannot be written
     (tried with a probe file, which also catches read-only mounts) before anything runs.
     """
-    from .atomic_io import unwritable_reason
-
     if not path:
         return path
     reason = unwritable_reason(path)
@@ -45,8 +46,6 @@ def read_checkpoint(path, flag, what):
     UsageError naming the file and what is wrong with it: unreadable (truncated, empty, not a PyTorch file) or not
     a state dict (e.g. a training checkpoint that wraps one).
     """
-    from . import dist_util
-
     try:
         state = dist_util.load_state_dict(path, map_location="cpu")
     except (KeyboardInterrupt, MemoryError):
@@ -127,8 +126,6 @@ def load_for_sampling(module, path, flag, what, use_fp16, device, flags=None):
 
     :param flags: the flag names of the script, so that a mismatch is explained with the script's own flags.
     """
-    from .state_dict_check import describe_mismatch
-
     state = read_checkpoint(path, flag, what)
     mismatch = describe_mismatch(module.state_dict(), state, flags=flags) if flags is not None else None
     try:

@@ -11,12 +11,14 @@ import atexit
 import io
 import os
 import socket
+import time
 
 import blobfile as bf
 import torch as th
 import torch.distributed as dist
 
 from . import launch_env
+from .errors import UsageError
 
 # Bytes per broadcast when sharing a checkpoint; pickled MPI messages above 2 GiB fail.
 _CHUNK_SIZE = 2**30
@@ -56,8 +58,6 @@ def setup_dist():
     elif launch.launcher in ("torchrun", "srun"):
         addr, port = launch.master_addr, launch.master_port
         if addr is None or port is None:
-            from .errors import UsageError
-
             raise UsageError(
                 f"{launch.launcher} started {launch.world_size} ranks but MASTER_ADDR / MASTER_PORT are not set; "
                 "export both (rank 0's host and a free port) before launching"
@@ -113,8 +113,6 @@ def _leave_together(store, rank, world, timeout_s=60.0):
     Wait until every rank has destroyed its group; rank 0 then also waits until the others are done with the store.
     A rank that never arrives (it died) costs at most timeout_s per phase, not a hang.
     """
-    import time
-
     def count_up_to(key):
         deadline = time.monotonic() + timeout_s
         while store.add(key, 0) < world and time.monotonic() < deadline:
@@ -146,14 +144,32 @@ def _loopback_interface():
 
 def dev():
     """
-    The device this rank should use: the GPU of its node-local rank (one each; see launch_env.gpu_index), else
+    The device this rank should use: the GPU of its node-local rank (one each; see gpu_index), else
     the CPU.
     """
     if th.cuda.is_available():
         launch = launch_env.info()
-        index = launch_env.gpu_index(launch.local_rank, launch.local_world_size, th.cuda.device_count())
+        index = gpu_index(launch.local_rank, launch.local_world_size, th.cuda.device_count())
         return th.device(f"cuda:{index}")
     return th.device("cpu")
+
+
+def gpu_index(local_rank, local_world_size, device_count, share=None):
+    """
+    The GPU of a node-local rank: one GPU each. More ranks on the node than GPUs is an error unless sharing is
+    asked for (share, default $GUIDED_DIFFUSION_SHARE_GPUS=1), then ranks take the GPUs round-robin.
+    """
+    if share is None:
+        share = os.environ.get(launch_env.SHARE_GPUS_ENV, "").strip() not in ("", "0")
+    if device_count < 1:
+        raise UsageError("CUDA is available but reports no GPUs")
+    if local_world_size > device_count and not share:
+        # A UsageError: the scripts print it as one line and exit with status 2.
+        raise UsageError(
+            f"{local_world_size} ranks run on this node but it has {device_count} GPU(s) visible: start at most "
+            f"{device_count} ranks per node, or set {launch_env.SHARE_GPUS_ENV}=1 to let ranks share GPUs"
+        )
+    return local_rank % device_count
 
 
 def load_state_dict(path, **kwargs):
@@ -201,3 +217,6 @@ def _find_free_port():
         return s.getsockname()[1]
     finally:
         s.close()
+
+
+launch_env.set_group_setup(setup_dist)

@@ -5,6 +5,8 @@ The error the command-line scripts turn into one `prog: error: ...` line and exi
 import argparse
 import os
 
+from .launch_env import rank
+
 # The checkout holding this package; the configs' relative paths (models/, datasets/) are relative to it.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,8 +23,6 @@ def exit_with_usage_error(parser, exc):
     Print a UsageError as argparse prints its own errors, without the long usage text (ADM's scripts have dozens
     of flags) and once per run rather than once per MPI rank; exit with status 2.
     """
-    from .launch_env import rank
-
     if rank() == 0:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     raise SystemExit(2)

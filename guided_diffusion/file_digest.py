@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 
+from .atomic_io import write_json_atomic
+
 DIGEST_DIR_ENV = "PAG_ADM_DIGEST_DIR"
 _CHUNK = 1 << 22
 
@@ -54,8 +56,6 @@ def _read_cached(identity):
 
 
 def _write_cached(identity, digest):
-    from .atomic_io import write_json_atomic
-
     try:
         write_json_atomic(_cache_file(identity), {"identity": identity, "sha256": digest})
     except OSError:

@@ -8,6 +8,8 @@ import torch as th
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from . import logger
+
 INITIAL_LOG_LOSS_SCALE = 20.0
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -166,8 +168,6 @@ class MixedPrecisionTrainer:
         return self._optimize_normal(opt)
 
     def _optimize_fp16(self, opt):
-        from . import logger
-
         logger.logkv_mean("lg_loss_scale", self.lg_loss_scale)
         model_grads_to_master_grads(self.param_groups_and_shapes, self.master_params)
         grad_norm, param_norm = self._compute_norms(grad_scale=2 ** self.lg_loss_scale)
@@ -189,8 +189,6 @@ class MixedPrecisionTrainer:
         return True
 
     def _optimize_normal(self, opt):
-        from . import logger
-
         grad_norm, param_norm = self._compute_norms()
         logger.logkv_mean("grad_norm", grad_norm)
         logger.logkv_mean("param_norm", param_norm)

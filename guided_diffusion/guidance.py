@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 from . import flag_help
+from .attention_layers import resolve_layers
 from .errors import UsageError
 from .flag_help import Flag
 from .guided_model import check_scale
+from .pag import PAGGuidedModel
 from .perturbations import PERTURBATIONS, make_perturbation
+from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER, SAGGuidedModel, SAGLayerError, check_blur_sigma
 
 
 def parse_interval(text, diffusion_steps, flag):
@@ -287,8 +290,6 @@ class PAGFlags(GuidanceFlags):
         )
 
     def check_model(self, spec, model, diffusion):
-        from .pag import resolve_layers
-
         try:
             resolve_layers(model, spec.layers)
         except ValueError as exc:
@@ -297,8 +298,6 @@ class PAGFlags(GuidanceFlags):
             spec.interval.check_sampled(diffusion)
 
     def wrap(self, model, diffusion, spec):
-        from .pag import PAGGuidedModel
-
         # The random kinds draw from each sample's own perturbation stream inside the run's batches
         # (random_streams.py), so no global seeding is needed for them.
         return PAGGuidedModel(model, scale=spec.scale, layers=spec.layers, t_range=spec.t_range, kind=spec.perturbation)
@@ -383,8 +382,6 @@ class SAGFlags(GuidanceFlags):
     spec_type = SAGSpec
 
     def flags(self):
-        from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER
-
         group = flag_help.SAG
         return {
             "sag_scale": Flag(
@@ -405,8 +402,6 @@ class SAGFlags(GuidanceFlags):
         }
 
     def spec_fields(self, flags, args):
-        from .sag import check_blur_sigma
-
         blur_sigma = flags["sag_blur_sigma"]
         try:
             check_blur_sigma(blur_sigma)
@@ -427,8 +422,6 @@ class SAGFlags(GuidanceFlags):
         )
 
     def check_model(self, spec, model, diffusion):
-        from .sag import OFFICIAL_SAG_LAYER
-
         # The default layer is checked only when SAG is on: models without an attention block there (the digits
         # model, super-resolution models) must still run unguided with the default flags.
         if not spec.enabled and spec.layer == OFFICIAL_SAG_LAYER:
@@ -437,8 +430,6 @@ class SAGFlags(GuidanceFlags):
             # The layer, heads and model are checked by SAGGuidedModel itself when guide_model wraps the model.
             spec.interval.check_sampled(diffusion)
             return
-        from .unet import resolve_layers
-
         try:
             names = resolve_layers(model, spec.layer)
         except ValueError as exc:
@@ -447,8 +438,6 @@ class SAGFlags(GuidanceFlags):
             raise UsageError(f"--sag_layer {spec.layer!r} selects {len(names)} attention blocks; give one")
 
     def wrap(self, model, diffusion, spec):
-        from .sag import SAGGuidedModel, SAGLayerError
-
         try:
             return SAGGuidedModel(
                 model,

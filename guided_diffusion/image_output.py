@@ -60,7 +60,7 @@ def grid_format(path):
     """
     The Pillow format name a grid file's extension asks for, or a UsageError naming the ones that work.
     """
-    from PIL import Image
+    from PIL import Image  # Pillow only where images are written: imported by the calls that need it
 
     Image.init()
     extension = os.path.splitext(path)[1].lower()
@@ -77,7 +77,7 @@ def image_bytes(image, fmt="PNG"):
     """
     Encode a uint8 HWC image (C = 1 or 3) in the given Pillow format.
     """
-    from PIL import Image
+    from PIL import Image  # Pillow only where images are written: imported by the calls that need it
 
     image = np.ascontiguousarray(image, dtype=np.uint8)
     if image.ndim == 3 and image.shape[2] == 1:
@@ -112,7 +112,7 @@ def comparison_grid(panels, titles, strip=None, strip_title="", strip_ncol=8, nc
     optional strip (uint8 NHWC, e.g. predictions at one step, `strip_ncol` wide) goes under the last panel, under
     its own title.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # Pillow only where images are written
 
     def grid_of(images, ncol=ncol):
         grid = image_grid(enlarge_small(images), ncol=min(ncol, len(images)))

@@ -124,6 +124,7 @@ def motion_kernel(kernel_size, intensity, rng=None):
     blurred, LANCZOS-downsized to k x k, converted to gray and normalised. With rng = RandomState(s) it is the
     kernel the package makes after np.random.seed(s) (up to Pillow versions).
     """
+    # Pillow only for the motion-blur kernel (as DPS's package draws it), not for the other operators.
     from PIL import Image, ImageDraw, ImageFilter
 
     kernel_size = _positive_int(kernel_size, "kernel_size")

@@ -18,11 +18,22 @@ import re
 import socket
 from types import SimpleNamespace
 
+import torch.distributed as dist
+
 # Opt-in to run more ranks on a node than it has GPUs (ranks then share GPUs round-robin).
 SHARE_GPUS_ENV = "GUIDED_DIFFUSION_SHARE_GPUS"
 
 _INFO = None
 _COMM = None
+# dist_util.setup_dist, registered by dist_util when it is imported: this module sits below ADM's dist_util, which
+# sets the torch.distributed group up that comm() needs under torchrun and srun.
+_GROUP_SETUP = None
+
+
+def set_group_setup(setup):
+    """Register the function that sets up the torch.distributed group (dist_util.setup_dist)."""
+    global _GROUP_SETUP
+    _GROUP_SETUP = setup
 
 
 def _env_int(env, name, default=None):
@@ -36,6 +47,8 @@ def _env_int(env, name, default=None):
 
 
 def _mpi_world():
+    # Imported when needed: mpi4py is optional (torchrun, srun and single processes run without it), and importing
+    # it initialises MPI.
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
@@ -79,7 +92,7 @@ def _mpi_local_rank(world):
     (node-local rank, ranks on this node) under MPI: the ranks sharing this node's memory (MPI.COMM_TYPE_SHARED).
     A collective: every rank calls it, at the same point (the first call of info()).
     """
-    from mpi4py import MPI
+    from mpi4py import MPI  # only under mpiexec (see _mpi_world)
 
     local = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:
@@ -233,15 +246,11 @@ class TorchComm:
         return self.size
 
     def bcast(self, obj, root=0):
-        import torch.distributed as dist
-
         box = [obj if self.rank == root else None]
         dist.broadcast_object_list(box, src=root)
         return box[0]
 
     def allgather(self, obj):
-        import torch.distributed as dist
-
         out = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
@@ -283,9 +292,12 @@ def comm():
     if _COMM is None:
         launch = info()
         if launch.launcher in ("torchrun", "srun"):
-            from . import dist_util
-
-            dist_util.setup_dist()
+            if _GROUP_SETUP is None:
+                raise RuntimeError(
+                    f"{launch.launcher} ranks talk through torch.distributed: import guided_diffusion.dist_util, "
+                    "which sets the group up"
+                )
+            _GROUP_SETUP()
             _COMM = TorchComm(launch.rank, launch.world_size)
         else:
             try:
@@ -293,23 +305,3 @@ def comm():
             except (ImportError, RuntimeError):
                 _COMM = SingleComm()
     return _COMM
-
-
-def gpu_index(local_rank, local_world_size, device_count, share=None):
-    """
-    The GPU of a node-local rank: one GPU each. More ranks on the node than GPUs is an error unless sharing is
-    asked for (share, default ${SHARE_GPUS_ENV}=1), then ranks take the GPUs round-robin.
-    """
-    if share is None:
-        share = os.environ.get(SHARE_GPUS_ENV, "").strip() not in ("", "0")
-    from .errors import UsageError
-
-    if device_count < 1:
-        raise UsageError("CUDA is available but reports no GPUs")
-    if local_world_size > device_count and not share:
-        # A UsageError: the scripts print it as one line and exit with status 2.
-        raise UsageError(
-            f"{local_world_size} ranks run on this node but it has {device_count} GPU(s) visible: start at most "
-            f"{device_count} ranks per node, or set {SHARE_GPUS_ENV}=1 to let ranks share GPUs"
-        )
-    return local_rank % device_count

@@ -15,6 +15,8 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 
+from .launch_env import rank_from_env
+
 DEBUG = 10
 INFO = 20
 WARN = 30
@@ -343,7 +345,6 @@ class Logger:
 def get_rank_without_mpi_import():
     # Checking the launcher's environment (mpiexec, torchrun or srun) avoids initialising MPI just to name log
     # files.
-    from .launch_env import rank_from_env
 
     return rank_from_env()
 

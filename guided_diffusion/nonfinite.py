@@ -8,6 +8,8 @@ The check is one isfinite().all() per step (one device-to-host sync); the messag
 
 import torch as th
 
+from .random_streams import current_batch
+
 
 class NonFiniteSampleError(RuntimeError):
     """
@@ -38,8 +40,6 @@ def _timestep(diffusion, index):
 
 
 def _sample_names(rows, batch_size):
-    from .random_streams import current_batch
-
     batch = current_batch()
     if batch is not None and len(batch.indices) == batch_size:
         indices = [batch.indices[r] for r in rows]

@@ -11,6 +11,9 @@ perturbations.py and the `kind` argument):
 `s` is the paper's scale. The official code's `--guide_scale g` computes eps_perturbed + g * (eps - eps_perturbed),
 the same thing with g = 1 + s (see scale_from_guide_scale).
 
+two_pass.py states the guided output in plain words (two passes of the model, about 20 lines); PAGGuidedModel
+computes the same output faster and is held equal to it by the tests.
+
 The guidance acts on the model's output, so PAGGuidedModel simply takes the model's place in GaussianDiffusion's
 sampling loops (and under SpacedDiffusion's respacing wrapper); pred_xstart, the posterior mean, DDIM's update and
 classifier guidance all follow from the guided output without changes to the diffusion code.
@@ -21,13 +24,15 @@ import contextlib
 import torch as th
 
 from .attention_hooks import hooked, perturbation_rows
+from .attention_layers import LAYER_ALIASES, attention_block_names, resolve_layers  # noqa: F401
 from .guided_model import GuidedModel, check_scale, check_t_range, guided_rows, take_rows  # noqa: F401
 from .perturbations import make_perturbation
 from .random_streams import current_batch
-from .unet import LAYER_ALIASES, SuperResModel, UNetModel, attention_block_names, resolve_layers  # noqa: F401
+from .stage_flops import share_from_stage
+from .unet import SuperResModel, UNetModel
 
 # check_scale, check_t_range, guided_rows (guided_model.py), LAYER_ALIASES, attention_block_names and
-# resolve_layers (unet.py) are imported here for code written against pag.py, as is _take_rows.
+# resolve_layers (attention_layers.py) are imported here for code written against pag.py, as is _take_rows.
 _take_rows = take_rows
 
 # The blocks the official PAG code perturbs on ADM's ImageNet 256x256 model (256x256_diffusion).
@@ -99,7 +104,8 @@ class PAGGuidedModel(GuidedModel):
     `guided(x, t, **model_kwargs)`, e.g. as the model of GaussianDiffusion.p_sample_loop / ddim_sample_loop.
 
     The first x.shape[1] output channels (eps) are guided; further channels (the learned variance of learn_sigma
-    models) come from the unperturbed pass.
+    models) come from the unperturbed pass. Its output is two_pass.pag_two_pass's (the plain two-pass statement)
+    on the guided rows, up to float rounding for the batched paths.
 
     :param model: a UNetModel or SuperResModel (any callable model works with share_prefix=False or
                   batched=False; the prefix sharing is then skipped).
@@ -164,8 +170,6 @@ class PAGGuidedModel(GuidedModel):
         if not (self.batched and self.share_prefix and _can_share_prefix(self.model)):
             return 1.0
         if getattr(self, "_prefix_share", None) is None:
-            from .stage_flops import share_from_stage
-
             first = min(_stage_of(self.model, name) for name in self.layers)
             self._prefix_share = share_from_stage(self.model, first)
         return self._prefix_share
@@ -225,6 +229,7 @@ class PAGGuidedModel(GuidedModel):
         return perturb_attention(self.model, self.layers, self._perturbation_for(rows, n, device), rows=mask)
 
     def _batched_pass(self, x, t, model_kwargs, rows):
+        # Both branches of two_pass.pag_two_pass in one forward pass: the guided rows' copies are perturbed.
         n = x.shape[0]
         kwargs = {k: _append_rows(v, rows, n) for k, v in model_kwargs.items()}
         both = _append_rows(x, rows, n)
@@ -233,6 +238,8 @@ class PAGGuidedModel(GuidedModel):
         return out[:n], out[n:]
 
     def _shared_prefix_pass(self, x, t, model_kwargs, rows):
+        # _batched_pass with the stages before the first perturbed block run once, their activations copied
+        # for the perturbed branch: those stages compute the same thing for both branches of two_pass.pag_two_pass.
         model = self.model
         n = x.shape[0]
         kwargs = dict(model_kwargs)

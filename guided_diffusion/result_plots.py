@@ -14,6 +14,7 @@ sweep; matplotlib draws them (the `plots` extra); without it one line says how t
 """
 
 import io
+import json
 import os
 import re
 
@@ -184,8 +185,6 @@ def write_plots(results_dir, entries=None):
     :return: lines for the log (the files written, or how to get matplotlib); none without sweeps.
     """
     if entries is None:
-        import json
-
         try:
             with open(os.path.join(results_dir, "table.json")) as f:
                 entries = json.load(f)["rows"]

@@ -19,6 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
+import numpy as np
+
+from evaluations.device import default_device
+from evaluations.evaluator import CACHE_ENV, SCORING_VERSION, Evaluator, default_cache_dir
+from evaluations.feature_nets import load_feature_net
+from evaluations.npz_io import BatchFormatError
+from evaluations.restoration import restoration_metrics
+
 from .assets import fetch_command, fetch_hint
 from .atomic_io import unwritable_reason, write_json_atomic
 from .errors import REPO_ROOT
@@ -59,9 +67,6 @@ class FeatureNets:
 
     def get(self, spec):
         if spec not in self._nets:
-            from evaluations.device import default_device
-            from evaluations.feature_nets import load_feature_net
-
             device = self.device or default_device()
             self._nets[spec] = load_feature_net(spec, device=device, inception_path=self.inception_path)
         return self._nets[spec]
@@ -151,8 +156,6 @@ def output_problem(opts, rows):
     if reason:
         return f"--results {reason}; pass a results folder you can write to"
     if any(not row.restoration for row in rows):
-        from evaluations.evaluator import CACHE_ENV, default_cache_dir
-
         reason = unwritable_reason(default_cache_dir())
         if reason:
             where = f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else f"the activation cache (set by ${CACHE_ENV})"
@@ -164,8 +167,6 @@ def output_problem(opts, rows):
 
 
 def scoring_version():
-    from evaluations.evaluator import SCORING_VERSION
-
     return SCORING_VERSION
 
 
@@ -273,18 +274,11 @@ def evaluate_row(row, net, opts, ref_batch, sample_batch, spec):
     The row's figures: the evaluator's against the reference batch, or for an inverse-problem row PSNR, SSIM,
     FID and KID of the reconstructions (arr_0) against their ground truth (arr_2).
     """
-    from evaluations.npz_io import BatchFormatError
-
     device = opts.device or "cpu"
     if row.restoration:
-        import numpy as np
-
-        from evaluations.restoration import restoration_metrics
-
         log(f"  scoring the reconstructions against their ground truth with feature network {spec}")
         with np.load(sample_batch) as data:
             return restoration_metrics(data["arr_2"], data["arr_0"], feature_net=net, device=device)
-    from evaluations.evaluator import Evaluator, default_cache_dir
 
     log(f"  evaluating against {ref_batch} with feature network {spec}")
     evaluator = Evaluator(net, device=device, batch_size=opts.batch_size, cache_dir=default_cache_dir())

@@ -9,6 +9,9 @@ import socket
 import subprocess
 import time
 
+import numpy as np
+import torch as th
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,8 +37,6 @@ def git_commit():
 
 
 def device_name(device):
-    import torch as th
-
     device = th.device(device)
     if device.type == "cuda" and th.cuda.is_available():
         return th.cuda.get_device_name(device)
@@ -46,9 +47,6 @@ def environment(device=None, ranks=None):
     """
     A JSON-ready description of where and with what a result is computed.
     """
-    import numpy as np
-    import torch as th
-
     commit, dirty = git_commit()
     info = {
         "git_commit": commit,

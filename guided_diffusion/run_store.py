@@ -26,19 +26,25 @@ independent, resumable job, and merge_shards joins the n shard files into the si
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
+# dist_util registers the torch.distributed set-up that launch_env.comm() needs under torchrun and srun.
+from . import dist_util, logger  # noqa: F401
 from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic, unwritable_reason, write_json_atomic
 from .errors import UsageError
 from .file_digest import file_record
 from .image_output import first_samples, save_grid
+from .launch_env import comm
 from .random_streams import batch_streams, sample_generator
 from .sampling_cost import measure_batch, summarize_parts, write_batch_cost
+from .run_info import environment
 
 # Set to a positive integer k, a run stops (exit status 3) after each rank has finished k batches: an interrupted
 # run on demand, for testing resumption.
@@ -65,8 +71,6 @@ def mpi_comm():
     """
     The run's communicator, whichever launcher started it (mpiexec, torchrun, srun; see launch_env.py).
     """
-    from .launch_env import comm
-
     return comm()
 
 
@@ -281,7 +285,7 @@ def lock_holder(out_dir, name=LOCK_NAME):
     """
     Who holds the lock on out_dir (a text naming the pid and host), or None when nobody does. Creates nothing.
     """
-    import fcntl
+    import fcntl  # POSIX only: imported where a lock is taken
 
     lock_path = os.path.join(out_dir, name)
     try:
@@ -314,7 +318,7 @@ class RunLock:
         :return: None, or a warning when the filesystem cannot lock (the run then goes on unlocked).
         :raises UsageError: naming the holder when another process has the lock.
         """
-        import fcntl
+        import fcntl  # POSIX only: imported where a lock is taken
 
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
@@ -356,8 +360,6 @@ def acquire_run_lock(out_dir, comm, name=LOCK_NAME):
     Rank 0 takes the lock on out_dir; every rank raises the same UsageError when another job holds it.
     :return: the RunLock (release it when the run ends; a no-op on other ranks).
     """
-    from . import logger
-
     lock = RunLock(out_dir, name)
     error = None
     if comm.rank == 0:
@@ -623,8 +625,6 @@ def plan_batches(args, out_dir, image_shape, record, comm):
     Prepare the work folder (rank 0: --overwrite, a stale grid, resumption) and plan the batches left, which
     every rank takes from rank 0's listing so that all of them agree on who samples what. :return: SamplingPlan.
     """
-    from . import logger
-
     shard = parse_shard(getattr(args, "shard", ""))
     first, last = shard_range(args.num_samples, args.batch_size, shard)
     final_path, parts_dir = output_paths(out_dir, args.num_samples, image_shape, shard)
@@ -661,8 +661,6 @@ def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None, devi
     rank 0 over the run's samples; stop after `stop_after` batches (the tests' $STOP_AFTER_ENV). Returns when
     every rank is done.
     """
-    from tqdm.auto import tqdm
-
     progress = tqdm(
         total=plan.total,
         initial=plan.done_count,
@@ -691,8 +689,6 @@ def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None, devi
 
 
 def _stop(stop_after, out_dir):
-    from . import logger
-
     logger.log(
         f"stopping after {stop_after} batches ({STOP_AFTER_ENV} is set); rerun with --out_dir {out_dir} to resume"
     )
@@ -703,8 +699,6 @@ def write_final_samples(plan, arrays, script, args, record, device, ranks):
     """
     Rank 0: the final record, then the final .npz (a shard's with its sample_range); the parts go.
     """
-    from . import logger
-
     # The record first: a run stopped between the two leaves its parts, so the rerun just joins them.
     cost = summarize_parts(plan.parts_dir, finished_ranges(plan.parts_dir))
     summary = final_record(script, args, record, plan.final_path, plan.grid, device, ranks, cost)
@@ -722,8 +716,6 @@ def draw_run_grid(plan, arrays, write_grid):
     """
     Rank 0: draw the --grid image from the finished samples. :return: an error message or None.
     """
-    from . import logger
-
     try:
         logger.log(f"grid of {_draw_grid(plan.grid, arrays, write_grid, plan.final_path)} in {plan.grid}")
     except UsageError as exc:
@@ -736,8 +728,6 @@ def final_record(script, args, record, final_path, grid, device, ranks, cost=Non
     What is kept beside a finished run's .npz: every flag as given, the seed, the record that identifies the
     samples (checkpoint digests included), what they were made with and what they cost (sampling_cost.py).
     """
-    from .run_info import environment
-
     return {
         "complete": True,
         "script": script,
@@ -757,8 +747,6 @@ def merge_shards(folder):
     Join the shard files samples_{N}x{H}x{W}x{C}_shard{i}of{n}.npz in `folder` into samples_{N}x{H}x{W}x{C}.npz
     (atomically), the file one run of the whole row writes; the shard files stay. :return: the merged path.
     """
-    import re
-
     pattern = re.compile(r"samples_(\d+(?:x\d+)+)_shard(\d+)of(\d+)\.npz")
     groups = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:

@@ -32,11 +32,12 @@ import torch as th
 import torch.nn.functional as F
 
 from .attention_hooks import hooked
+from .attention_layers import resolve_layers
 from .gaussian_diffusion import ModelMeanType
 from .guided_model import GuidedModel, take_rows
 from .perturbations import gaussian_blur2d
 from .respace import SpacedDiffusion
-from .unet import QKVAttention, QKVAttentionLegacy, resolve_layers
+from .unet import QKVAttention, QKVAttentionLegacy
 
 # The official attention_masking's torchvision GaussianBlur(kernel_size=31, sigma=blur_sigma).
 SAG_BLUR_KERNEL = 31

@@ -11,6 +11,7 @@ import sys
 
 from .assets import fetch_hint
 from .errors import REPO_ROOT
+from .sampler_flags import SAMPLER_ARGPARSERS
 from .table_rows import ReproduceError, how_to_get
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")
@@ -19,7 +20,6 @@ LAUNCHERS = ("mpiexec", "torchrun", "srun", "none")
 
 def parse_sampler_flags(row, tokens):
     # Imported with the first row: the sampling layer is not needed to refuse a bad command line.
-    from .sampler_flags import SAMPLER_ARGPARSERS
 
     parser = SAMPLER_ARGPARSERS[row.script]()
     try:

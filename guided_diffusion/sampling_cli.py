@@ -26,6 +26,7 @@ import tempfile
 from types import SimpleNamespace
 
 from . import dist_util, logger
+from .attention_backends import get_attention_backend
 from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_folder
 from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
 from .flag_files import FlagFileArgumentParser
@@ -36,6 +37,7 @@ from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
 from .sampling_cost import counted
 from . import run_store
+from .respace import space_timesteps
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
 from .flag_help import flag_defaults
 from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
@@ -156,8 +158,6 @@ def check_diffusion_args(args):
     """
     Reject the diffusion flags the factories would fail on, with messages that name the flag.
     """
-    from .respace import space_timesteps
-
     if args.diffusion_steps <= 0:
         raise UsageError(f"--diffusion_steps must be positive, got {args.diffusion_steps}")
     if args.noise_schedule not in ("linear", "cosine"):
@@ -275,8 +275,6 @@ def check_attention_backend():
     """
     Refuse a bad $PAG_ADM_ATTENTION now: the attention layers would only read it at the first sampling step.
     """
-    from .unet import get_attention_backend
-
     try:
         get_attention_backend()
     except ValueError as exc:

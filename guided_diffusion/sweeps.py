@@ -16,6 +16,7 @@ tabled as any row (by the content of its flags and inputs).
 import copy
 import itertools
 
+from .guidance import guidance_specs
 from .table_rows import ReproduceError
 
 SCALE = "scale"
@@ -66,8 +67,6 @@ def scale_flag(row, parse, extra=()):
     The scale flag of the guidance method the row turns on (e.g. 'pag_scale'), or None for an unguided row.
     :param parse: parse(row, tokens) -> the sampler's parsed flags; extra: the flags after `--`.
     """
-    from .guidance import guidance_specs
-
     args = parse(row, ["@" + row.path, *extra])
     enabled = [method.switch for method, spec in guidance_specs(args) if spec.enabled]
     if len(enabled) > 1:

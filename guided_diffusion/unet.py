@@ -2,21 +2,19 @@
 ADM's U-Net (UNetModel, SuperResModel) and noisy-image classifier (EncoderUNetModel).
 
 Module names and registration order match the released checkpoints exactly; attention blocks additionally carry
-the hook that guidance methods perturb or read them through (see AttentionBlock and attention_hooks.py), and
-resolve_layers names them.
+the hook that guidance methods perturb or read them through (AttentionBlock.hook; the methods set it with
+attention_hooks.py and name the blocks with attention_layers.py). docs/adm_delta.md lists every change to ADM.
 """
 
 from abc import abstractmethod
-import contextlib
 import functools
 import math
-import os
 
 import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_hooks import row_mask
+from .attention_backends import resolved_attention_backend, sdpa
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     checkpoint,
@@ -285,7 +283,7 @@ class AttentionBlock(nn.Module):
         if perturbation is None:
             h = self.attention(qkv)
             return (x + self.proj_out(h)).reshape(b, c, *spatial)
-        mask = row_mask(hook, b, qkv.device)
+        mask = _hook_rows(hook, b, qkv.device)
         if mask is not None and not bool(mask.any()):
             mask = False
         h = self._perturbed_rows(qkv, mask, lambda rows: perturbation.attend(self.attention, rows, tuple(spatial)),
@@ -320,66 +318,20 @@ class AttentionBlock(nn.Module):
         return out
 
 
-# Layer aliases: alias -> prefix of the module names it selects.
-LAYER_ALIASES = {
-    "all": "",
-    "middle": "middle_block.",
-    "input": "input_blocks.",
-    "encoder": "input_blocks.",
-    "output": "output_blocks.",
-    "decoder": "output_blocks.",
-}
-
-
-def attention_block_names(model):
+def _hook_rows(hook, batch_size, device):
     """
-    The module names of the model's attention blocks, in module order (e.g. "input_blocks.14.1").
+    The hook's rows for a batch: None (every row) or a bool mask [batch_size] that selects some, not all, rows.
     """
-    return [name for name, module in model.named_modules() if isinstance(module, AttentionBlock)]
-
-
-def resolve_layers(model, layers):
-    """
-    Turn a layer selection into the sorted list of attention block names it denotes.
-
-    :param layers: a comma-separated string or a list of exact module names ("middle_block.1") and aliases
-                   ("all", "middle", "input"/"encoder", "output"/"decoder").
-    :return: the selected names in module order, without duplicates.
-    :raises ValueError: for a name that is not one of the model's attention blocks, or an empty selection.
-    """
-    if isinstance(layers, str):
-        items = layers.split(",")
-    elif isinstance(layers, (list, tuple)):
-        items = list(layers)
-    else:
-        raise ValueError(
-            f"layers must be a comma-separated string or a list of names, got {type(layers).__name__}"
-        )
-    names = attention_block_names(model)
-    selected = set()
-    for item in items:
-        if not isinstance(item, str):
-            raise ValueError(f"layer names must be strings, got {item!r}")
-        item = item.strip()
-        if not item:
-            continue
-        if item.lower() in LAYER_ALIASES:
-            prefix = LAYER_ALIASES[item.lower()]
-            matches = [name for name in names if name.startswith(prefix)]
-            if not matches:
-                raise ValueError(f"layer alias {item!r} selects no attention block of this model")
-            selected.update(matches)
-        elif item in names:
-            selected.add(item)
-        else:
-            raise ValueError(
-                f"unknown attention block {item!r}; this model's attention blocks are: "
-                f"{', '.join(names) if names else '(none)'}; aliases: all, middle, input (or encoder), output "
-                "(or decoder)"
-            )
-    if not selected:
-        raise ValueError(f"no attention block selected (layers={layers!r})")
-    return [name for name in names if name in selected]
+    rows = hook.rows
+    if rows is None:
+        return None
+    if rows.shape != (batch_size,):
+        raise ValueError(f"perturbation mask has shape {tuple(rows.shape)}, expected ({batch_size},) for this batch")
+    rows = rows.to(device)
+    # Every row takes the whole-batch path, so a random perturbation draws with the full map's shape.
+    if bool(rows.all()):
+        return None
+    return rows
 
 
 def _attention_map(q, k, logits_fn=None):
@@ -408,110 +360,6 @@ def _attend_heads(q, k, v, bs, length, logits_fn=None, weights_fn=None, capture=
     return a.reshape(bs, -1, length)
 
 
-# The kernel behind QKVAttention and QKVAttentionLegacy:
-#   "einsum"  ADM's own formulation (two einsums, softmax in float32), for exact comparisons with the original code;
-#   "sdpa"    torch's fused scaled_dot_product_attention (flash or memory-efficient kernels on CUDA, a blocked kernel
-#             on the CPU), which never materialises the full attention map; equal to einsum up to float32 rounding;
-#   "auto"    sdpa on a machine with CUDA where this torch has it (2.1 or later, for its `scale` argument), else
-#             einsum: CPU runs keep ADM's numbers bit for bit (and the project's earlier results); pass "sdpa" to
-#             use the fused kernel on the CPU too.
-# Chosen per process by set_attention_backend() / the attention_backend() context, or before start-up by the
-# environment variable PAG_ADM_ATTENTION.
-ATTENTION_BACKENDS = ("auto", "einsum", "sdpa")
-ATTENTION_BACKEND_ENV = "PAG_ADM_ATTENTION"
-
-
-def _torch_has_sdpa_scale():
-    try:
-        major, minor = (int(part) for part in th.__version__.split(".")[:2])
-    except ValueError:
-        return hasattr(F, "scaled_dot_product_attention")
-    return (major, minor) >= (2, 1)
-
-
-SDPA_AVAILABLE = _torch_has_sdpa_scale()
-
-_attention_backend = os.environ.get(ATTENTION_BACKEND_ENV) or "auto"
-_attention_backend_source = ATTENTION_BACKEND_ENV if os.environ.get(ATTENTION_BACKEND_ENV) else "default"
-
-
-def _check_backend_name(name, source):
-    if name not in ATTENTION_BACKENDS:
-        where = f"{source}={name!r}" if source == ATTENTION_BACKEND_ENV else repr(name)
-        raise ValueError(f"unknown attention backend {where}; use one of {', '.join(ATTENTION_BACKENDS)}")
-    if name == "sdpa" and not SDPA_AVAILABLE:
-        raise ValueError(
-            f"attention backend 'sdpa' needs torch 2.1 or later (this is torch {th.__version__}); "
-            "use 'einsum' or 'auto'"
-        )
-
-
-def set_attention_backend(name):
-    """
-    Select the attention kernel of every attention layer in this process: "auto", "einsum" or "sdpa" (see
-    ATTENTION_BACKENDS); None goes back to the environment variable PAG_ADM_ATTENTION, or "auto" without it.
-
-    :return: the previous setting, for restoring it.
-    """
-    global _attention_backend, _attention_backend_source
-    previous = _attention_backend
-    if name is None:
-        name = os.environ.get(ATTENTION_BACKEND_ENV) or "auto"
-        source = ATTENTION_BACKEND_ENV if os.environ.get(ATTENTION_BACKEND_ENV) else "default"
-    else:
-        source = "argument"
-    _check_backend_name(name, source)
-    _attention_backend, _attention_backend_source = name, source
-    return previous
-
-
-def get_attention_backend():
-    """
-    The selected attention backend ("auto", "einsum" or "sdpa").
-    """
-    _check_backend_name(_attention_backend, _attention_backend_source)
-    return _attention_backend
-
-
-def resolved_attention_backend():
-    """
-    The kernel attention layers use now: "einsum" or "sdpa" ("auto" resolved).
-    """
-    name = get_attention_backend()
-    if name == "auto":
-        return "sdpa" if SDPA_AVAILABLE and th.cuda.is_available() else "einsum"
-    return name
-
-
-@contextlib.contextmanager
-def attention_backend(name):
-    """
-    Within the context, attention layers use the given backend; the previous setting is restored on exit.
-    """
-    global _attention_backend, _attention_backend_source
-    previous = (_attention_backend, _attention_backend_source)
-    set_attention_backend(name)
-    try:
-        yield
-    finally:
-        _attention_backend, _attention_backend_source = previous
-
-
-def _sdpa(qkv_heads):
-    """
-    Attention through scaled_dot_product_attention.
-
-    :param qkv_heads: a [3 x N x H x C x T] view of the Qs, Ks and Vs (either attention order).
-    :return: an [N x (H * C) x T] tensor after attention.
-    """
-    _, bs, heads, ch, length = qkv_heads.shape
-    # Tokens-major and contiguous in C, the layout the fused kernels take without copying again.
-    q, k, v = qkv_heads.transpose(-1, -2).contiguous().unbind(0)
-    # ADM scales q and k by ch**-1/4 each; sdpa's scale multiplies their product, so ch**-1/2 is the same map.
-    a = F.scaled_dot_product_attention(q, k, v, scale=ch ** -0.5)
-    return a.transpose(-1, -2).reshape(bs, heads * ch, length)
-
-
 def count_flops_attn(model, _x, y):
     """
     A thop counter for the attention matmuls, which thop does not see.
@@ -525,7 +373,7 @@ def count_flops_attn(model, _x, y):
 
 class _HeadAttention(nn.Module):
     """
-    What both qkv layouts share: the attention kernels (see ATTENTION_BACKENDS), V alone for an identity map, and
+    What both qkv layouts share: the attention kernels (see attention_backends.py), V alone for an identity map, and
     the map written out. A subclass says how its layout splits into per-head q, k and v.
     """
 
@@ -545,7 +393,7 @@ class _HeadAttention(nn.Module):
 
     def _sdpa_view(self, qkv):
         """
-        The [3 x N x H x C x T] view of qkv that _sdpa takes.
+        The [3 x N x H x C x T] view of qkv that attention_backends.sdpa takes.
         """
         raise NotImplementedError
 
@@ -555,7 +403,7 @@ class _HeadAttention(nn.Module):
         :return: an [N x (H * C) x T] tensor after attention.
         """
         if resolved_attention_backend() == "sdpa":
-            return _sdpa(self._sdpa_view(qkv))
+            return sdpa(self._sdpa_view(qkv))
         bs, _, length = qkv.shape
         return _attend_heads(*self._split(qkv), bs, length)
 

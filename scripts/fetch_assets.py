@@ -28,7 +28,7 @@ import os
 import sys
 import urllib.error
 
-from guided_diffusion import assets
+from guided_diffusion import asset_checks, assets
 from guided_diffusion.download import DownloadError, discard_part, download_part, part_path, remote_size
 from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
@@ -206,8 +206,8 @@ def fetch_one(asset, opts, log=log_line):
         return f"{asset.name}: {path} is a folder; move it away or pass --dest DIR"
     if os.path.isfile(path):
         try:
-            checked = assets.verify(asset, path)
-        except assets.VerificationError as exc:
+            checked = asset_checks.verify(asset, path)
+        except asset_checks.VerificationError as exc:
             if not opts.force:
                 return (f"{asset.name}: the file at {path} is not the released one ({exc}); move it away, or pass "
                         "--force to download it again over it")
@@ -230,8 +230,8 @@ def fetch_one(asset, opts, log=log_line):
     except OSError as exc:  # the destination cannot be written (permissions, a full disk)
         return f"{asset.name}: cannot write {part_path(path)}: {exc.strerror or exc}"
     try:
-        checked = assets.verify(asset, part)
-    except assets.VerificationError as exc:
+        checked = asset_checks.verify(asset, part)
+    except asset_checks.VerificationError as exc:
         discard_part(path)
         return (f"{asset.name}: the file downloaded from {url} is not the released one ({exc}); it was deleted and "
                 f"nothing was put at {path}")

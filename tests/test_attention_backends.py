@@ -11,13 +11,13 @@ import pytest
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion import unet
+from guided_diffusion import attention_backends, unet
 from guided_diffusion.pag import PAGGuidedModel
 
 from conftest import REPO_ROOT, TINY_ADM_FLAGS, randomize, reference_file
 from error_bounds import FLOAT16_U, FLOAT32_U, attention_error_bound, split_heads_float64
 
-needs_sdpa = pytest.mark.skipif(not unet.SDPA_AVAILABLE, reason="this torch has no sdpa with a scale argument")
+needs_sdpa = pytest.mark.skipif(not attention_backends.SDPA_AVAILABLE, reason="this torch has no sdpa with a scale argument")
 needs_cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="CUDA is not available")
 
 ORDERS = {"legacy": unet.QKVAttentionLegacy, "new": unet.QKVAttention}
@@ -62,10 +62,10 @@ def model_inputs(batch_size=3, seed=1, size=32):
 
 @pytest.fixture(autouse=True)
 def restore_backend():
-    previous = unet.set_attention_backend(None)
-    unet.set_attention_backend(previous)
+    previous = attention_backends.set_attention_backend(None)
+    attention_backends.set_attention_backend(previous)
     yield
-    unet.set_attention_backend(previous)
+    attention_backends.set_attention_backend(previous)
 
 
 @needs_sdpa
@@ -77,9 +77,9 @@ def test_backends_match_reference_on_random_qkv(order, n_heads, ch, length):
     attention = ORDERS[order](n_heads)
     expected = reference_attention(qkv, n_heads, order)
     with th.no_grad():
-        with unet.attention_backend("einsum"):
+        with attention_backends.attention_backend("einsum"):
             einsum = attention(qkv)
-        with unet.attention_backend("sdpa"):
+        with attention_backends.attention_backend("sdpa"):
             sdpa = attention(qkv)
     assert einsum.shape == sdpa.shape == (2, n_heads * ch, length)
     assert einsum.dtype == sdpa.dtype == th.float32
@@ -95,7 +95,7 @@ def test_orders_read_different_layouts(order):
     gen = th.Generator().manual_seed(3)
     qkv = th.randn(2, 3 * 4 * 8, 16, generator=gen)
     other = "new" if order == "legacy" else "legacy"
-    with unet.attention_backend("sdpa"):
+    with attention_backends.attention_backend("sdpa"):
         out = ORDERS[order](4)(qkv)
     assert (out.double() - reference_attention(qkv, 4, order)).abs().max().item() < 2e-5
     assert (out.double() - reference_attention(qkv, 4, other)).abs().max().item() > 1e-2
@@ -114,12 +114,12 @@ def test_sdpa_path_calls_sdpa_and_einsum_path_does_not(order, monkeypatch):
     monkeypatch.setattr(unet.F, "scaled_dot_product_attention", counting)
     qkv = th.randn(1, 3 * 2 * 16, 8)
     attention = ORDERS[order](2)
-    with unet.attention_backend("einsum"):
+    with attention_backends.attention_backend("einsum"):
         attention(qkv)
     assert calls == []
-    with unet.attention_backend("sdpa"):
+    with attention_backends.attention_backend("sdpa"):
         attention(qkv)
-    with unet.attention_backend("auto"):
+    with attention_backends.attention_backend("auto"):
         attention(qkv)
     # auto takes the fused kernel only where CUDA is: CPU runs keep ADM's numbers bit for bit.
     expected = 2 if th.cuda.is_available() else 1
@@ -129,7 +129,7 @@ def test_sdpa_path_calls_sdpa_and_einsum_path_does_not(order, monkeypatch):
 @pytest.mark.parametrize("order", ["legacy", "new"])
 @pytest.mark.parametrize("backend", ["einsum", "sdpa", "auto"])
 def test_values_is_attention_with_identity_map_and_computes_no_scores(order, backend, monkeypatch):
-    if backend == "sdpa" and not unet.SDPA_AVAILABLE:
+    if backend == "sdpa" and not attention_backends.SDPA_AVAILABLE:
         pytest.skip("this torch has no sdpa with a scale argument")
     gen = th.Generator().manual_seed(5)
     qkv = th.randn(3, 3 * 4 * 8, 16, generator=gen)
@@ -140,7 +140,7 @@ def test_values_is_attention_with_identity_map_and_computes_no_scores(order, bac
 
     monkeypatch.setattr(unet.F, "scaled_dot_product_attention", forbidden)
     monkeypatch.setattr(unet.th, "einsum", forbidden)
-    with unet.attention_backend(backend):
+    with attention_backends.attention_backend(backend):
         values = ORDERS[order](4).values(qkv)
     assert values.shape == (3, 32, 16)
     assert th.equal(values.double(), expected)
@@ -153,9 +153,9 @@ def test_full_unet_same_output_with_either_backend(use_new_attention_order, head
     model = random_model(use_new_attention_order, **head_flags)
     x, t, y = model_inputs()
     with th.no_grad():
-        with unet.attention_backend("einsum"):
+        with attention_backends.attention_backend("einsum"):
             einsum = model(x, t, y=y)
-        with unet.attention_backend("sdpa"):
+        with attention_backends.attention_backend("sdpa"):
             sdpa = model(x, t, y=y)
     assert einsum.abs().max().item() > 0.1
     assert (sdpa - einsum).abs().max().item() < 2e-5
@@ -169,7 +169,7 @@ def test_perturbed_rows_same_with_either_backend(use_new_attention_order):
     x, t, y = model_inputs(batch_size=4)
     outputs = {}
     for backend in ("einsum", "sdpa"):
-        with th.no_grad(), unet.attention_backend(backend):
+        with th.no_grad(), attention_backends.attention_backend(backend):
             outputs[backend] = PAGGuidedModel(model, 2.0, "all")(x, t, y=y)
             two_pass = PAGGuidedModel(model, 2.0, "all", batched=False)(x, t, y=y)
         assert (two_pass - outputs[backend]).abs().max().item() < 2e-5
@@ -178,13 +178,13 @@ def test_perturbed_rows_same_with_either_backend(use_new_attention_order):
 
 @pytest.mark.parametrize("backend", ["einsum", "sdpa"])
 def test_reference_unet_golden_with_each_backend(backend):
-    if backend == "sdpa" and not unet.SDPA_AVAILABLE:
+    if backend == "sdpa" and not attention_backends.SDPA_AVAILABLE:
         pytest.skip("this torch has no sdpa with a scale argument")
     ref = th.load(reference_file("tiny_unet_a.pt"))
     model, _ = su.create_model_and_diffusion(**{**su.model_and_diffusion_defaults(), **ref["flags"]})
     model.load_state_dict(ref["state_dict"], strict=True)
     model.eval()
-    with th.no_grad(), unet.attention_backend(backend):
+    with th.no_grad(), attention_backends.attention_backend(backend):
         out = model(ref["x"], ref["t"], **ref["model_kwargs"])
     assert (out - ref["out"]).abs().max().item() < 1e-5
 
@@ -192,39 +192,39 @@ def test_reference_unet_golden_with_each_backend(backend):
 @pytest.mark.parametrize("backend", ["einsum", "sdpa"])
 def test_reference_classifier_golden_with_each_backend(backend):
     # The classifier's attention pool uses QKVAttention on a token count that is not a power of two.
-    if backend == "sdpa" and not unet.SDPA_AVAILABLE:
+    if backend == "sdpa" and not attention_backends.SDPA_AVAILABLE:
         pytest.skip("this torch has no sdpa with a scale argument")
     ref = th.load(reference_file("tiny_classifier.pt"))
     args = {**su.classifier_defaults(), **ref["flags"]}
     classifier = su.create_classifier(**{k: args[k] for k in su.classifier_defaults()})
     classifier.load_state_dict(ref["state_dict"], strict=True)
     classifier.eval()
-    with th.no_grad(), unet.attention_backend(backend):
+    with th.no_grad(), attention_backends.attention_backend(backend):
         out = classifier(ref["x"], ref["t"])
     assert (out - ref["out"]).abs().max().item() < 1e-5
 
 
 def test_switch_returns_previous_and_context_restores_on_error():
-    unet.set_attention_backend("einsum")
-    assert unet.set_attention_backend("auto") == "einsum"
-    assert unet.get_attention_backend() == "auto"
-    assert unet.resolved_attention_backend() == (
-        "sdpa" if unet.SDPA_AVAILABLE and th.cuda.is_available() else "einsum"
+    attention_backends.set_attention_backend("einsum")
+    assert attention_backends.set_attention_backend("auto") == "einsum"
+    assert attention_backends.get_attention_backend() == "auto"
+    assert attention_backends.resolved_attention_backend() == (
+        "sdpa" if attention_backends.SDPA_AVAILABLE and th.cuda.is_available() else "einsum"
     )
     with pytest.raises(RuntimeError, match="boom"):
-        with unet.attention_backend("einsum"):
-            assert unet.resolved_attention_backend() == "einsum"
+        with attention_backends.attention_backend("einsum"):
+            assert attention_backends.resolved_attention_backend() == "einsum"
             raise RuntimeError("boom")
-    assert unet.get_attention_backend() == "auto"
+    assert attention_backends.get_attention_backend() == "auto"
 
 
 def test_unknown_backend_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'; use one of auto, einsum, sdpa"):
-        unet.set_attention_backend("flash")
+        attention_backends.set_attention_backend("flash")
     with pytest.raises(ValueError, match="unknown attention backend"):
-        with unet.attention_backend("flash"):
+        with attention_backends.attention_backend("flash"):
             pass
-    assert unet.get_attention_backend() in unet.ATTENTION_BACKENDS
+    assert attention_backends.get_attention_backend() in attention_backends.ATTENTION_BACKENDS
 
 
 def _run_with_env(value, code):
@@ -235,11 +235,11 @@ def _run_with_env(value, code):
 def test_environment_variable_selects_the_backend():
     code = (
         "import torch as th\n"
-        "from guided_diffusion import unet\n"
-        "print(unet.get_attention_backend(), unet.resolved_attention_backend())\n"
-        "unet.set_attention_backend('auto')\n"
-        "print(unet.set_attention_backend(None))\n"
-        "print(unet.get_attention_backend())\n"
+        "from guided_diffusion import attention_backends\n"
+        "print(attention_backends.get_attention_backend(), attention_backends.resolved_attention_backend())\n"
+        "attention_backends.set_attention_backend('auto')\n"
+        "print(attention_backends.set_attention_backend(None))\n"
+        "print(attention_backends.get_attention_backend())\n"
     )
     result = _run_with_env("einsum", code)
     assert result.returncode == 0, result.stderr
@@ -274,9 +274,9 @@ def test_cuda_backends_match(order, dtype):
     previous = th.backends.cuda.matmul.allow_tf32
     th.backends.cuda.matmul.allow_tf32 = False
     try:
-        with unet.attention_backend("einsum"):
+        with attention_backends.attention_backend("einsum"):
             einsum = attention(qkv)
-        with unet.attention_backend("sdpa"):
+        with attention_backends.attention_backend("sdpa"):
             sdpa = attention(qkv)
     finally:
         th.backends.cuda.matmul.allow_tf32 = previous
@@ -293,7 +293,7 @@ def test_cuda_backends_match(order, dtype):
 def test_cuda_full_unet_same_output_with_either_backend(use_new_attention_order):
     model = random_model(use_new_attention_order, num_head_channels=16)
     x, t, y = model_inputs()
-    with th.no_grad(), unet.attention_backend("einsum"):
+    with th.no_grad(), attention_backends.attention_backend("einsum"):
         cpu = model(x, t, y=y)
     model = model.cuda()
     previous = (th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32)
@@ -301,7 +301,7 @@ def test_cuda_full_unet_same_output_with_either_backend(use_new_attention_order)
     try:
         with th.no_grad():
             for backend in ("einsum", "sdpa"):
-                with unet.attention_backend(backend):
+                with attention_backends.attention_backend(backend):
                     out = model(x.cuda(), t.cuda(), y=y.cuda())
                 assert (out.cpu() - cpu).abs().max().item() < 1e-4, backend
     finally:

@@ -15,7 +15,7 @@ import evaluations.dinov2 as dinov2
 from evaluations import evaluator as evaluator_cli
 from evaluations import make_reference_batch as make_ref_cli
 from evaluations.feature_nets import embed_batch, load_feature_net
-from guided_diffusion import assets
+from guided_diffusion import asset_checks, assets
 
 from conftest import REPO_ROOT
 from error_bounds import FLOAT32_U, probabilistic_bound
@@ -161,12 +161,12 @@ def test_fetch_entry_for_the_weights(small_weights, tmp_path):
     assert asset.url == dinov2.WEIGHTS_URL
     assert asset.url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
     assert asset.folder == "torch_hub" and assets.GROUPS["dinov2"] == [asset.name]
-    assert assets.verify(asset, str(small_weights)).startswith("the keys and shapes")
+    assert asset_checks.verify(asset, str(small_weights)).startswith("the keys and shapes")
     state = torch.load(small_weights, weights_only=True)
     del state["norm.bias"]
     torch.save(state, tmp_path / "short.pth")
-    with pytest.raises(assets.VerificationError, match="1 missing \\(norm.bias\\)"):
-        assets.verify(asset, str(tmp_path / "short.pth"))
+    with pytest.raises(asset_checks.VerificationError, match="1 missing \\(norm.bias\\)"):
+        asset_checks.verify(asset, str(tmp_path / "short.pth"))
 
 
 def test_statistics_recording_no_network_are_not_taken_for_dinov2s(small_weights, tmp_path, capsys):

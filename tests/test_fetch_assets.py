@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import assets
+from guided_diffusion import asset_checks, assets
 from guided_diffusion import script_util as su
 from guided_diffusion.download import part_path
 
@@ -263,7 +263,7 @@ def test_sha256_prefix_in_the_name_is_checked(server, tmp_path):
     server.files[name] = data
     reason, log = fetch(asset, options(server, tmp_path))
     assert reason is None and f"sha256 starts with {prefix}" in log
-    assert assets.sha256_prefix_in_name(assets.INCEPTION) == "6726825d"
+    assert asset_checks.sha256_prefix_in_name(assets.INCEPTION) == "6726825d"
 
 
 def test_http_error_is_one_line(server, tmp_path):
@@ -428,14 +428,14 @@ def test_architectures_are_the_released_specs():
         assert (asset.builder, asset.flags) == (builder, flags)
         with torch.device("meta"):
             state = {k: torch.empty(v) for k, v in spec["state_dict"].items()}
-        assets.check_state_dict(asset, state)
+        asset_checks.check_state_dict(asset, state)
         del state[next(iter(state))]
-        with pytest.raises(assets.VerificationError, match="1 missing"):
-            assets.check_state_dict(asset, state)
+        with pytest.raises(asset_checks.VerificationError, match="1 missing"):
+            asset_checks.check_state_dict(asset, state)
     lsun = specs["256x256_diffusion_uncond"]
     with torch.device("meta"):
         state = {k: torch.empty(v) for k, v in lsun["state_dict"].items()}
-    assets.check_state_dict(assets.find("lsun_bedroom.pt"), state)
+    asset_checks.check_state_dict(assets.find("lsun_bedroom.pt"), state)
 
 
 @pytest.mark.parametrize("config, architecture", [

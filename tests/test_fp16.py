@@ -8,7 +8,7 @@ import pytest
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion import unet
+from guided_diffusion import attention_backends, unet
 from guided_diffusion.pag import PAGGuidedModel
 
 from error_bounds import (
@@ -28,7 +28,7 @@ def _cpu_half_kernels():
         x = th.randn(1, 4, 8, 8, dtype=th.float16)
         th.nn.Conv2d(4, 4, 3).half()(x)
         q = th.randn(1, 2, 8, 4, dtype=th.float16)
-        if unet.SDPA_AVAILABLE:
+        if attention_backends.SDPA_AVAILABLE:
             th.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.5)
         th.einsum("bct,bcs->bts", q[0], q[0])
     except (RuntimeError, NotImplementedError) as exc:
@@ -111,13 +111,13 @@ def test_classifier_convert_to_fp16_keeps_dtype_in_step():
 @pytest.mark.parametrize("use_new_attention_order", [False, True])
 @pytest.mark.parametrize("backend", ["einsum", "sdpa"])
 def test_cpu_half_forward_runs_in_half_and_matches_float32(use_new_attention_order, backend):
-    if backend == "sdpa" and not unet.SDPA_AVAILABLE:
+    if backend == "sdpa" and not attention_backends.SDPA_AVAILABLE:
         pytest.skip("this torch has no sdpa with a scale argument")
     full, half = half_pair(use_new_attention_order)
     # 16x16 inputs (the model is built for 32): CPU float16 convolutions are slow.
     x, t, y = model_inputs(batch_size=2, size=16)
     seen, hooks = attention_dtypes(half)
-    with th.no_grad(), unet.attention_backend(backend):
+    with th.no_grad(), attention_backends.attention_backend(backend):
         expected = full(x, t, y=y)
         out = half(x, t, y=y)
     for hook in hooks:
@@ -132,11 +132,11 @@ def test_cpu_half_forward_runs_in_half_and_matches_float32(use_new_attention_ord
 @pytest.mark.parametrize("order", ["legacy", "new"])
 @pytest.mark.parametrize("backend", ["einsum", "sdpa"])
 def test_cpu_half_attention_within_its_rounding_bound(order, backend):
-    if backend == "sdpa" and not unet.SDPA_AVAILABLE:
+    if backend == "sdpa" and not attention_backends.SDPA_AVAILABLE:
         pytest.skip("this torch has no sdpa with a scale argument")
     # The check of test_attention_backends.test_cuda_backends_match, on this CPU's float16 kernels.
     qkv = th.randn(2, 3 * 4 * 64, 256, generator=th.Generator().manual_seed(11))
-    with unet.attention_backend(backend):
+    with attention_backends.attention_backend(backend):
         out = ORDERS[order](4)(qkv.half())
     error = (out.double() - reference_attention(qkv, 4, order)).abs()
     bound = attention_error_bound(qkv, 4, order, FLOAT16_U)
@@ -156,7 +156,7 @@ def test_einsum_softmax_runs_in_float32_for_half_input(monkeypatch):
 
     monkeypatch.setattr(unet.th, "softmax", recording)
     qkv = th.randn(2, 3 * 2 * 8, 16).half()
-    with unet.attention_backend("einsum"):
+    with attention_backends.attention_backend("einsum"):
         out = unet.QKVAttentionLegacy(2)(qkv)
         unet.QKVAttention(2)(qkv)
     assert calls == [th.float32, th.float32]
@@ -180,7 +180,7 @@ def test_cpu_half_pag_wrapper_all_modes_agree():
     x, t, y = model_inputs(batch_size=3, size=8)
     layers = "input_blocks.5.1,middle_block.1,output_blocks.3.1"
     with th.no_grad():
-        with unet.attention_backend("einsum"):
+        with attention_backends.attention_backend("einsum"):
             expected = PAGGuidedModel(full, 3.0, layers, batched=False)(x, t, y=y)
             bound = pag_bound(full, half, 3.0, layers, expected, x, t, y=y)
         outputs = {}
@@ -223,7 +223,7 @@ def test_cuda_half_forward_and_pag_match_float32(use_new_attention_order, backen
     previous = (th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32)
     th.backends.cuda.matmul.allow_tf32 = th.backends.cudnn.allow_tf32 = False
     try:
-        with th.no_grad(), unet.attention_backend(backend):
+        with th.no_grad(), attention_backends.attention_backend(backend):
             expected = full(x, t, y=y)
             out = half(x, t, y=y)
             guided_full = PAGGuidedModel(full, 3.0, "all", batched=False)(x, t, y=y)

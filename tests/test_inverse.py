@@ -21,6 +21,7 @@ from guided_diffusion.random_streams import PerSampleNoise, sample_generator
 from guided_diffusion.respace import SpacedDiffusion
 from guided_diffusion.sag import SAGGuidedModel
 from guided_diffusion.script_util import create_model
+from guided_diffusion.two_pass import pag_two_pass
 from guided_diffusion.unet import UNetModel
 
 from conftest import flags, load_script, randomize, randomize_zero_params
@@ -453,7 +454,7 @@ def test_pag_dps_follows_the_rule():
 
     guided = PAGGuidedModel(model, 2.0, "middle")
     # The ablation's reference: the gradient through the guided x0 (the reference's own x0, from the guided eps).
-    two_pass = lambda a, b: torch.cat(list(_pag_two_pass(model, a, b, 2.0)), 1)  # noqa: E731
+    two_pass = lambda a, b: pag_two_pass(model, a, b, 2.0, ["middle_block.1"])  # noqa: E731
     state = assert_dps_follows(diffusion, guided, x_T, y, op, ref, rule, plain_x0, two_pass)
 
     # PAG scale 0 is plain DPS.
@@ -461,14 +462,6 @@ def test_pag_dps_follows_the_rule():
     off = dps_sample_loop(diffusion, PAGGuidedModel(model, 0.0, "middle"), x_T.clone(), y, op, 0.5)
     torch.set_rng_state(state)
     torch.testing.assert_close(off, dps_sample_loop(diffusion, model, x_T.clone(), y, op, 0.5), rtol=0, atol=0)
-
-
-def _pag_two_pass(model, x, t, scale):
-    out = model(x, t)
-    with perturb_attention(model, ["middle_block.1"]):
-        perturbed = model(x, t)
-    eps = out[:, :3]
-    return eps + scale * (eps - perturbed[:, :3]), out[:, 3:]
 
 
 def test_pag_perturbed_branch_has_no_autograd():

@@ -1,6 +1,7 @@
 """
-Perturbed-Attention Guidance: the identity-attention perturbation, layer selection, PAGGuidedModel's formula,
-its batched / shared-prefix fast paths against the naive two passes, t_range, and sampling with it.
+Perturbed-Attention Guidance: the identity-attention perturbation, layer selection, the package's plain two-pass
+statement (two_pass.py) against a hand-written one, PAGGuidedModel's batched / shared-prefix fast paths against
+that statement, t_range, and sampling with it.
 """
 
 import json
@@ -19,6 +20,7 @@ from guided_diffusion.pag import (
     resolve_layers,
     scale_from_guide_scale,
 )
+from guided_diffusion.two_pass import pag_two_pass
 from guided_diffusion.unet import AttentionBlock, SuperResModel, UNetModel
 
 from conftest import GUIDED_PATHS, randomize, reference_file
@@ -313,15 +315,27 @@ def test_gradients_through_a_perturbed_pass_after_the_context_exits():
 # --- PAGGuidedModel -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_two_pass_statement_is_the_hand_written_pag(variant):
+    # The package's statement perturbs through the blocks' hook; the hand-written one swaps the attention modules.
+    model = tiny_unet(**VARIANTS[variant])
+    x, t, kwargs = batch()
+    layers = "input_blocks.5.1,middle_block.1,output_blocks.1.1"
+    with torch.no_grad():
+        out = pag_two_pass(model, x, t, 3.0, layers, **kwargs)
+    expected = hand_pag(model, resolve_layers(model, layers), 3.0, x, t, kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", GUIDED_PATHS)
-def test_guided_output_matches_the_formula(variant, mode):
+def test_guided_output_matches_the_two_pass_statement(variant, mode):
     model = tiny_unet(**VARIANTS[variant])
     x, t, kwargs = batch()
     layers = "input_blocks.5.1,middle_block.1,output_blocks.1.1"
     guided = PAGGuidedModel(model, 3.0, layers, **GUIDED_PATHS[mode])
     with torch.no_grad():
         out = guided(x, t, **kwargs)
-    expected = hand_pag(model, resolve_layers(model, layers), 3.0, x, t, kwargs)
+        expected = pag_two_pass(model, x, t, 3.0, layers, **kwargs)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
     # The variance channels are the unperturbed pass's.
     with torch.no_grad():
@@ -334,13 +348,24 @@ def test_guided_output_matches_the_formula(variant, mode):
     "layers",
     TINY_BLOCKS + ["all", "input", "middle", "output", "input_blocks.5.1,output_blocks.3.1"],
 )
-def test_shared_prefix_equals_naive_for_every_layer_choice(layers):
+def test_shared_prefix_equals_the_two_pass_statement_for_every_layer_choice(layers):
     model = tiny_unet()
     x, t, kwargs = batch()
     with torch.no_grad():
-        naive = PAGGuidedModel(model, 2.5, layers, batched=False)(x, t, **kwargs)
+        statement = pag_two_pass(model, x, t, 2.5, layers, **kwargs)
         fast = PAGGuidedModel(model, 2.5, layers)(x, t, **kwargs)
-    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast, statement, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", GUIDED_PATHS)
+@pytest.mark.parametrize("kind, params", [("blur", dict(blur_sigma=1.0)), ("avgpool2d", {})])
+def test_fast_paths_equal_the_two_pass_statement_for_other_perturbations(mode, kind, params):
+    model = tiny_unet()
+    x, t, kwargs = batch()
+    with torch.no_grad():
+        statement = pag_two_pass(model, x, t, 2.0, "middle,output", make_perturbation(kind, **params), **kwargs)
+        out = PAGGuidedModel(model, 2.0, "middle,output", kind=kind, **params, **GUIDED_PATHS[mode])(x, t, **kwargs)
+    torch.testing.assert_close(out, statement, rtol=0, atol=1e-5)
 
 
 def _count_batches(module):
@@ -406,7 +431,7 @@ def test_t_range_guides_only_rows_inside(mode):
         plain = model(x, t, **kwargs)
         out = PAGGuidedModel(model, 2.0, "all", t_range=(250, 600), **GUIDED_PATHS[mode])(x, t, **kwargs)
     inside = [1, 3, 4]  # the bounds are inclusive
-    expected = hand_pag(model, TINY_BLOCKS, 2.0, x[inside], t[inside], {"y": kwargs["y"][inside]})
+    expected = pag_two_pass(model, x[inside], t[inside], 2.0, "all", y=kwargs["y"][inside])
     torch.testing.assert_close(out[inside], expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(out[[0, 2]], plain[[0, 2]], rtol=0, atol=1e-5)
     if mode == "naive":

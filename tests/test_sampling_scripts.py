@@ -712,10 +712,10 @@ def test_flags_of_a_method_that_is_off_are_reported(image_sample, ckpt, tmp_path
 
 
 def test_a_bad_attention_backend_is_refused_before_anything_runs(image_sample, ckpt, tmp_path, capsys, monkeypatch):
-    from guided_diffusion import unet
+    from guided_diffusion import attention_backends
 
-    monkeypatch.setattr(unet, "_attention_backend", "flash")
-    monkeypatch.setattr(unet, "_attention_backend_source", unet.ATTENTION_BACKEND_ENV)
+    monkeypatch.setattr(attention_backends, "_attention_backend", "flash")
+    monkeypatch.setattr(attention_backends, "_attention_backend_source", attention_backends.ATTENTION_BACKEND_ENV)
     with pytest.raises(SystemExit) as rejected:
         image_sample.main(tiny_flags(model_path=ckpt.uncond, num_samples=2, batch_size=2, out_dir=tmp_path / "run"))
     assert rejected.value.code == 2
