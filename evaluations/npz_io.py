@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 
 from guided_diffusion.assets import fetch_hint
-from guided_diffusion.atomic_io import temporary_path
+from guided_diffusion.npz_stream import NpzWriter  # noqa: F401 (the evaluator's writer lives with the sampler's)
 
 IMAGE_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -212,96 +212,3 @@ def read_stats(path):
                 stats[key] = str(obj[key])
         stats["has_images"] = IMAGE_KEY in obj.files
     return stats
-
-
-class NpzWriter:
-    """
-    Writes an npz one array at a time; an array can be streamed in chunks of its first axis.
-    The file appears at `path` only when close() succeeds (temporary file + os.replace).
-    """
-
-    def __init__(self, path):
-        self.path = str(path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        self._tmp_path = temporary_path(self.path)
-        self._zip = zipfile.ZipFile(self._tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True)
-
-    def write_array(self, name, array):
-        array = np.asarray(array)  # (np.ascontiguousarray would turn 0-d arrays into 1-d)
-        with self.stream_array(name, array.shape, array.dtype) as stream:
-            stream.write_bytes(array.tobytes(order="C"))
-
-    def stream_array(self, name, shape, dtype):
-        return _ArrayStream(self._zip, name, tuple(shape), np.dtype(dtype))
-
-    def close(self):
-        try:
-            self._zip.close()
-            os.replace(self._tmp_path, self.path)
-        except BaseException:
-            # A target that cannot be replaced (a folder, a read-only place) leaves no temporary file behind.
-            self._remove_tmp()
-            raise
-
-    def _remove_tmp(self):
-        try:
-            os.remove(self._tmp_path)
-        except FileNotFoundError:
-            pass
-
-    def abort(self):
-        try:
-            self._zip.close()
-        finally:
-            self._remove_tmp()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class _ArrayStream:
-    def __init__(self, zip_file, name, shape, dtype):
-        self.shape = shape
-        self.dtype = dtype
-        self._expected = int(np.prod(shape)) * dtype.itemsize
-        self._written = 0
-        self._name = name
-        self._member = zip_file.open(f"{name}.npy", "w", force_zip64=True)
-        header = {
-            "descr": np.lib.format.dtype_to_descr(dtype),
-            "fortran_order": False,
-            "shape": shape,
-        }
-        np.lib.format.write_array_header_1_0(self._member, header)
-
-    def write(self, chunk):
-        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
-        if chunk.shape[1:] != self.shape[1:]:
-            raise ValueError(
-                f"chunk of shape {chunk.shape} does not fit array '{self._name}' of shape {self.shape}"
-            )
-        self.write_bytes(chunk.tobytes())
-
-    def write_bytes(self, data):
-        if self._written + len(data) > self._expected:
-            raise ValueError(f"too much data for array '{self._name}' of shape {self.shape}")
-        self._member.write(data)
-        self._written += len(data)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        self._member.close()
-        if exc_type is None and self._written != self._expected:
-            raise ValueError(
-                f"array '{self._name}' of shape {self.shape} got {self._written} of "
-                f"{self._expected} bytes"
-            )
