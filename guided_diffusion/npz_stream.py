@@ -15,7 +15,7 @@ import numpy as np
 from .atomic_io import temporary_path
 
 # Raw bytes copied per read when an array is streamed from one npz member into another.
-COPY_CHUNK_BYTES = 16 * 2**20
+COPY_CHUNK_BYTES = 4 * 2**20
 
 
 class NpzReadError(ValueError):
@@ -206,27 +206,33 @@ def verify_npz(path):
 def _copy_member(path, zf, key, shape, dtype, stream):
     """
     Copy the data of member `key` (header checked against shape and dtype) into `stream`, a chunk at a time; the
-    last read checks the member's CRC-32.
+    last read checks the member's CRC-32. A failed read is the source's NpzReadError, a failed write the writer's
+    own OSError (a full disk is not a damaged part).
     """
-    expected = int(np.prod(shape)) * dtype.itemsize
+    left = int(np.prod(shape)) * dtype.itemsize
+
+    def read(member, count):
+        try:
+            return member.read(count)
+        except Exception as exc:  # noqa: BLE001 (zipfile raises many kinds for damaged bytes)
+            raise _damaged(path, f"{key}.npy", exc) from None
+
     try:
-        with zf.open(f"{key}.npy") as member:
-            found_shape, fortran, found_dtype = _read_header(member)
-            if tuple(found_shape) != tuple(shape) or np.dtype(found_dtype) != dtype or fortran:
-                raise ValueError(f"its header changed while it was read ({found_shape}, {found_dtype})")
-            left = expected
-            while left > 0:
-                data = member.read(min(COPY_CHUNK_BYTES, left))
-                if not data:
-                    raise ValueError(f"the data ends {left} bytes early")
-                stream.write_bytes(data)
-                left -= len(data)
-            if member.read(1):
-                raise ValueError("it holds more data than its header says")
-    except NpzReadError:
-        raise
+        member = zf.open(f"{key}.npy")
+        found_shape, fortran, found_dtype = _read_header(member)
     except Exception as exc:  # noqa: BLE001
         raise _damaged(path, f"{key}.npy", exc) from None
+    with member:
+        if tuple(found_shape) != tuple(shape) or np.dtype(found_dtype) != dtype or fortran:
+            raise _damaged(path, f"{key}.npy", f"its header changed while it was read ({found_shape}, {found_dtype})")
+        while left > 0:
+            data = read(member, min(COPY_CHUNK_BYTES, left))
+            if not data:
+                raise _damaged(path, f"{key}.npy", f"the data ends {left} bytes early")
+            stream.write_bytes(data)
+            left -= len(data)
+        if read(member, 1):
+            raise _damaged(path, f"{key}.npy", "it holds more data than its header says")
 
 
 def join_npz(out_path, sources, keys, extra=None):
