@@ -8,7 +8,9 @@ time straight out of the zip member instead of through np.load, and written the 
 """
 
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -102,7 +104,10 @@ class NpzImageReader:
         if f"{self.key}.npy" not in names:
             found = ", ".join(sorted(n[:-4] for n in names if n.endswith(".npy"))) or "nothing"
             raise BatchFormatError(f"{self.path}: no '{self.key}' array in the npz (found: {found})")
-        self._member = self._zip.open(f"{self.key}.npy", "r")
+        try:
+            self._member = self._zip.open(f"{self.key}.npy", "r")
+        except DAMAGE_ERRORS as exc:
+            raise damaged_error(self.path, self.key, exc) from None
         try:
             version = np.lib.format.read_magic(self._member)
             if version == (1, 0):
@@ -140,7 +145,11 @@ class NpzImageReader:
             batch = self._array[start : start + count]
         else:
             image_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-            data = _read_exactly(self._member, count * image_bytes)
+            try:
+                data = _read_exactly(self._member, count * image_bytes)
+            except DAMAGE_ERRORS as exc:
+                # The zip's CRC-32 is checked as the member's last bytes are read: a flipped bit shows here.
+                raise damaged_error(self.path, self.key, exc) from None
             if len(data) != count * image_bytes:
                 raise BatchFormatError(
                     f"{self.path}: '{self.key}' is truncated: the header promises "
@@ -205,10 +214,29 @@ def read_stats(path):
         raise BatchFormatError(
             f"{path}: not an npz file (expected a zip archive as written by np.savez)"
         )
-    with np.load(path, allow_pickle=False) as obj:
-        stats = {k: np.asarray(obj[k]) for k in STATS_KEYS if k in obj.files}
-        for key in STATS_IDENTITY_KEYS:
-            if key in obj.files:
-                stats[key] = str(obj[key])
-        stats["has_images"] = IMAGE_KEY in obj.files
+    key = None
+    try:
+        with np.load(path, allow_pickle=False) as obj:
+            for name in obj.zip.namelist():
+                # Opening a member compares its local header with the directory: a flipped bit in a name shows.
+                with obj.zip.open(name):
+                    pass
+            stats = {}
+            for key in STATS_KEYS + STATS_IDENTITY_KEYS:
+                if key in obj.files:
+                    stats[key] = np.asarray(obj[key]) if key in STATS_KEYS else str(obj[key])
+            stats["has_images"] = IMAGE_KEY in obj.files
+    except DAMAGE_ERRORS as exc:
+        raise damaged_error(path, key, exc) from None
     return stats
+
+
+# What zipfile and numpy raise for damaged bytes: a CRC-32 mismatch, a broken local header, a truncated member.
+DAMAGE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, struct.error)
+
+
+def damaged_error(path, key, exc):
+    what = f"'{key}' is damaged" if key else "it is damaged"
+    return BatchFormatError(
+        f"{path}: {what} ({exc or type(exc).__name__}): the file is corrupt; copy or download it again"
+    )
