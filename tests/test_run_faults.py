@@ -276,3 +276,52 @@ def test_a_damaged_shard_is_one_line_for_the_merge(image_sample, tmp_path, capsy
     assert f"{shard}: not a readable npz file" in line and "sample that shard again" in line
     assert not (tmp_path / FINAL).exists()
 
+
+
+def test_merged_shards_carry_the_record_one_run_keeps(image_sample, whole_run, tmp_path, capsys):
+    merge = load_script("merge_shards")
+    whole = tmp_path / "whole"
+    image_sample.main(TINY_RUN + ["--out_dir", str(whole)])
+    shards = tmp_path / "shards"
+    for index in range(2):
+        image_sample.main(TINY_RUN + ["--out_dir", str(shards), "--shard", f"{index}/2"])
+    merged = merge.main([str(shards)])
+    _assert_same(merged, whole_run)
+    record = json.loads((shards / "samples_7x16x16x3.json").read_text())
+    expected = json.loads((whole / "samples_7x16x16x3.json").read_text())
+    assert record["complete"] is True and record["npz"] == FINAL
+    assert record["record"] == expected["record"]
+    assert [m["npz"] for m in record["merged_from"]] == [f"samples_7x16x16x3_shard{i}of2.npz" for i in range(2)]
+    # The whole row's command, run on the merged folder, finds its samples finished.
+    capsys.readouterr()
+    assert image_sample.main(TINY_RUN + ["--out_dir", str(shards)]) == str(shards / FINAL)
+    assert f"{shards / FINAL} is already complete (same settings" in capsys.readouterr().out
+
+
+def test_shards_of_other_settings_are_not_merged(image_sample, tmp_path, capsys):
+    merge = load_script("merge_shards")
+    image_sample.main(TINY_RUN + ["--out_dir", str(tmp_path), "--shard", "0/2"])
+    image_sample.main(TINY_RUN + ["--out_dir", str(tmp_path), "--shard", "1/2", "--pag_scale", "0.5"])
+    with pytest.raises(SystemExit) as stopped:
+        merge.main([str(tmp_path)])
+    assert stopped.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "samples_7x16x16x3_shard1of2.npz was sampled with other settings than samples_7x16x16x3_shard0of2.npz" in line
+    assert "--pag_scale" in line and not (tmp_path / FINAL).exists()
+
+
+def test_merge_says_when_the_disk_is_too_small(image_sample, tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    merge = load_script("merge_shards")
+    for index in range(2):
+        image_sample.main(TINY_RUN + ["--out_dir", str(tmp_path), "--shard", f"{index}/2"])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(run_store.shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 5, 5))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        merge.main([str(tmp_path)])
+    assert stopped.value.code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"not enough free disk space in {tmp_path} to write {FINAL}" in line
+    assert "5 bytes (0.00 GiB) are free. The shard files are kept" in line and not (tmp_path / FINAL).exists()
