@@ -7,10 +7,15 @@ run.json (the flags that shape the samples) and one .npz per finished batch, nam
 sample indices it holds, e.g. 000000016-000000032.npz. Each part is written to a temporary file and renamed, so a
 part either exists complete or not at all. A run lists the finished ranges, cuts the missing indices into
 batches of --batch_size and deals them to the ranks round-robin; rerunning an interrupted command (with any batch
-size or number of ranks) therefore only samples what is missing. When every index is present, rank 0 joins the
-parts into the final .npz (atomically), keeps the run's record beside it (samples_{N}x{H}x{W}x{C}.json: every
-flag, the seed, the checkpoints' digests, git commit, torch version, device and rank count) and removes the work
-folder. Rerunning a finished command finds that record and stops at once (--overwrite True samples again).
+size or number of ranks) therefore only samples what is missing. A resumed run first reads every part back (the
+zip's CRC-32s find a truncated file or a flipped bit) and sets a damaged one aside as *.bad, so that its samples
+are sampled again. When every index is present, rank 0 checks the free disk space and streams the parts into the
+final .npz (atomically, in the memory of a chunk: npz_stream.join_npz), then keeps the run's record beside it
+(samples_{N}x{H}x{W}x{C}.json: every flag, the seed, the checkpoints' digests, git commit, torch version, device
+and rank count) and removes the work folder; in this order a run killed at any point leaves its parts or its
+recorded samples, and the temporary .npz of a killed final write is removed by the next run. Rerunning a finished
+command finds that record and stops at once (--overwrite True samples again). A full disk stops the run with one
+line naming the file; the finished parts stay, and the same command resumes.
 
 Checkpoints and input files are named in the records by path and SHA-256 (file_digest.py), so a resumed run
 cannot mix samples of two models whose files share a name and size.
