@@ -7,9 +7,12 @@ Printed, per sample, in one run:
   embedding   peak growth of embedding one batch (Evaluator.read_activations) divided by its size: what the
               kept features cost, with the features as stored now and, as the baseline, as views of the
               network's feature maps (the earlier _flat_numpy, which kept the whole conv3 map of each batch);
-  evaluate    (peak at 2N - peak at N) / N of a whole evaluation of N reference and N samples.
+  evaluate    (peak at 3N - peak at 2N) / N of a whole evaluation of as many references as samples. Both sizes
+              should exceed precision/recall's block of 10,000 x 10,000 distances (ADM's row and column batch),
+              whose temporaries (about 1.4 GB) are the evaluation's fixed peak: below it the peak grows
+              with the block, not with what is kept per sample.
 
-Example (a few minutes on two cores):
+Example (about ten minutes on two cores):
   python benchmarks/evaluator_memory.py --num_images 10000
 """
 
@@ -72,7 +75,7 @@ def measure(kind, folder, count):
 
 def main():
     parser = argparse.ArgumentParser(description="How the evaluator's memory grows with the number of samples.")
-    parser.add_argument("--num_images", type=int, default=10000, help="N: images per batch (and 2N)")
+    parser.add_argument("--num_images", type=int, default=10000, help="N: batches of 2N and 3N images are evaluated")
     parser.add_argument("--skip_evaluate", action="store_true", help="only the embedding")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -82,15 +85,15 @@ def main():
         return
     n = args.num_images
     with tempfile.TemporaryDirectory(prefix="evaluator_memory-") as folder:
-        for count in (n, 2 * n):
+        for count in (2 * n, 3 * n):
             _batch(os.path.join(folder, f"ref{count}.npz"), count, 1)
             _batch(os.path.join(folder, f"sample{count}.npz"), count, 2)
         for kind, label in (("embed", "features owned (now)"), ("embed_views", "feature-map views (before)")):
             r = measure(kind, folder, 2 * n)
             print(f"embedding {2 * n} images, {label:28s}: {(r['peak'] - r['before']) / (2 * n) / 1024:6.2f} KiB/image")
         if not args.skip_evaluate:
-            small, large = measure("evaluate", folder, n), measure("evaluate", folder, 2 * n)
-            print(f"evaluate N={n} vs 2N: peak {small['peak'] / 2**20:.0f} MiB -> {large['peak'] / 2**20:.0f} MiB, "
+            small, large = measure("evaluate", folder, 2 * n), measure("evaluate", folder, 3 * n)
+            print(f"evaluate {2 * n} vs {3 * n}: peak {small['peak'] / 2**20:.0f} MiB -> {large['peak'] / 2**20:.0f} MiB, "
                   f"{(large['peak'] - small['peak']) / n / 1024:.2f} KiB per added sample (and reference image)")
 
 
