@@ -325,3 +325,45 @@ def test_merge_says_when_the_disk_is_too_small(image_sample, tmp_path, monkeypat
     line = _one_error_line(capsys.readouterr().err)
     assert f"not enough free disk space in {tmp_path} to write {FINAL}" in line
     assert "5 bytes (0.00 GiB) are free. The shard files are kept" in line and not (tmp_path / FINAL).exists()
+
+
+SLOW_FINAL_WRITE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import load_script
+from guided_diffusion import npz_stream
+
+write = npz_stream._ArrayStream.write_bytes
+
+def slow(self, data):
+    # The final write goes slowly, so that the test can kill the process in the middle of it.
+    write(self, data)
+    time.sleep(60)
+
+npz_stream._ArrayStream.write_bytes = slow
+load_script("image_sample").main({argv!r})
+"""
+
+
+def test_kill_9_during_the_final_write(image_sample, whole_run, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    argv = TINY_RUN + ["--out_dir", str(tmp_path)]
+    code = SLOW_FINAL_WRITE.format(tests=os.path.dirname(os.path.abspath(__file__)), argv=argv)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(n.startswith(f".tmp-{child.pid}-samples_") for n in os.listdir(tmp_path)):
+            assert child.poll() is None and time.monotonic() < deadline, "the child never reached its final write"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    leftover = tmp_path / f".tmp-{child.pid}-{FINAL}"
+    assert leftover.exists() and not (tmp_path / FINAL).exists()
+    assert not (tmp_path / "samples_7x16x16x3.json").exists()  # no record of samples that are not there
+    _assert_same(image_sample.main(argv), whole_run)
+    assert not leftover.exists()
+    assert json.loads((tmp_path / "samples_7x16x16x3.json").read_text())["complete"] is True
