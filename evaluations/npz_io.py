@@ -121,8 +121,11 @@ class NpzImageReader:
         if fortran or dtype is None or dtype.hasobject:
             self._member.close()
             self._member = None
-            with np.load(self.path, allow_pickle=False) as obj:
-                self._array = np.ascontiguousarray(obj[self.key])
+            try:
+                with np.load(self.path, allow_pickle=False) as obj:
+                    self._array = np.ascontiguousarray(obj[self.key])
+            except DAMAGE_ERRORS as exc:
+                raise damaged_error(self.path, self.key, exc) from None
             shape, dtype = self._array.shape, self._array.dtype
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)

@@ -102,3 +102,14 @@ def test_damaged_stored_statistics_are_one_line(tmp_path, capsys):
 def _digits(device="cpu"):
     torch.manual_seed(0)
     return DigitsNet().to(device).eval()
+
+
+def test_a_damaged_fortran_ordered_batch_is_one_line(tmp_path):
+    # Fortran-ordered arrays are loaded whole instead of streamed: the damage shows in np.load.
+    path = tmp_path / "f.npz"
+    np.savez(path, np.asfortranarray(_images(6)))
+    _flip(path, _in_the_images)
+    from evaluations.npz_io import NpzImageReader
+
+    with pytest.raises(BatchFormatError, match=r"f.npz: 'arr_0' is damaged \(Bad CRC-32"):
+        NpzImageReader(path)
