@@ -793,7 +793,27 @@ def plan_batches(args, out_dir, image_shape, record, comm):
         if done:
             logger.log(f"resuming: {plan.done_count} of {plan.total} samples already in {parts_dir}")
         logger.log(f"sampling {plan.total - plan.done_count} images in {len(todo)} batches on {comm.size} rank(s)")
+        warning = _disk_space_warning(plan, image_shape)
+        if warning:
+            logger.log(warning)
     return plan
+
+
+def _disk_space_warning(plan, image_shape):
+    """
+    A warning when the output folder lacks the space the run will take: the missing parts, then the final .npz
+    beside all of them (the images alone; labels add 8 bytes a sample). Only a warning: space may be freed while
+    it samples, and the join checks again.
+    """
+    image_bytes = int(np.prod(image_shape))
+    needed = (plan.total - plan.done_count) * image_bytes + plan.total * image_bytes
+    free = shutil.disk_usage(plan.out_dir).free
+    if free >= needed:
+        return None
+    return (
+        f"warning: {plan.out_dir} has {_format_bytes(free)} free, but this run needs about {_format_bytes(needed)} "
+        f"(the parts, then the final .npz beside them); free some space before it ends"
+    )
 
 
 def _clear_earlier_attempts(final_path, parts_dir, image_shape):

@@ -367,3 +367,16 @@ def test_kill_9_during_the_final_write(image_sample, whole_run, tmp_path, capsys
     _assert_same(image_sample.main(argv), whole_run)
     assert not leftover.exists()
     assert json.loads((tmp_path / "samples_7x16x16x3.json").read_text())["complete"] is True
+
+
+def test_a_run_warns_at_start_when_the_disk_is_too_small(image_sample, tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    # Room for the parts (7 x 768 bytes of images), not for the final .npz beside them.
+    monkeypatch.setattr(run_store.shutil, "disk_usage", lambda folder: usage(10**9, 0, 7000))
+    monkeypatch.setenv(run_store.STOP_AFTER_ENV, "1")
+    code, _ = _run(image_sample, tmp_path, capsys)
+    assert code == run_store.STOP_EXIT_CODE
+    log = (tmp_path / "log.txt").read_text()
+    assert f"warning: {tmp_path} has 7000 bytes (0.00 GiB) free, but this run needs about 10752 bytes" in log
