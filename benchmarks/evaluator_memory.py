@@ -93,7 +93,8 @@ def main():
             print(f"embedding {2 * n} images, {label:28s}: {(r['peak'] - r['before']) / (2 * n) / 1024:6.2f} KiB/image")
         if not args.skip_evaluate:
             small, large = measure("evaluate", folder, 2 * n), measure("evaluate", folder, 3 * n)
-            print(f"evaluate {2 * n} vs {3 * n}: peak {small['peak'] / 2**20:.0f} MiB -> {large['peak'] / 2**20:.0f} MiB, "
+            peaks = f"{small['peak'] / 2**20:.0f} MiB -> {large['peak'] / 2**20:.0f} MiB"
+            print(f"evaluate {2 * n} vs {3 * n}: peak {peaks}, "
                   f"{(large['peak'] - small['peak']) / n / 1024:.2f} KiB per added sample (and reference image)")
 
 

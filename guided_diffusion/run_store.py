@@ -648,7 +648,9 @@ def join_parts(plan, image_shape, args):
             return f"sample parts in {parts_dir} {kind} at index {min(start, expected)}; delete {parts_dir} and rerun"
         expected = end
     if expected != plan.last:
-        return f"sample parts in {parts_dir} end at index {expected}, expected {plan.last}; delete {parts_dir} and rerun"
+        return (
+            f"sample parts in {parts_dir} end at index {expected}, expected {plan.last}; delete {parts_dir} and rerun"
+        )
     again = f"{_resume_hint(args, plan.out_dir).replace('to resume', 'to sample it again')}"
     layouts, notes = check_parts(parts_dir, ranges, image_shape, verify=False)
     if notes:

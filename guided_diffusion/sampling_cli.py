@@ -35,7 +35,8 @@ from .image_output import grid_format, to_uint8_images
 from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
 from . import run_store
-from .run_store import DISK_FULL_ERRNOS, DiskFullError, RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
+from .run_store import DISK_FULL_ERRNOS, DiskFullError, RunComplete, mpi_comm, parse_shard, run_record, run_sampling
+from .run_store import shard_range
 from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
 
 

@@ -306,7 +306,7 @@ def test_shards_of_other_settings_are_not_merged(image_sample, tmp_path, capsys)
         merge.main([str(tmp_path)])
     assert stopped.value.code == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "samples_7x16x16x3_shard1of2.npz was sampled with other settings than samples_7x16x16x3_shard0of2.npz" in line
+    assert "shard1of2.npz was sampled with other settings than samples_7x16x16x3_shard0of2.npz" in line
     assert "--pag_scale" in line and not (tmp_path / FINAL).exists()
 
 
