@@ -113,3 +113,17 @@ def test_a_damaged_fortran_ordered_batch_is_one_line(tmp_path):
 
     with pytest.raises(BatchFormatError, match=r"f.npz: 'arr_0' is damaged \(Bad CRC-32"):
         NpzImageReader(path)
+
+
+def test_activations_filled_in_place_equal_the_joined_batches(tmp_path):
+    path = tmp_path / "batch.npz"
+    images = _images(23)
+    np.savez(path, images)
+    torch.manual_seed(0)
+    evaluator = Evaluator(DigitsNet().eval(), batch_size=5, progress=False)
+    with torch.no_grad():
+        acts = evaluator.read_activations(str(path))
+        joined = evaluator.compute_activations([images[i : i + 5] for i in range(0, 23, 5)])
+    np.testing.assert_array_equal(acts.pool, joined.pool)
+    np.testing.assert_array_equal(acts.spatial, joined.spatial)
+    assert acts.pool.shape == (23, 128) and acts.spatial.shape == (23, 256)
