@@ -5,8 +5,8 @@ synthetic 16x16 batches.
 Each measurement runs in a fresh child process, which reports its peak resident memory (VmHWM, /proc/self/status).
 Printed, per sample, in one run:
   embedding   peak growth of embedding one batch (Evaluator.read_activations) divided by its size: what the
-              kept features cost, with the features as stored now and, as the baseline, as views of the
-              network's feature maps (the earlier _flat_numpy, which kept the whole conv3 map of each batch);
+              kept features cost, stored as now and, as the baseline, the earlier way: views of the network's
+              feature maps (which kept the whole conv3 map of each batch), joined at the end;
   evaluate    (peak at 3N - peak at 2N) / N of a whole evaluation of as many references as samples. Both sizes
               should exceed precision/recall's block of 10,000 x 10,000 distances (ADM's row and column batch),
               whose temporaries (about 1.4 GB) are the evaluation's fixed peak: below it the peak grows
@@ -49,8 +49,11 @@ def _child(kind, folder, count):
 
     torch.set_num_threads(1)
     if kind == "embed_views":
-        # The earlier conversion: a numpy view of the network's output, whatever storage it shares.
+        # The earlier way: numpy views of the network's outputs (whatever storage they share) kept per batch and
+        # joined at the end.
         feature_nets._flat_numpy = lambda tensor, net, what, n: tensor.reshape(n, -1).float().cpu().numpy()
+        joined = Evaluator.compute_activations
+        Evaluator.compute_activations = lambda self, batches, total=None, num_images=None: joined(self, batches)
     torch.manual_seed(0)
     evaluator = Evaluator(DigitsNet().eval(), batch_size=250, progress=False)
     ref, sample = os.path.join(folder, f"ref{count}.npz"), os.path.join(folder, f"sample{count}.npz")
@@ -88,7 +91,7 @@ def main():
         for count in (2 * n, 3 * n):
             _batch(os.path.join(folder, f"ref{count}.npz"), count, 1)
             _batch(os.path.join(folder, f"sample{count}.npz"), count, 2)
-        for kind, label in (("embed", "features owned (now)"), ("embed_views", "feature-map views (before)")):
+        for kind, label in (("embed", "owned, filled in place (now)"), ("embed_views", "views, joined (before)")):
             r = measure(kind, folder, 2 * n)
             print(f"embedding {2 * n} images, {label:28s}: {(r['peak'] - r['before']) / (2 * n) / 1024:6.2f} KiB/image")
         if not args.skip_evaluate:
