@@ -168,6 +168,10 @@ def prefetch(iterator, depth=2):
                 thread.join(timeout=0.05)
 
 
+def _empty_rows(count, features):
+    return np.empty((count, *features.shape[1:]), features.dtype)
+
+
 def _print_note(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -239,7 +243,9 @@ class Evaluator:
                     return acts
             batches = prefetch(reader.iter_batches(self.batch_size))
             try:
-                acts = self.compute_activations(batches, total=reader.num_batches(self.batch_size))
+                acts = self.compute_activations(
+                    batches, total=reader.num_batches(self.batch_size), num_images=reader.remaining()
+                )
             finally:
                 batches.close()  # stop the reading thread before the file closes
         if use_cache and self.cache is not None:
@@ -253,16 +259,34 @@ class Evaluator:
                 )
         return acts
 
-    def compute_activations(self, batches, total=None):
-        """:param batches: an iterable of NHWC image arrays with values in [0, 255]."""
-        pools, spatials = [], []
+    def compute_activations(self, batches, total=None, num_images=None):
+        """
+        :param batches: an iterable of NHWC image arrays with values in [0, 255].
+        :param total: the number of batches (for the progress bar).
+        :param num_images: the number of images they hold, when known: the features then go straight into arrays
+                           of their final size instead of being joined at the end (which needs them twice).
+        """
+        pools, spatials, filled = [], [], 0
         for batch in tqdm(batches, total=total, desc="activations", disable=not self.progress):
             pool, spatial = embed_batch(self.net, batch, self.device)
             self.embedded_batches += 1
-            pools.append(pool)
-            spatials.append(spatial)
+            if num_images is None:
+                pools.append(pool)
+                spatials.append(spatial)
+                continue
+            if not pools:
+                pools.append(_empty_rows(num_images, pool))
+                spatials.append(None if spatial is None else _empty_rows(num_images, spatial))
+            pools[0][filled : filled + len(pool)] = pool
+            if spatial is not None:
+                spatials[0][filled : filled + len(spatial)] = spatial
+            filled += len(pool)
         if not pools:
             raise ValueError("no images to embed")
+        if num_images is not None:
+            if filled != num_images:
+                raise ValueError(f"embedded {filled} images, expected {num_images}")
+            return Activations(pools[0], spatials[0])
         spatial = None if spatials[0] is None else np.concatenate(spatials, axis=0)
         return Activations(np.concatenate(pools, axis=0), spatial)
 

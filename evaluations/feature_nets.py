@@ -168,7 +168,12 @@ def _flat_numpy(tensor, net, what, n):
             f"feature network {net_name(net)!r} returned {what} features of shape {shape} "
             f"for {n} images; expected a tensor with {n} rows"
         )
-    return tensor.reshape(n, -1).float().cpu().numpy()
+    flat = tensor.reshape(n, -1).float().cpu()
+    if flat.untyped_storage().nbytes() != flat.numel() * flat.element_size():
+        # A view (e.g. a few channels of a feature map) would keep the whole map alive for as long as the
+        # features are kept, all batches of a 50k run: keep a copy of what is used.
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.numpy()
 
 
 class ScriptedFeatureNet(nn.Module):

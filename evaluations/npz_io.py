@@ -8,12 +8,14 @@ time straight out of the zip member instead of through np.load, and written the 
 """
 
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
 from guided_diffusion.assets import fetch_hint
-from guided_diffusion.atomic_io import temporary_path
+from guided_diffusion.npz_stream import NpzWriter  # noqa: F401 (the evaluator's writer lives with the sampler's)
 
 IMAGE_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -102,7 +104,10 @@ class NpzImageReader:
         if f"{self.key}.npy" not in names:
             found = ", ".join(sorted(n[:-4] for n in names if n.endswith(".npy"))) or "nothing"
             raise BatchFormatError(f"{self.path}: no '{self.key}' array in the npz (found: {found})")
-        self._member = self._zip.open(f"{self.key}.npy", "r")
+        try:
+            self._member = self._zip.open(f"{self.key}.npy", "r")
+        except DAMAGE_ERRORS as exc:
+            raise damaged_error(self.path, self.key, exc) from None
         try:
             version = np.lib.format.read_magic(self._member)
             if version == (1, 0):
@@ -116,8 +121,11 @@ class NpzImageReader:
         if fortran or dtype is None or dtype.hasobject:
             self._member.close()
             self._member = None
-            with np.load(self.path, allow_pickle=False) as obj:
-                self._array = np.ascontiguousarray(obj[self.key])
+            try:
+                with np.load(self.path, allow_pickle=False) as obj:
+                    self._array = np.ascontiguousarray(obj[self.key])
+            except DAMAGE_ERRORS as exc:
+                raise damaged_error(self.path, self.key, exc) from None
             shape, dtype = self._array.shape, self._array.dtype
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
@@ -140,7 +148,11 @@ class NpzImageReader:
             batch = self._array[start : start + count]
         else:
             image_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-            data = _read_exactly(self._member, count * image_bytes)
+            try:
+                data = _read_exactly(self._member, count * image_bytes)
+            except DAMAGE_ERRORS as exc:
+                # The zip's CRC-32 is checked as the member's last bytes are read: a flipped bit shows here.
+                raise damaged_error(self.path, self.key, exc) from None
             if len(data) != count * image_bytes:
                 raise BatchFormatError(
                     f"{self.path}: '{self.key}' is truncated: the header promises "
@@ -205,103 +217,29 @@ def read_stats(path):
         raise BatchFormatError(
             f"{path}: not an npz file (expected a zip archive as written by np.savez)"
         )
-    with np.load(path, allow_pickle=False) as obj:
-        stats = {k: np.asarray(obj[k]) for k in STATS_KEYS if k in obj.files}
-        for key in STATS_IDENTITY_KEYS:
-            if key in obj.files:
-                stats[key] = str(obj[key])
-        stats["has_images"] = IMAGE_KEY in obj.files
+    key = None
+    try:
+        with np.load(path, allow_pickle=False) as obj:
+            for name in obj.zip.namelist():
+                # Opening a member compares its local header with the directory: a flipped bit in a name shows.
+                with obj.zip.open(name):
+                    pass
+            stats = {}
+            for key in STATS_KEYS + STATS_IDENTITY_KEYS:
+                if key in obj.files:
+                    stats[key] = np.asarray(obj[key]) if key in STATS_KEYS else str(obj[key])
+            stats["has_images"] = IMAGE_KEY in obj.files
+    except DAMAGE_ERRORS as exc:
+        raise damaged_error(path, key, exc) from None
     return stats
 
 
-class NpzWriter:
-    """
-    Writes an npz one array at a time; an array can be streamed in chunks of its first axis.
-    The file appears at `path` only when close() succeeds (temporary file + os.replace).
-    """
-
-    def __init__(self, path):
-        self.path = str(path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        self._tmp_path = temporary_path(self.path)
-        self._zip = zipfile.ZipFile(self._tmp_path, "w", zipfile.ZIP_STORED, allowZip64=True)
-
-    def write_array(self, name, array):
-        array = np.asarray(array)  # (np.ascontiguousarray would turn 0-d arrays into 1-d)
-        with self.stream_array(name, array.shape, array.dtype) as stream:
-            stream.write_bytes(array.tobytes(order="C"))
-
-    def stream_array(self, name, shape, dtype):
-        return _ArrayStream(self._zip, name, tuple(shape), np.dtype(dtype))
-
-    def close(self):
-        try:
-            self._zip.close()
-            os.replace(self._tmp_path, self.path)
-        except BaseException:
-            # A target that cannot be replaced (a folder, a read-only place) leaves no temporary file behind.
-            self._remove_tmp()
-            raise
-
-    def _remove_tmp(self):
-        try:
-            os.remove(self._tmp_path)
-        except FileNotFoundError:
-            pass
-
-    def abort(self):
-        try:
-            self._zip.close()
-        finally:
-            self._remove_tmp()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+# What zipfile and numpy raise for damaged bytes: a CRC-32 mismatch, a broken local header, a truncated member.
+DAMAGE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, struct.error)
 
 
-class _ArrayStream:
-    def __init__(self, zip_file, name, shape, dtype):
-        self.shape = shape
-        self.dtype = dtype
-        self._expected = int(np.prod(shape)) * dtype.itemsize
-        self._written = 0
-        self._name = name
-        self._member = zip_file.open(f"{name}.npy", "w", force_zip64=True)
-        header = {
-            "descr": np.lib.format.dtype_to_descr(dtype),
-            "fortran_order": False,
-            "shape": shape,
-        }
-        np.lib.format.write_array_header_1_0(self._member, header)
-
-    def write(self, chunk):
-        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
-        if chunk.shape[1:] != self.shape[1:]:
-            raise ValueError(
-                f"chunk of shape {chunk.shape} does not fit array '{self._name}' of shape {self.shape}"
-            )
-        self.write_bytes(chunk.tobytes())
-
-    def write_bytes(self, data):
-        if self._written + len(data) > self._expected:
-            raise ValueError(f"too much data for array '{self._name}' of shape {self.shape}")
-        self._member.write(data)
-        self._written += len(data)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        self._member.close()
-        if exc_type is None and self._written != self._expected:
-            raise ValueError(
-                f"array '{self._name}' of shape {self.shape} got {self._written} of "
-                f"{self._expected} bytes"
-            )
+def damaged_error(path, key, exc):
+    what = f"'{key}' is damaged" if key else "it is damaged"
+    return BatchFormatError(
+        f"{path}: {what} ({exc or type(exc).__name__}): the file is corrupt; copy or download it again"
+    )

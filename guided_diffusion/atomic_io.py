@@ -94,6 +94,41 @@ def remove_temporary_files(folder):
             os.remove(os.path.join(folder, name))
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # someone else's process (or a number no process can have)
+    return True
+
+
+def remove_stale_temporary_files(folder, names):
+    """
+    Delete the temporary files that stand in for the files `names` of `folder` and were left by a writer that died
+    (killed during the write: its pid is not ours and no longer alive), e.g. a half-written 10 GB .npz.
+    :return: the paths removed.
+    """
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if not name.startswith(TMP_PREFIX):
+            continue
+        pid_text, _, target = name[len(TMP_PREFIX) :].partition("-")
+        if target not in names or not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
 def nearest_existing(path):
     """
     `path` itself if it exists, else its nearest existing ancestor folder (or file).

@@ -9,7 +9,10 @@ import math
 import os
 from types import SimpleNamespace
 
+from evaluations.kid import KID_UNIT
+
 from .atomic_io import write_json_atomic, write_text_atomic
+from .guidance import GUIDANCE_METHODS
 from .table_rows import (
     INVERSE_SCRIPT,
     METRICS,
@@ -191,8 +194,6 @@ def guidance_scale(args):
     """
     The scale of the guidance method the flags turn on (0.0 when none is; the first when several are).
     """
-    from .guidance import GUIDANCE_METHODS
-
     for method in GUIDANCE_METHODS:
         value = getattr(args, method.switch, 0.0)
         if value:
@@ -276,8 +277,6 @@ def render_table(entries):
         if lines:
             lines += ["", "Inverse problems (reconstructions against their ground truth):", ""]
         lines += _metric_table(restoration, RESTORATION_METRICS)
-    from evaluations.kid import KID_UNIT
-
     out = ["# Results", "", *lines, "", f"KID is {KID_UNIT} (it can be slightly negative when the sets match).", ""]
     seeded = sorted({tuple(e["seeds"]) for e in entries if e.get("seeds")})
     if seeded:

@@ -7,10 +7,15 @@ run.json (the flags that shape the samples) and one .npz per finished batch, nam
 sample indices it holds, e.g. 000000016-000000032.npz. Each part is written to a temporary file and renamed, so a
 part either exists complete or not at all. A run lists the finished ranges, cuts the missing indices into
 batches of --batch_size and deals them to the ranks round-robin; rerunning an interrupted command (with any batch
-size or number of ranks) therefore only samples what is missing. When every index is present, rank 0 joins the
-parts into the final .npz (atomically), keeps the run's record beside it (samples_{N}x{H}x{W}x{C}.json: every
-flag, the seed, the checkpoints' digests, git commit, torch version, device and rank count) and removes the work
-folder. Rerunning a finished command finds that record and stops at once (--overwrite True samples again).
+size or number of ranks) therefore only samples what is missing. A resumed run first reads every part back (the
+zip's CRC-32s find a truncated file or a flipped bit) and sets a damaged one aside as *.bad, so that its samples
+are sampled again. When every index is present, rank 0 checks the free disk space and streams the parts into the
+final .npz (atomically, in the memory of a chunk: npz_stream.join_npz), then keeps the run's record beside it
+(samples_{N}x{H}x{W}x{C}.json: every flag, the seed, the checkpoints' digests, git commit, torch version, device
+and rank count) and removes the work folder; in this order a run killed at any point leaves its parts or its
+recorded samples, and the temporary .npz of a killed final write is removed by the next run. Rerunning a finished
+command finds that record and stops at once (--overwrite True samples again). A full disk stops the run with one
+line naming the file; the finished parts stay, and the same command resumes.
 
 Checkpoints and input files are named in the records by path and SHA-256 (file_digest.py), so a resumed run
 cannot mix samples of two models whose files share a name and size.
@@ -23,6 +28,7 @@ whole run's batches), into samples_{N}x{H}x{W}x{C}_shard{i}of{n}.npz with its ow
 independent, resumable job, and merge_shards joins the n shard files into the single .npz one run would write.
 """
 
+import copy
 import errno
 import json
 import os
@@ -37,11 +43,19 @@ from tqdm.auto import tqdm
 
 # dist_util registers the torch.distributed set-up that launch_env.comm() needs under torchrun and srun.
 from . import dist_util, logger  # noqa: F401
-from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic, unwritable_reason, write_json_atomic
+from .atomic_io import (
+    atomic_write,
+    remove_stale_temporary_files,
+    remove_temporary_files,
+    save_npz_atomic,
+    unwritable_reason,
+    write_json_atomic,
+)
 from .errors import UsageError
 from .file_digest import file_record
-from .image_output import first_samples, save_grid
+from .image_output import GRID_MAX_IMAGES, first_samples, save_grid
 from .launch_env import comm
+from .npz_stream import NpzReadError, join_npz, npz_heads, npz_layout, verify_npz
 from .random_streams import batch_streams, sample_generator
 from .sampling_cost import measure_batch, summarize_parts, write_batch_cost
 from .run_info import environment
@@ -55,6 +69,16 @@ STOP_EXIT_CODE = 3
 FLAGS_FREE_ON_RESUME = ("batch_size", "grid", "out_dir", "overwrite")
 
 LOCK_NAME = ".run.lock"
+
+
+class DiskFullError(Exception):
+    """
+    A write failed for want of space (ENOSPC, or a quota): the message names the file and says the finished parts
+    are safe and how to resume. Raised on the rank that hit it, which says so and stops the job.
+    """
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class RunComplete(Exception):
@@ -429,6 +453,11 @@ def _check_outputs(out_dir, args, final_path, record, write_grid, locked):
         return None
     old = _read_json(final_record_path(final_path))
     if not old or not old.get("complete"):
+        parts_dir = final_path[: -len(".npz")] + "_parts"
+        parts_record = _read_json(os.path.join(parts_dir, "run.json"))
+        if parts_record and not _record_mismatch(parts_dir, parts_record, record):
+            # Stopped between the final .npz and its record: the parts are still there, the join is redone.
+            return None
         raise UsageError(
             f"{final_path} already exists but has no record of the settings it was made with "
             f"({os.path.basename(final_record_path(final_path))}); pass --overwrite True to sample it again, or "
@@ -446,8 +475,7 @@ def _check_outputs(out_dir, args, final_path, record, write_grid, locked):
         flush=True,
     )
     if grid:
-        with np.load(final_path) as data:
-            arrays = [data[f"arr_{k}"] for k in range(len(data.files))]
+        arrays = _output_heads(final_path)
         print(f"grid of {_draw_grid(grid, arrays, write_grid, final_path)} in {grid}", flush=True)
     return ("complete", final_path)
 
@@ -508,31 +536,149 @@ def _prepare_work_folder(parts_dir, record):
     return None
 
 
-def _join_parts(parts_dir, num_samples, first=0):
+def _output_heads(path):
     """
-    Read the parts and return the lists of arrays of the whole run (indices first .. num_samples - 1), checking
-    that every index is there once.
+    The first rows of each array of a run's .npz, all a --grid draws (first_samples; the scripts' own grids take
+    fewer), without loading the samples.
     """
+    return npz_heads(path, GRID_MAX_IMAGES)
+
+
+def _part_problem(path, count, image_shape, verify):
+    """
+    (what is wrong with a part of `count` samples, None) or (None, its layout). With verify=True every byte is
+    read, so that the zip's CRC-32s find a flipped bit in the samples too.
+    """
+    try:
+        layout = verify_npz(path) if verify else npz_layout(path)
+    except NpzReadError as exc:
+        return exc.reason, None
+    keys = [key for key, _, _ in layout]
+    if not keys or keys != [f"arr_{k}" for k in range(len(keys))]:
+        return f"it holds the arrays {keys or 'none'}, expected arr_0, arr_1, ...", None
+    for key, shape, _ in layout:
+        if not shape or shape[0] != count:
+            return f"'{key}' has shape {shape}, expected {count} rows", None
+    _, shape, dtype = layout[0]
+    if shape[1:] != tuple(image_shape) or dtype != np.uint8:
+        return f"'arr_0' holds {dtype} of shape {shape}, expected uint8 images of shape {(count, *image_shape)}", None
+    return None, layout
+
+
+def _signature(layout):
+    return tuple((key, shape[1:], dtype.str) for key, shape, dtype in layout)
+
+
+def _set_aside(path, reason):
+    """
+    Rename a damaged part to *.bad (out of the run's listing, kept for a look) and say so in one line.
+    """
+    os.replace(path, path + ".bad")
+    return f"set aside the damaged sample part {path} as {os.path.basename(path)}.bad ({reason})"
+
+
+def check_parts(parts_dir, ranges, image_shape, verify):
+    """
+    Rank 0: check the part files of `ranges` (readable, right shapes and dtype, and all alike: the layout most of
+    them share wins) and set the damaged ones aside.
+
+    :return: ({range: layout} of the good parts, [one line per part set aside]).
+    """
+    layouts, notes = {}, []
+    for start, end in ranges:
+        path = os.path.join(parts_dir, part_name(start, end))
+        problem, layout = _part_problem(path, end - start, image_shape, verify)
+        if problem:
+            notes.append(_set_aside(path, problem))
+        else:
+            layouts[(start, end)] = layout
+    signatures = [_signature(layout) for layout in layouts.values()]
+    if signatures:
+        usual = max(set(signatures), key=signatures.count)
+        for (start, end), layout in list(layouts.items()):
+            if _signature(layout) != usual:
+                found = ", ".join(f"{k} {d} x {s}" for k, s, d in _signature(layout))
+                path = os.path.join(parts_dir, part_name(start, end))
+                notes.append(_set_aside(path, f"its arrays ({found}) differ from the other parts'"))
+                del layouts[(start, end)]
+    return layouts, notes
+
+
+def _format_bytes(count):
+    return f"{count} bytes ({count / 2**30:.2f} GiB)"
+
+
+def check_free_space(folder, needed, what, kept):
+    """
+    None when `folder` has `needed` bytes free, else one line naming the folder, the bytes needed and free and
+    what is kept (the inputs stay in place).
+    """
+    free = shutil.disk_usage(folder).free
+    if free >= needed:
+        return None
+    return (
+        f"not enough free disk space in {folder} to write {what}: it needs {_format_bytes(needed)}, "
+        f"{_format_bytes(free)} are free. {kept}"
+    )
+
+
+def _resume_hint(args, out_dir):
+    if getattr(args, "out_dir", ""):
+        return "rerun the same command to resume"
+    return f"rerun the same command with --out_dir {out_dir} to resume"
+
+
+def disk_full_message(path, plan, args):
+    return (
+        f"cannot write {path}: no space left on device. The finished parts in {plan.parts_dir} are safe: free some "
+        f"space and {_resume_hint(args, plan.out_dir)}"
+    )
+
+
+def join_parts(plan, image_shape, args):
+    """
+    Rank 0: stream the parts of the whole run (indices plan.first .. plan.last - 1, each there once) into the final
+    .npz, atomically, in the memory of one chunk; a shard's file also gets its sample_range. The parts stay.
+
+    :return: None, or one line saying what went wrong (the parts are kept; a damaged one is set aside to be sampled
+             again by the next run).
+    """
+    parts_dir = plan.parts_dir
     ranges = finished_ranges(parts_dir)
-    expected = first
+    expected = plan.first
     for start, end in ranges:
         if start != expected:
             kind = "overlap" if start < expected else "gap"
-            raise RuntimeError(f"sample parts in {parts_dir} {kind} at index {min(start, expected)}")
+            return f"sample parts in {parts_dir} {kind} at index {min(start, expected)}; delete {parts_dir} and rerun"
         expected = end
-    if expected != num_samples:
-        raise RuntimeError(f"sample parts in {parts_dir} end at index {expected}, expected {num_samples}")
-    columns = None
-    for start, end in ranges:
-        with np.load(os.path.join(parts_dir, part_name(start, end))) as data:
-            arrays = [data[f"arr_{k}"] for k in range(len(data.files))]
-        if any(len(a) != end - start for a in arrays):
-            raise RuntimeError(f"sample part {part_name(start, end)} in {parts_dir} holds the wrong count")
-        if columns is None:
-            columns = [[] for _ in arrays]
-        for column, array in zip(columns, arrays):
-            column.append(array)
-    return [np.concatenate(column) for column in columns]
+    if expected != plan.last:
+        return (
+            f"sample parts in {parts_dir} end at index {expected}, expected {plan.last}; delete {parts_dir} and rerun"
+        )
+    again = f"{_resume_hint(args, plan.out_dir).replace('to resume', 'to sample it again')}"
+    layouts, notes = check_parts(parts_dir, ranges, image_shape, verify=False)
+    if notes:
+        return f"{notes[0]}; {again}"
+    paths = [os.path.join(parts_dir, part_name(start, end)) for start, end in ranges]
+    needed = sum(os.path.getsize(path) for path in paths)
+    error = check_free_space(
+        os.path.dirname(os.path.abspath(plan.final_path)), needed, os.path.basename(plan.final_path),
+        f"The finished parts are kept in {parts_dir}: free some space and {_resume_hint(args, plan.out_dir)}",
+    )
+    if error:
+        return error
+    keys = [key for key, _, _ in layouts[ranges[0]]]
+    extra = {"sample_range": np.array([plan.first, plan.last])} if plan.shard else None
+    sources = [(path, layouts[r]) for path, r in zip(paths, ranges)]
+    try:
+        join_npz(plan.final_path, sources, keys, extra)
+    except NpzReadError as exc:
+        return f"{_set_aside(exc.path, exc.reason)}; {again}"
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            return disk_full_message(plan.final_path, plan, args)
+        raise
+    return None
 
 
 def _stop_after():
@@ -580,14 +726,11 @@ def run_sampling(
     sample_missing_batches(plan, args, sample_batch, comm, stop_after, device)
     error = None
     if comm.rank == 0:
-        try:
-            arrays = _join_parts(plan.parts_dir, plan.last, plan.first)
-        except RuntimeError as exc:
-            error = f"{exc}; delete {plan.parts_dir} and rerun"
-        else:
-            write_final_samples(plan, arrays, script, args, record, device, comm.size)
-            if plan.grid:
-                error = draw_run_grid(plan, arrays, write_grid)
+        error = join_parts(plan, image_shape, args)
+        if error is None:
+            error = write_final_record(plan, script, args, record, device, comm.size)
+        if error is None and plan.grid:
+            error = draw_run_grid(plan, _output_heads(plan.final_path), write_grid)
     _all_ok(comm, error)
     comm.Barrier()
     return plan.final_path
@@ -638,6 +781,8 @@ def plan_batches(args, out_dir, image_shape, record, comm):
         elif grid and os.path.isfile(grid):
             os.remove(grid)  # it would show other samples than the ones this run makes
         error = _prepare_work_folder(parts_dir, record)
+        if error is None:
+            _clear_earlier_attempts(final_path, parts_dir, image_shape)
     _all_ok(comm, error)
     done = comm.bcast(finished_ranges(parts_dir) if comm.rank == 0 else None, root=0)
     todo = missing_batches(last, done, args.batch_size, first)
@@ -652,7 +797,50 @@ def plan_batches(args, out_dir, image_shape, record, comm):
         if done:
             logger.log(f"resuming: {plan.done_count} of {plan.total} samples already in {parts_dir}")
         logger.log(f"sampling {plan.total - plan.done_count} images in {len(todo)} batches on {comm.size} rank(s)")
+        warning = _disk_space_warning(plan, image_shape)
+        if warning:
+            logger.log(warning)
     return plan
+
+
+def _disk_space_warning(plan, image_shape):
+    """
+    A warning when the output folder lacks the space the run will take: the missing parts, then the final .npz
+    beside all of them (the images alone; labels add 8 bytes a sample). Only a warning: space may be freed while
+    it samples, and the join checks again.
+    """
+    image_bytes = int(np.prod(image_shape))
+    needed = (plan.total - plan.done_count) * image_bytes + plan.total * image_bytes
+    free = shutil.disk_usage(plan.out_dir).free
+    if free >= needed:
+        return None
+    return (
+        f"warning: {plan.out_dir} has {_format_bytes(free)} free, but this run needs about {_format_bytes(needed)} "
+        f"(the parts, then the final .npz beside them); free some space before it ends"
+    )
+
+
+def _clear_earlier_attempts(final_path, parts_dir, image_shape):
+    """
+    Rank 0, holding the folder's lock, before sampling: remove what a killed final write left (its temporary
+    .npz), and check the parts of an earlier attempt, setting damaged ones aside so that they are sampled again.
+    """
+    names = {os.path.basename(final_path), os.path.basename(final_record_path(final_path))}
+    for path in remove_stale_temporary_files(os.path.dirname(final_path) or ".", names):
+        logger.log(f"removed {path}, left by a run killed while it wrote its final samples")
+    ranges = finished_ranges(parts_dir)
+    if ranges:
+        for note in check_parts(parts_dir, ranges, image_shape, verify=True)[1]:
+            logger.log(f"{note}; its samples are sampled again")
+
+
+def _save_part(path, arrays, plan, args):
+    try:
+        save_npz_atomic(path, arrays)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(disk_full_message(path, plan, args)) from None
+        raise
 
 
 def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None, device=None):
@@ -675,7 +863,7 @@ def sample_missing_batches(plan, args, sample_batch, comm, stop_after=None, devi
             arrays = sample_batch(start, end, generators)
         # The cost first: a part never lacks it unless its run was stopped in between.
         write_batch_cost(plan.parts_dir, start, end, cost, device)
-        save_npz_atomic(os.path.join(plan.parts_dir, part_name(start, end)), arrays)
+        _save_part(os.path.join(plan.parts_dir, part_name(start, end)), arrays, plan, args)
         if comm.rank == 0:
             # The parts on disk count the other ranks' work too.
             progress.update(sum(e - s for s, e in finished_ranges(plan.parts_dir)) - progress.n)
@@ -695,21 +883,24 @@ def _stop(stop_after, out_dir):
     raise SystemExit(STOP_EXIT_CODE)
 
 
-def write_final_samples(plan, arrays, script, args, record, device, ranks):
+def write_final_record(plan, script, args, record, device, ranks):
     """
-    Rank 0: the final record, then the final .npz (a shard's with its sample_range); the parts go.
+    Rank 0, once the final .npz is in place: its record, then the parts go. In this order a run killed at any
+    point leaves either the parts (the next run joins them again) or the finished, recorded samples, and never a
+    record of samples that are not there. :return: None or one line on a full disk.
     """
-    # The record first: a run stopped between the two leaves its parts, so the rerun just joins them.
     cost = summarize_parts(plan.parts_dir, finished_ranges(plan.parts_dir))
     summary = final_record(script, args, record, plan.final_path, plan.grid, device, ranks, cost)
-    write_json_atomic(final_record_path(plan.final_path), summary)
-    if plan.shard:
-        named = {f"arr_{k}": a for k, a in enumerate(arrays)}
-        save_npz_atomic(plan.final_path, dict(named, sample_range=np.array([plan.first, plan.last])))
-    else:
-        save_npz_atomic(plan.final_path, arrays)
+    path = final_record_path(plan.final_path)
+    try:
+        write_json_atomic(path, summary)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            return disk_full_message(path, plan, args)
+        raise
     shutil.rmtree(plan.parts_dir)
     logger.log(f"saving to {plan.final_path}")
+    return None
 
 
 def draw_run_grid(plan, arrays, write_grid):
@@ -742,10 +933,12 @@ def final_record(script, args, record, final_path, grid, device, ranks, cost=Non
     }
 
 
-def merge_shards(folder):
+def merge_shards(folder, grid=""):
     """
     Join the shard files samples_{N}x{H}x{W}x{C}_shard{i}of{n}.npz in `folder` into samples_{N}x{H}x{W}x{C}.npz
-    (atomically), the file one run of the whole row writes; the shard files stay. :return: the merged path.
+    (atomically, streamed in bounded memory), the file one run of the whole row writes, and write its record
+    (samples_{N}x{H}x{W}x{C}.json) as that run would, from the shards' records; the shard files stay.
+    :param grid: the --grid path the merge draws (for the record). :return: the merged path.
     """
     pattern = re.compile(r"samples_(\d+(?:x\d+)+)_shard(\d+)of(\d+)\.npz")
     groups = {}
@@ -766,26 +959,93 @@ def merge_shards(folder):
             f"{folder}; run them (--shard i/{count}) and merge again"
         )
     num_samples = int(shape.split("x")[0])
-    columns, expected = None, 0
+    sources, keys, expected = [], None, 0
     for index in range(count):
         path = os.path.join(folder, names[index])
-        with np.load(path) as data:
-            start, end = (int(v) for v in data["sample_range"])
-            arrays = [data[f"arr_{k}"] for k in range(len(data.files) - 1)]
-        if start != expected or any(len(a) != end - start for a in arrays):
+        start, end, layout = _shard_layout(path)
+        arrays = [(k, s, d) for k, s, d in layout if k != "sample_range"]
+        if start != expected or any(s[0] != end - start for _, s, _ in arrays):
             raise UsageError(
                 f"{names[index]} holds samples {start} .. {end - 1}, but the shards before it end at "
                 f"{expected}: the shards were run with different --batch_size; rerun them with one"
             )
         expected = end
-        if columns is None:
-            columns = [[] for _ in arrays]
-        if len(arrays) != len(columns):
-            raise UsageError(f"{names[index]} holds {len(arrays)} arrays, the first shard {len(columns)}")
-        for column, array in zip(columns, arrays):
-            column.append(array)
+        if keys is None:
+            keys, first = [k for k, _, _ in arrays], arrays
+        if len(arrays) != len(keys):
+            raise UsageError(f"{names[index]} holds {len(arrays)} arrays, the first shard {len(keys)}")
+        if _signature(arrays) != _signature(first):
+            raise UsageError(f"{names[index]} holds arrays of other shapes or types than {names[0]}")
+        sources.append((path, arrays))
     if expected != num_samples:
         raise UsageError(f"the shards of samples_{shape} end at sample {expected}, expected {num_samples}")
     final = os.path.join(folder, f"samples_{shape}.npz")
-    save_npz_atomic(final, [np.concatenate(column) for column in columns])
+    summary = _merged_record([os.path.join(folder, names[i]) for i in range(count)], final, grid)
+    remove_stale_temporary_files(folder, {os.path.basename(final), os.path.basename(final_record_path(final))})
+    kept = "The shard files are kept: free some space and merge again"
+    error = check_free_space(folder, sum(os.path.getsize(path) for path, _ in sources), os.path.basename(final), kept)
+    if error:
+        raise UsageError(error)
+    try:
+        join_npz(final, sources, keys)
+        if summary is not None:
+            write_json_atomic(final_record_path(final), summary)
+    except NpzReadError as exc:
+        raise UsageError(f"{exc}; sample that shard again (delete it and rerun it), then merge again") from None
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise UsageError(f"cannot write {exc.filename or final}: no space left on device. {kept}") from None
+        raise
     return final
+
+
+def _shard_layout(path):
+    try:
+        layout = npz_layout(path)
+        with np.load(path) as data:
+            start, end = (int(v) for v in data["sample_range"])
+    except NpzReadError as exc:
+        raise UsageError(f"{exc}; sample that shard again (delete it and rerun it), then merge again") from None
+    except Exception as exc:  # noqa: BLE001 (a damaged sample_range member)
+        raise UsageError(f"{path}: no readable sample_range ({exc}); is it a shard file?") from None
+    return start, end, layout
+
+
+def _merged_record(shard_paths, final, grid):
+    """
+    The record one run of the whole row would keep, from the shards' records (which must agree on every setting
+    but the shard); None, with a warning, when a shard has none.
+    """
+    records = []
+    for path in shard_paths:
+        record = _read_json(final_record_path(path))
+        if not record or not record.get("complete"):
+            print(f"warning: {final_record_path(path)} is missing: the merged samples get no record", flush=True)
+            return None
+        records.append(record)
+
+    def whole_run(record):
+        flags = dict(record.get("record", {}).get("flags", {}), shard="")
+        flags.pop("shard_range", None)
+        return dict(record.get("record", {}), flags=flags)
+
+    merged = whole_run(records[0])
+    for path, record in zip(shard_paths[1:], records[1:]):
+        diffs = record_differences(merged, whole_run(record))
+        if diffs:
+            raise UsageError(
+                f"{os.path.basename(path)} was sampled with other settings than {os.path.basename(shard_paths[0])}: "
+                f"{'; '.join(diffs)}; rerun it with the same flags"
+            )
+    summary = copy.deepcopy(records[0])
+    summary.update(
+        npz=os.path.basename(final),
+        flags=dict(summary.get("flags", {}), shard="", grid=grid or ""),
+        record=merged,
+        grid=os.path.abspath(grid) if grid else None,
+        merged_from=[
+            {"npz": os.path.basename(path), "environment": record.get("environment")}
+            for path, record in zip(shard_paths, records)
+        ],
+    )
+    return summary

@@ -37,9 +37,10 @@ from .precision import apply_precision_policy, not_deterministic_note
 from .random_streams import PerSampleNoise
 from .sampling_cost import counted
 from . import run_store
-from .respace import space_timesteps
-from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
 from .flag_help import flag_defaults
+from .respace import space_timesteps
+from .run_store import DISK_FULL_ERRNOS, DiskFullError, RunComplete, mpi_comm, parse_shard, run_record, run_sampling
+from .run_store import shard_range
 from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
 
 
@@ -101,18 +102,34 @@ def run_main(parser, sample, argv=None, args=None):
         return done.path
     except UsageError as exc:
         exit_with_usage_error(parser, exc)
-    except NonFiniteSampleError as exc:
+    except (NonFiniteSampleError, DiskFullError) as exc:
         # Raised by one rank's batch: that rank says it, and the whole job stops (the others would wait for it).
-        sys.stderr.write(f"\n{parser.prog}: error: {exc}\n")
-        sys.stderr.flush()
-        comm = mpi_comm()
-        if comm.size > 1:
-            comm.Abort(1)
-        raise SystemExit(1) from None
+        _stop_job(parser, exc)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        where = f"cannot write {exc.filename}" if exc.filename else "a write failed"
+        _stop_job(parser, f"{where}: no space left on device. Finished batches are kept: free some space and "
+                          f"rerun the same command{_out_dir_hint(args)} to resume")
     except KeyboardInterrupt:
         if mpi_comm().rank == 0:
             sys.stderr.write(f"\n{parser.prog}: interrupted. {_how_to_resume(args)}\n")
         raise SystemExit(130) from None
+
+
+def _stop_job(parser, message):
+    sys.stderr.write(f"\n{parser.prog}: error: {message}\n")
+    sys.stderr.flush()
+    comm = mpi_comm()
+    if comm.size > 1:
+        comm.Abort(1)
+    raise SystemExit(1) from None
+
+
+def _out_dir_hint(args):
+    if _run_folder is None or getattr(args, "out_dir", ""):
+        return ""
+    return f" with --out_dir {_run_folder}"
 
 
 # The output folder of the run in progress, once start_run has chosen it (for the interrupt message).

@@ -10,6 +10,8 @@ counted, never run).
 """
 
 import torch as th
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 from .unet import SuperResModel, UNetModel
 
@@ -24,9 +26,6 @@ def count_stage_flops(model, image_size=None):
     """
     if not isinstance(model, UNetModel):
         raise TypeError(f"stage FLOPs are counted for ADM's UNetModel, not {type(model).__name__}")
-    from torch.func import functional_call
-    from torch.utils.flop_counter import FlopCounterMode
-
     size = int(image_size or model.image_size)
     meta = {name: th.empty_like(value, device="meta") for name, value in model.named_parameters()}
     meta.update({name: th.empty_like(value, device="meta") for name, value in model.named_buffers()})

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import torch as th
 
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, launch_env, logger
 from guided_diffusion.errors import check_training_data, exit_with_usage_error
 from guided_diffusion.flag_files import FlagFileArgumentParser
 from guided_diffusion.flag_help import flag_defaults
@@ -81,8 +81,6 @@ def main():
 
 def seed_everything(seed):
     # Each rank gets its own stream; the schedule sampler draws from numpy, flips from `random`.
-    from guided_diffusion import launch_env
-
     seed = seed + launch_env.rank()
     random.seed(seed)
     np.random.seed(seed)

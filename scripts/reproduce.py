@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 
+from evaluations.device import resolve_device
 from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.flag_files import CONFIG_DIR
 from guided_diffusion.results_table import write_table
@@ -89,8 +90,6 @@ def main(argv=None):
     if problem:
         sys.stderr.write(f"{parser.prog}: error: {problem}\n")
         return 2
-    from evaluations.device import resolve_device
-
     try:
         # The evaluator's check (a device this machine has), then the sampler's placement.
         opts.device = resolve_device(opts.device)
