@@ -3,8 +3,8 @@ The base of the guided models (PAGGuidedModel in pag.py, SAGGuidedModel in sag.p
 model's place in GaussianDiffusion's samplers, calls the model once more on a changed input or with changed
 attention, and pushes the output's eps away from that second prediction.
 
-What every method shares lives here: which rows of a batch a call guides (scale and t_range), the output-channel
-check, putting the guided eps back with the plain pass's variance channels, and plain_and_guided, which gives DPS
+What every method shares lives here: which rows of a batch a call guides and at which scale (scale, t_range and the
+schedule of schedules.py), the output-channel check, putting the guided eps back with the plain pass's variance channels, and plain_and_guided, which gives DPS
 (inverse.py) the unperturbed output beside the guided one with the second pass run without autograd.
 """
 
@@ -13,6 +13,7 @@ import math
 import torch as th
 
 from .perturbations import real_number
+from .schedules import ScaleSchedule
 
 
 def check_scale(scale, method):
@@ -70,11 +71,24 @@ def take_rows(value, rows, batch_size):
     return value[rows]
 
 
+def broadcast_scale(scale, like):
+    """
+    A row scale as _guided_eps receives it (a float, or a float64 tensor with one entry per guided row) in a form
+    that multiplies `like` (the guided rows' eps): the float itself, or the tensor in like's dtype and device,
+    shaped [rows, 1, 1, ...].
+    """
+    if not th.is_tensor(scale):
+        return scale
+    return scale.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
 class GuidedModel:
     """
     A model wrapper called like the model, `guided(x, t, **model_kwargs)`. Subclasses set `name` and implement
-    describe() and _guided_eps(x, t, model_kwargs, rows, autograd): the plain output and the guided eps of the
-    guided rows, from the plain pass and the method's second pass, which they may share work between.
+    describe() and _guided_eps(x, t, model_kwargs, rows, autograd, scale): the plain output and the guided eps of
+    the guided rows, from the plain pass and the method's second pass, which they may share work between. `scale`
+    is the scale of the guided rows: a float (the same for every row; with a constant schedule, self.scale itself)
+    or a float64 tensor with one entry per guided row (broadcast_scale makes it multiply eps).
 
     :param model: the wrapped model; its output has C channels (eps) or 2C (eps and the learned variance) for an
                   input of C channels; only eps is guided.
@@ -83,17 +97,23 @@ class GuidedModel:
                     timesteps under respacing), satisfies lo <= t <= hi; other rows get the plain output.
     :param validated: scale is a finite float and t_range None or a pair of floats lo <= hi, as the specs of
                       guidance.py give them, so they are not checked again.
+    :param schedule: a schedules.ScaleSchedule (how the scale varies over the steps); None: constant.
     """
 
     name = ""
 
-    def __init__(self, model, scale, t_range=None, validated=False):
+    def __init__(self, model, scale, t_range=None, validated=False, schedule=None):
         self.model = model
         if validated:
             self.scale, self.t_range = float(scale), t_range
         else:
             self.scale = check_scale(scale, self.name)
             self.t_range = check_t_range(t_range)
+        if schedule is None:
+            schedule = ScaleSchedule()
+        elif not isinstance(schedule, ScaleSchedule):
+            raise TypeError(f"schedule must be a schedules.ScaleSchedule or None, got {type(schedule).__name__}")
+        self.schedule = schedule
 
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(f'{name}={value}' for name, value in self.settings())})"
@@ -102,7 +122,7 @@ class GuidedModel:
         """
         (name, text) pairs for repr: the wrapper's settings.
         """
-        return [("scale", self.scale), ("t_range", self.t_range)]
+        return [("scale", self.scale), ("t_range", self.t_range), ("schedule", repr(self.schedule.describe()))]
 
     def describe(self):
         """
@@ -126,13 +146,40 @@ class GuidedModel:
         """
         The rows to guide: None (no row), True (every row) or a LongTensor of row indices.
         """
-        return guided_rows(self.scale, self.t_range, t, batch_size)
+        return self.row_scales(t, batch_size)[0]
+
+    def row_scales(self, t, batch_size):
+        """
+        (rows, scale): the rows to guide (None, True or a LongTensor of row indices: those inside t_range whose
+        scheduled scale is nonzero) and their scale (a float when all are guided alike, else a float64 tensor
+        with one entry per guided row).
+        """
+        rows = guided_rows(self.scale, self.t_range, t, batch_size)
+        if rows is None or self.schedule.constant:
+            return rows, self.scale
+        scales = self.schedule.scales(self.scale, t, batch_size)
+        keep = scales != 0
+        if rows is not True:
+            inside = th.zeros_like(keep)
+            inside[rows.to(keep.device)] = True
+            keep &= inside
+        if not bool(keep.any()):
+            return None, 0.0
+        if bool(keep.all()):
+            rows, chosen = True, scales
+        else:
+            rows = keep.nonzero().flatten()
+            chosen = scales[rows]
+            rows = rows.to(th.as_tensor(t).device)
+        if bool((chosen == chosen[0]).all()):
+            return rows, float(chosen[0])
+        return rows, chosen
 
     def __call__(self, x, t, **model_kwargs):
-        rows = self.guided_rows(t, x.shape[0])
+        rows, scale = self.row_scales(t, x.shape[0])
         if rows is None:
             return self.model(x, t, **model_kwargs)
-        plain, guided = self._guided_eps(x, t, model_kwargs, rows, autograd=True)
+        plain, guided = self._guided_eps(x, t, model_kwargs, rows, autograd=True, scale=scale)
         return self.recombine(plain, guided, rows)
 
     def plain_and_guided(self, x, t, **model_kwargs):
@@ -141,16 +188,17 @@ class GuidedModel:
         measurement gradient through the unperturbed x0 (see inverse.py). The second pass runs without autograd:
         gradients reach the model through the unperturbed output only, at no extra backward cost.
         """
-        rows = self.guided_rows(t, x.shape[0])
+        rows, scale = self.row_scales(t, x.shape[0])
         if rows is None:
             plain = self.model(x, t, **model_kwargs)
             return plain, plain
-        plain, guided = self._guided_eps(x, t, model_kwargs, rows, autograd=False)
+        plain, guided = self._guided_eps(x, t, model_kwargs, rows, autograd=False, scale=scale)
         return plain, self.recombine(plain, guided, rows)
 
-    def _guided_eps(self, x, t, model_kwargs, rows, autograd):
+    def _guided_eps(self, x, t, model_kwargs, rows, autograd, scale):
         """
-        (plain output, guided eps of the guided rows). With autograd False the second pass runs under no_grad.
+        (plain output, guided eps of the guided rows) at the rows' `scale` (see the class docstring). With
+        autograd False the second pass runs under no_grad.
         """
         raise NotImplementedError
 
