@@ -14,6 +14,7 @@ DIFFUSION = "diffusion"
 SAMPLING = "sampling"
 PAG = "Perturbed-Attention Guidance (PAG; off unless --pag_scale is nonzero)"
 SAG = "Self-Attention Guidance (SAG; off unless --sag_scale is nonzero)"
+AG = "Autoguidance (a weaker model as the guide; off unless --ag_scale is nonzero)"
 CLASSIFIER = "classifier"
 OUTPUT = "output"
 INPUT = "input"
@@ -21,11 +22,12 @@ TASK = "inverse problem (DPS)"
 TRAINING = "training"
 
 # The order groups appear in --help.
-GROUP_ORDER = (INPUT, MODEL, DIFFUSION, SAMPLING, CLASSIFIER, PAG, SAG, TASK, TRAINING, OUTPUT)
+GROUP_ORDER = (INPUT, MODEL, DIFFUSION, SAMPLING, CLASSIFIER, PAG, SAG, AG, TASK, TRAINING, OUTPUT)
 
 # Enumerations, spelled here so this table needs no torch; tests/test_help.py holds them equal to the code's.
 NOISE_SCHEDULES = ("linear", "cosine")
 PAG_PERTURBATIONS = ("identity", "mask", "drop", "blur", "avgpool2d", "noise")
+SCHEDULE_KINDS = ("constant", "linear", "cosine", "adaptive")
 CLASSIFIER_POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
 TASKS = ("gaussian_blur", "motion_blur", "super_resolution", "inpainting")
@@ -152,6 +154,17 @@ FLAG_HELP = {
         SAG, "how the attention map is split into heads: num_heads (the official code: --num_heads heads), "
         "block (the block's own heads) or a positive count"
     ),
+    # --- autoguidance (guidance.AGFlags) ---
+    "ag_scale": FlagHelp(
+        AG, "guidance scale s = w - 1 (w: the paper's and EDM2's weight): eps + s (eps - eps_guide); 0 turns "
+        "autoguidance off"
+    ),
+    "ag_model_path": FlagHelp(AG, "the guide's checkpoint: a weaker model of the same kind (smaller, less trained)"),
+    "ag_model_flags": FlagHelp(
+        AG, "the guide's architecture flags, e.g. '--num_channels 64 --channel_mult 1,1,1', or @FILE; empty: the "
+        "main model's flags"
+    ),
+    "ag_interval": FlagHelp(AG, "'lo,hi' as --pag_interval; empty: every step"),
     # --- classifier (ADM's classifier_defaults, classifier_sample.py) ---
     "classifier_path": FlagHelp(INPUT, "the noisy-image classifier checkpoint (.pt state dict)"),
     "classifier_scale": FlagHelp(CLASSIFIER, "classifier guidance scale: the gradient of log p(y|x_t) times it"),
@@ -215,6 +228,31 @@ FLAG_HELP = {
     "anneal_lr": FlagHelp(TRAINING, "anneal the learning rate linearly to 0 over --iterations"),
     "eval_interval": FlagHelp(TRAINING, "evaluate on --val_data_dir every this many steps"),
 }
+
+
+def _schedule_help(prefix, group):
+    """
+    The help of one method's schedule flags (guidance.schedule_defaults declares them for every method).
+    """
+    return {
+        f"{prefix}_schedule": FlagHelp(
+            group, f"how --{prefix}_scale s varies over the N sampled steps i = N-1 (noisiest) .. 0: constant; "
+            "linear s i/(N-1); cosine s cos(pi/2 (N-1-i)/(N-1)); adaptive max(0, s - a (1000 - t)) with t the "
+            f"step's timestep on a 0..1000 scale and a from --{prefix}_adaptive_a",
+            choices=SCHEDULE_KINDS,
+        ),
+        f"{prefix}_sigma_interval": FlagHelp(
+            group, "'lo,hi': guide only at steps with lo < sigma_t <= hi, sigma_t = sqrt((1 - alphabar_t) / "
+            "alphabar_t) of the step's original timestep (hi may be inf); empty: every step"
+        ),
+        f"{prefix}_adaptive_a": FlagHelp(
+            group, f"adaptive only: the scale's fall per timestep, s_t = max(0, s - a (1000 - t))", type=float
+        ),
+    }
+
+
+for _prefix, _group in (("pag", PAG), ("sag", SAG), ("ag", AG)):
+    FLAG_HELP.update(_schedule_help(_prefix, _group))
 
 # Flags whose meaning differs in some scripts: {script: {flag: FlagHelp}}.
 SCRIPT_HELP = {

@@ -5,11 +5,15 @@ A script adds every guidance method's flags with guidance_defaults(), checks the
 check_guidance_args(args), and wraps its loaded model with guide_model(model, diffusion, args); it never names a
 method's flags itself. Each method is a GuidanceFlags subclass below that turns its flags into a small frozen spec
 once (spec(args): parsed and checked), from which it checks the built model, wraps it and describes itself; the
-method itself lives in its own module (PAG in pag.py, SAG in sag.py). A new method is one more class here and one
-more entry in GUIDANCE_METHODS.
+method itself lives in its own module (PAG in pag.py, SAG in sag.py, autoguidance in autoguidance.py). A new
+method is one more class here and one more entry in GUIDANCE_METHODS.
+
+Every method's scale follows a schedule (schedules.py) given by the same three flags under the method's prefix X:
+--X_schedule, --X_sigma_interval and --X_adaptive_a (schedule_defaults, ScheduleSpec), beside --X_interval.
 """
 
 import math
+import shlex
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -106,6 +110,133 @@ class IntervalSpec:
         return self.text or "all"
 
 
+# --- the scale schedule: the same three flags under every method's prefix -----------------------------------------
+
+
+def schedule_defaults(prefix):
+    """
+    The schedule flags of the method whose flags start with `prefix`_ (see schedules.py): its shape, its sigma
+    interval and the adaptive shape's a. The defaults give the constant scale.
+    """
+    return {f"{prefix}_schedule": "constant", f"{prefix}_sigma_interval": "", f"{prefix}_adaptive_a": None}
+
+
+def parse_sigma_interval(text, flag):
+    """
+    "" -> None (every step); "lo,hi" -> (lo, hi) with 0 <= lo < hi (hi may be inf).
+    """
+    text = (text or "").strip()
+    if not text:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    expected = "expected 'lo,hi' with numbers 0 <= lo < hi (hi may be inf), or '' for every step"
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is malformed: {expected}") from None
+    if math.isnan(lo) or math.isnan(hi) or not 0 <= lo < hi:
+        raise UsageError(f"{flag} {text!r} is out of range: {expected}")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """
+    A method's schedule flags parsed: the shape (schedules.SCHEDULE_KINDS), the sigma interval, adaptive's a.
+    """
+
+    prefix: str
+    kind: str
+    sigma_interval: Optional[Tuple[float, float]]
+    adaptive_a: Optional[float]
+
+    @classmethod
+    def parse(cls, flags, prefix, scale):
+        from .schedules import SCHEDULE_KINDS
+
+        kind = str(flags[f"{prefix}_schedule"]).strip()
+        if kind not in SCHEDULE_KINDS:
+            raise UsageError(f"--{prefix}_schedule {kind!r} is unknown; use one of {', '.join(SCHEDULE_KINDS)}")
+        value = flags[f"{prefix}_adaptive_a"]
+        text = "" if value is None else str(value).strip()
+        adaptive_a = None
+        if text:
+            if kind != "adaptive":
+                raise UsageError(f"--{prefix}_adaptive_a applies to --{prefix}_schedule adaptive only, not {kind!r}")
+            try:
+                adaptive_a = float(text)
+            except ValueError:
+                adaptive_a = float("nan")
+            if not (math.isfinite(adaptive_a) and adaptive_a >= 0):
+                raise UsageError(f"--{prefix}_adaptive_a must be a finite number >= 0, got {text!r}")
+        elif kind == "adaptive":
+            raise UsageError(
+                f"--{prefix}_schedule adaptive needs --{prefix}_adaptive_a A (s_t = max(0, s - A (1000 - t)); "
+                "diffusers' pag_adaptive_scale)"
+            )
+        if kind == "adaptive" and scale < 0:
+            raise UsageError(
+                f"--{prefix}_schedule adaptive lowers the scale towards 0 and clamps it there, so it needs a "
+                f"positive --{prefix}_scale, got {scale:g}"
+            )
+        sigma_interval = parse_sigma_interval(flags[f"{prefix}_sigma_interval"], f"--{prefix}_sigma_interval")
+        return cls(prefix, kind, sigma_interval, adaptive_a)
+
+    @property
+    def constant(self):
+        return self.kind == "constant" and self.sigma_interval is None
+
+    def build(self, diffusion):
+        """
+        The schedules.ScaleSchedule for the diffusion the model is sampled with.
+        """
+        from .schedules import ScaleSchedule
+
+        return ScaleSchedule(self.kind, diffusion, self.sigma_interval, self.adaptive_a)
+
+    def describe(self):
+        text = self.kind if self.kind != "adaptive" else f"adaptive a={self.adaptive_a:g}"
+        if self.sigma_interval is not None:
+            text += f", sigma in ({self.sigma_interval[0]:g}, {self.sigma_interval[1]:g}]"
+        return text
+
+    def check_guides(self, scale, interval, diffusion, t_range):
+        """
+        Refuse a schedule under which no sampled step is guided (the method would silently do nothing): the
+        sigma interval holds none of the sampled steps, or adaptive's a is so large that s_t = 0 at all of them.
+        """
+        if self.constant:
+            return
+        from .schedules import model_timesteps
+
+        scales = self.build(diffusion).step_scales(scale)
+        if t_range is not None:
+            steps = model_timesteps(diffusion).numpy()
+            scales = scales * ((steps >= t_range[0]) & (steps <= t_range[1]))
+        if (scales != 0).any():
+            return
+        flags = [f"--{self.prefix}_schedule {self.kind}"]
+        if self.adaptive_a is not None:
+            flags.append(f"--{self.prefix}_adaptive_a {self.adaptive_a:g}")
+        if self.sigma_interval is not None:
+            flags.append(f"--{self.prefix}_sigma_interval '{self.sigma_interval[0]:g},{self.sigma_interval[1]:g}'")
+        if interval.interval is not None:
+            flags.append(f"{interval.flag} '{interval.text}'")
+        raise UsageError(
+            f"{' with '.join(flags)} gives scale 0 at every one of the {diffusion.num_timesteps} sampled steps, so "
+            "guidance would never act; widen the interval, lower the adaptive a or change --timestep_respacing"
+        )
+
+
+def describe_schedule(spec):
+    """
+    ", schedule ..." for a method's log line, "" for the constant scale.
+    """
+    return "" if spec.schedule.constant else f", schedule {spec.schedule.describe()}"
+
+
 @dataclass(frozen=True)
 class GuidanceSpec:
     """
@@ -190,6 +321,13 @@ class GuidanceFlags:
         """
         return [] if spec.enabled else list(spec.changed)
 
+    def checkpoints(self, spec):
+        """
+        {flag: what it holds} for the checkpoints the method loads besides the model's (resolved and recorded by
+        the run like --model_path).
+        """
+        return {}
+
 
 # PAG's perturbation parameters: flag suffix -> what it is, for messages.
 PAG_PERTURBATION_FLAGS = {
@@ -212,6 +350,7 @@ class PAGSpec(GuidanceSpec):
     params: dict
     # The perturbations.AttentionPerturbation built from kind and params.
     perturbation: object
+    schedule: ScheduleSpec
 
     @property
     def t_range(self):
@@ -243,12 +382,14 @@ class PAGFlags(GuidanceFlags):
             pag_retain_diag=False,
             pag_blur_sigma=None,
             pag_noise_scale=None,
+            **schedule_defaults("pag"),
         )
 
     def spec_fields(self, flags, args):
         interval = IntervalSpec.parse(flags["pag_interval"], args, "--pag_interval")
         kind, params, perturbation = pag_perturbation(flags)
-        return flags["pag_layers"], interval, kind, params, perturbation
+        schedule = ScheduleSpec.parse(flags, "pag", flags["pag_scale"])
+        return flags["pag_layers"], interval, kind, params, perturbation, schedule
 
     def check_model(self, spec, model, diffusion):
         from .pag import resolve_layers
@@ -259,6 +400,7 @@ class PAGFlags(GuidanceFlags):
             raise UsageError(f"--pag_layers {spec.layers!r}: {exc}") from None
         if spec.enabled:
             spec.interval.check_sampled(diffusion)
+            spec.schedule.check_guides(spec.scale, spec.interval, diffusion, spec.t_range)
 
     def wrap(self, model, diffusion, spec):
         from .pag import PAGGuidedModel
@@ -266,14 +408,15 @@ class PAGFlags(GuidanceFlags):
         # The random kinds draw from each sample's own perturbation stream inside the run's batches
         # (random_streams.py), so no global seeding is needed for them.
         return PAGGuidedModel(
-            model, scale=spec.scale, layers=spec.layers, t_range=spec.t_range, kind=spec.perturbation, validated=True
+            model, scale=spec.scale, layers=spec.layers, t_range=spec.t_range, kind=spec.perturbation, validated=True,
+            schedule=spec.schedule.build(diffusion),
         )
 
     def describe(self, spec):
         text = f"PAG: scale {spec.scale}, layers {spec.layers!r}, interval {spec.interval.describe()}"
         if spec.kind != "identity":
             text += f", perturbation {spec.perturbation.describe()}"
-        return text
+        return text + describe_schedule(spec)
 
 
 def pag_perturbation(flags):
@@ -330,6 +473,7 @@ class SAGSpec(GuidanceSpec):
     heads: str
     map_heads: Union[int, None]
     clip_denoised: bool
+    schedule: ScheduleSpec
 
     @property
     def t_range(self):
@@ -356,6 +500,7 @@ class SAGFlags(GuidanceFlags):
             sag_blur_sigma=OFFICIAL_SAG_BLUR_SIGMA,
             sag_interval="",
             sag_heads="num_heads",
+            **schedule_defaults("sag"),
         )
 
     def spec_fields(self, flags, args):
@@ -369,7 +514,8 @@ class SAGFlags(GuidanceFlags):
         else:
             map_heads = None if heads == "block" else heads
         clip_denoised = getattr(args, "clip_denoised", True)
-        return flags["sag_layer"], blur_sigma, interval, flags["sag_heads"], map_heads, clip_denoised
+        schedule = ScheduleSpec.parse(flags, "sag", flags["sag_scale"])
+        return flags["sag_layer"], blur_sigma, interval, flags["sag_heads"], map_heads, clip_denoised, schedule
 
     def check_model(self, spec, model, diffusion):
         from .sag import OFFICIAL_SAG_LAYER
@@ -381,6 +527,7 @@ class SAGFlags(GuidanceFlags):
         if spec.enabled:
             # The layer, heads and model are checked by SAGGuidedModel itself when guide_model wraps the model.
             spec.interval.check_sampled(diffusion)
+            spec.schedule.check_guides(spec.scale, spec.interval, diffusion, spec.t_range)
             return
         from .unet import resolve_layers
 
@@ -405,6 +552,7 @@ class SAGFlags(GuidanceFlags):
                 t_range=spec.t_range,
                 clip_denoised=spec.clip_denoised,
                 validated=True,
+                schedule=spec.schedule.build(diffusion),
             )
         except ValueError as exc:
             message = str(exc)
@@ -415,7 +563,7 @@ class SAGFlags(GuidanceFlags):
     def describe(self, spec):
         return (
             f"SAG: scale {spec.scale}, layer {spec.layer!r}, blur sigma {spec.blur_sigma:g}, "
-            f"heads {spec.heads}, interval {spec.interval.describe()}"
+            f"heads {spec.heads}, interval {spec.interval.describe()}{describe_schedule(spec)}"
         )
 
 
@@ -438,7 +586,197 @@ def sag_heads(value):
     return count
 
 
-GUIDANCE_METHODS = (PAGFlags(), SAGFlags())
+# --- autoguidance -------------------------------------------------------------------------------------------------
+
+# The flags the guide must share with the main model: its inputs, and the diffusion whose timesteps it receives.
+AG_SHARED_FLAGS = (
+    "image_size",
+    "large_size",
+    "small_size",
+    "class_cond",
+    "diffusion_steps",
+    "noise_schedule",
+    "timestep_respacing",
+    "use_kl",
+    "predict_xstart",
+    "rescale_timesteps",
+    "rescale_learned_sigmas",
+)
+
+
+@dataclass(frozen=True)
+class AGSpec(GuidanceSpec):
+    """
+    Autoguidance's flags parsed: the guide's checkpoint, its --ag_model_flags text and the full set of
+    architecture flags it gives (the main model's, overridden by --ag_model_flags), --ag_interval, the schedule.
+    """
+
+    model_path: str
+    model_flags: str
+    # {flag: value} for the guide's factory (script_util.create_model_and_diffusion or its super-resolution twin).
+    guide_flags: dict
+    super_res: bool
+    interval: IntervalSpec
+    schedule: ScheduleSpec
+
+    @property
+    def t_range(self):
+        return self.interval.t_range
+
+
+class AGFlags(GuidanceFlags):
+    """
+    Autoguidance (autoguidance.py): --ag_scale s (s = w - 1, w the paper's and EDM2's guidance weight),
+    --ag_model_path (the guide's checkpoint), --ag_model_flags (the guide's architecture flags, a string or
+    @FILE; default: the main model's), --ag_interval (as --pag_interval) and the schedule flags.
+    """
+
+    name = "autoguidance"
+    switch = "ag_scale"
+    spec_type = AGSpec
+
+    def defaults(self):
+        return dict(ag_scale=0.0, ag_model_path="", ag_model_flags="", ag_interval="", **schedule_defaults("ag"))
+
+    def spec_fields(self, flags, args):
+        super_res = hasattr(args, "large_size")
+        guide_flags = parse_guide_flags(flags["ag_model_flags"], args, super_res)
+        interval = IntervalSpec.parse(flags["ag_interval"], args, "--ag_interval")
+        schedule = ScheduleSpec.parse(flags, "ag", flags["ag_scale"])
+        return flags["ag_model_path"], flags["ag_model_flags"], guide_flags, super_res, interval, schedule
+
+    def check_model(self, spec, model, diffusion):
+        if spec.enabled:
+            spec.interval.check_sampled(diffusion)
+            spec.schedule.check_guides(spec.scale, spec.interval, diffusion, spec.t_range)
+
+    def checkpoints(self, spec):
+        return {"ag_model_path": "autoguidance guide model"} if spec.enabled else {}
+
+    def wrap(self, model, diffusion, spec):
+        from .autoguidance import AutoguidedModel
+
+        guide = load_guide(spec)
+        return AutoguidedModel(
+            model, guide, scale=spec.scale, t_range=spec.t_range, validated=True,
+            schedule=spec.schedule.build(diffusion),
+        )
+
+    def describe(self, spec):
+        flags = f", guide flags {spec.model_flags!r}" if spec.model_flags.strip() else ""
+        return (
+            f"autoguidance: scale {spec.scale} (w = {1 + spec.scale:g}), guide {spec.model_path!r}{flags}, "
+            f"interval {spec.interval.describe()}{describe_schedule(spec)}"
+        )
+
+
+def guide_flag_defaults(super_res):
+    """
+    The factory flags of the guide's kind of model: ADM's model_and_diffusion_defaults, or its super-resolution
+    twin's.
+    """
+    from .script_util import model_and_diffusion_defaults, sr_model_and_diffusion_defaults
+
+    return sr_model_and_diffusion_defaults() if super_res else model_and_diffusion_defaults()
+
+
+class _GuideFlagParser:
+    """
+    Parses --ag_model_flags with argparse, every complaint a UsageError naming --ag_model_flags.
+    """
+
+    def __init__(self, defaults):
+        import argparse
+
+        from .script_util import add_dict_to_argparser
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message):
+                raise UsageError(f"--ag_model_flags: {message}")
+
+        self.parser = Parser(prog="--ag_model_flags", add_help=False)
+        add_dict_to_argparser(self.parser, defaults)
+
+    def parse(self, tokens):
+        args, unknown = self.parser.parse_known_args(tokens)
+        if unknown:
+            raise UsageError(
+                f"--ag_model_flags: {' '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not the model's "
+                "architecture flags (give the guide's model flags only, e.g. '--num_channels 64 "
+                "--channel_mult 1,1,1' or @configs/NAME.cfg)"
+            )
+        return vars(args)
+
+
+def parse_guide_flags(text, args, super_res):
+    """
+    The guide's factory flags: the main model's (from args), overridden by --ag_model_flags `text` (flags or
+    @FILE). Refuses flags the guide must share with the main model (AG_SHARED_FLAGS) set to other values.
+    """
+    from .flag_files import expand_flag_files
+
+    keys = guide_flag_defaults(super_res)
+    main = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    text = (text or "").strip()
+    if not text:
+        return main
+    try:
+        tokens, _ = expand_flag_files(shlex.split(text))
+    except ValueError as exc:
+        raise UsageError(f"--ag_model_flags {text!r}: {exc}") from None
+    guide = _GuideFlagParser(main).parse(tokens)
+    for name in AG_SHARED_FLAGS:
+        if name in main and guide[name] != main[name]:
+            raise UsageError(
+                f"--ag_model_flags gives --{name} {guide[name]}, the main model has {main[name]}: the guide takes "
+                "the main model's inputs and timesteps, so it must share its image size, labels and diffusion"
+            )
+    return guide
+
+
+def build_guide(spec):
+    """
+    The guide model (random weights) built from spec.guide_flags; a UsageError for flags the factory rejects.
+    """
+    from argparse import Namespace
+
+    from .script_util import (
+        check_channel_flags,
+        create_model_and_diffusion,
+        sr_create_model_and_diffusion,
+    )
+
+    flags = spec.guide_flags
+    create = sr_create_model_and_diffusion if spec.super_res else create_model_and_diffusion
+    try:
+        check_channel_flags(Namespace(**flags), flags.keys())
+        model, _ = create(**flags)
+    except ValueError as exc:
+        raise UsageError(f"--ag_model_flags: {exc}") from None
+    return model
+
+
+def load_guide(spec, device=None):
+    """
+    The guide built from its flags with --ag_model_path loaded into it (every rank together), on `device`
+    (default: dist_util.dev()), in eval mode.
+    """
+    from . import dist_util
+    from .checkpoints import load_for_sampling
+
+    guide = build_guide(spec)
+    return load_for_sampling(
+        guide,
+        spec.model_path,
+        "--ag_model_path",
+        "autoguidance guide model (built from --ag_model_flags, default the main model's flags)",
+        spec.guide_flags.get("use_fp16", False),
+        dist_util.dev() if device is None else device,
+        flags=set(spec.guide_flags),
+    )
+
+
+GUIDANCE_METHODS = (PAGFlags(), SAGFlags(), AGFlags())
 
 
 def guidance_defaults():
@@ -464,6 +802,15 @@ def check_guidance_args(args):
     """
     specs = guidance_specs(args)
     enabled = {method.name: spec for method, spec in specs if spec.enabled}
+    if "autoguidance" in enabled and len(enabled) > 1:
+        others = [name for name in enabled if name != "autoguidance"]
+        off = " ".join(f"--{name.lower()}_scale 0" for name in others)
+        raise UsageError(
+            f"--ag_scale cannot be combined with {' or '.join(f'--{n.lower()}_scale' for n in others)}: "
+            "autoguidance contrasts the plain main model with its guide and does not guide an already guided "
+            f"model; add {off} (now {', '.join(f'{enabled[n].scale:g}' for n in others)}, e.g. from a config such "
+            "as the embedded default's) to sample with autoguidance alone (classifier guidance combines with it)"
+        )
     if "SAG" in enabled and "PAG" in enabled:
         raise UsageError(
             "--sag_scale and --pag_scale cannot both be set: SAG reads the attention map of the plain model "
