@@ -157,7 +157,9 @@ class ScaleSchedule:
         if self.kind == "linear":
             shape = i / (n - 1) if n > 1 else th.ones_like(i)
         elif self.kind == "cosine":
-            shape = th.cos((math.pi / 2) * (n - 1 - i) / (n - 1)) if n > 1 else th.ones_like(i)
+            # cos(pi/2 (N-1-i)/(N-1)) written as sin(pi/2 i/(N-1)), its equal, which is exactly 0 at the last
+            # step and exactly 1 at the first (float64's cos(pi/2) is 6e-17, not 0: a pass for nothing).
+            shape = th.sin((math.pi / 2) * i / (n - 1)) if n > 1 else th.ones_like(i)
         else:
             shape = th.ones_like(i)
         return shape * self.sigma_mask(index)
