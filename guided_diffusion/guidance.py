@@ -13,6 +13,7 @@ Every method's scale follows a schedule (schedules.py) given by the same three f
 """
 
 import math
+import os
 import shlex
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -664,8 +665,10 @@ class AGFlags(GuidanceFlags):
 
     def describe(self, spec):
         flags = f", guide flags {spec.model_flags!r}" if spec.model_flags.strip() else ""
+        # The file's name: the run record keeps its full path and digest.
         return (
-            f"autoguidance: scale {spec.scale} (w = {1 + spec.scale:g}), guide {spec.model_path!r}{flags}, "
+            f"autoguidance: scale {spec.scale} (w = {1 + spec.scale:g}), guide {os.path.basename(spec.model_path)!r}"
+            f"{flags}, "
             f"interval {spec.interval.describe()}{describe_schedule(spec)}"
         )
 
