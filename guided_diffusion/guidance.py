@@ -198,10 +198,12 @@ class ScheduleSpec:
         return ScaleSchedule(self.kind, diffusion, self.sigma_interval, self.adaptive_a)
 
     def describe(self):
-        text = self.kind if self.kind != "adaptive" else f"adaptive a={self.adaptive_a:g}"
+        parts = [] if self.kind == "constant" else [self.kind]
+        if self.kind == "adaptive":
+            parts = [f"adaptive a={self.adaptive_a:g}"]
         if self.sigma_interval is not None:
-            text += f", sigma in ({self.sigma_interval[0]:g}, {self.sigma_interval[1]:g}]"
-        return text
+            parts.append(f"sigma in ({self.sigma_interval[0]:g}, {self.sigma_interval[1]:g}]")
+        return ", ".join(parts) or "constant"
 
     def check_guides(self, scale, interval, diffusion, t_range):
         """

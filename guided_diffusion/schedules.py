@@ -142,10 +142,12 @@ class ScaleSchedule:
         self._sigmas = th.from_numpy(step_sigmas(diffusion))
 
     def describe(self):
-        text = self.kind if self.kind != "adaptive" else f"adaptive a={self.adaptive_a:g}"
+        parts = [] if self.kind == "constant" else [self.kind]
+        if self.kind == "adaptive":
+            parts = [f"adaptive a={self.adaptive_a:g}"]
         if self.sigma_interval is not None:
-            text += f", sigma in ({self.sigma_interval[0]:g}, {self.sigma_interval[1]:g}]"
-        return text
+            parts.append(f"sigma in ({self.sigma_interval[0]:g}, {self.sigma_interval[1]:g}]")
+        return ", ".join(parts) or "constant"
 
     def factors(self, index):
         """
