@@ -770,15 +770,34 @@ def load_guide(spec, device=None):
     from .checkpoints import load_for_sampling
 
     guide = build_guide(spec)
-    return load_for_sampling(
-        guide,
-        spec.model_path,
-        "--ag_model_path",
-        "autoguidance guide model (built from --ag_model_flags, default the main model's flags)",
-        spec.guide_flags.get("use_fp16", False),
-        dist_util.dev() if device is None else device,
-        flags=set(spec.guide_flags),
-    )
+    try:
+        return load_for_sampling(
+            guide,
+            spec.model_path,
+            "--ag_model_path",
+            "autoguidance guide model",
+            spec.guide_flags.get("use_fp16", False),
+            dist_util.dev() if device is None else device,
+            flags=set(spec.guide_flags),
+        )
+    except UsageError as exc:
+        lines = str(exc).splitlines()
+        if len(lines) == 1 or "does not fit" not in lines[0]:
+            raise
+        # One line: which flags to look at, and that they go in --ag_model_flags (the detail is for the main model).
+        built = (
+            f"--ag_model_flags {spec.model_flags!r}" if spec.model_flags.strip()
+            else "the main model's flags (--ag_model_flags is empty)"
+        )
+        hint = next((line for line in lines if line.startswith("Most likely wrong flag")), "")
+        if " check " in hint and " against" in hint:
+            hint = "; most likely wrong: " + hint.split(" check ", 1)[1].split(" against", 1)[0]
+        else:
+            hint = ""
+        raise UsageError(
+            f"--ag_model_path {spec.model_path!r} does not fit the guide built from {built}: give the flags the "
+            f"guide was trained with in --ag_model_flags (flags or @FILE){hint}"
+        ) from None
 
 
 GUIDANCE_METHODS = (PAGFlags(), SAGFlags(), AGFlags())

@@ -30,7 +30,7 @@ from guided_diffusion.checkpoints import load_for_sampling
 from guided_diffusion.errors import UsageError
 from guided_diffusion.flag_files import expand_flag_files
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
-from guided_diffusion.guidance import describe_guidance, guidance_defaults, guide_model
+from guided_diffusion.guidance import check_guidance_args, describe_guidance, guidance_defaults, guide_model
 from guided_diffusion.image_output import comparison_grid, first_samples, image_bytes, to_uint8_images
 from guided_diffusion.pag import perturb_attention
 from guided_diffusion.random_streams import batch_streams, draw_labels, sample_generator
@@ -73,7 +73,8 @@ def main(argv=None):
                 f"(rebuild it with `python scripts/train_embedded_model.py`), or pass --model_path"
             ))
         try:
-            guidance = describe_guidance(args)  # checks the guidance flags, as run_main would
+            check_guidance_args(args)  # as run_main would, before the banner
+            guidance = describe_guidance(args)
         except UsageError as exc:
             cli.exit_with_usage_error(parser, exc)
         if mpi_comm().rank == 0:

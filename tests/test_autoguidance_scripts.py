@@ -139,7 +139,8 @@ def test_dps_with_autoguidance(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     (dict(ag_scale=1.0), "--ag_model_path is required: pass the autoguidance guide model checkpoint"),
     (dict(ag_scale=1.0, ag_model_path="no/such/guide.pt"), "--ag_model_path 'no/such/guide.pt' (the autoguidance guide model checkpoint, a .pt file): no such file"),
-    (dict(ag_scale=1.0, ag_model_path="GUIDE"), "--ag_model_path 'GUIDE' does not fit the autoguidance guide model (built from --ag_model_flags"),
+    (dict(ag_scale=1.0, ag_model_path="GUIDE"), "--ag_model_path 'GUIDE' does not fit the guide built from the main model's flags (--ag_model_flags is empty): give the flags the guide was trained with in --ag_model_flags (flags or @FILE); most likely wrong: "),
+    (dict(ag_scale=1.0, ag_model_path="GUIDE", ag_model_flags="--num_res_blocks 2"), "does not fit the guide built from --ag_model_flags '--num_res_blocks 2'"),
     (dict(ag_scale=1.0, ag_model_path="GUIDE", ag_model_flags="--num_channels 48"), "--ag_model_flags: --num_channels 48 does not fit the architecture"),
     (dict(ag_scale=1.0, ag_model_path="GUIDE", ag_model_flags="--use_ddim True"), "--ag_model_flags: --use_ddim True are not the model's architecture flags"),
     (dict(ag_scale=1.0, ag_model_path="GUIDE", ag_model_flags="--image_size 64"), "--ag_model_flags gives --image_size 64, the main model has 32"),
@@ -159,5 +160,6 @@ def test_bad_autoguidance_flags_are_one_line(files, tmp_path, capsys, bad, messa
     assert rejected.value.code == 2
     err = capsys.readouterr().err
     assert err.count(": error: ") == 1 and "usage:" not in err and "Traceback" not in err
+    assert err.endswith("\n") and err.split(": error: ", 1)[1].count("\n") == 1  # one line
     assert message in err, err
     assert not os.path.exists(tmp_path / "run")
