@@ -173,6 +173,13 @@ def test_bad_autoguidance_flags_are_usage_errors(values, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_flag_file_given_to_ag_model_flags_is_its_value_not_spliced_in():
+    from guided_diffusion.flag_files import expand_flag_files
+
+    tokens, _ = expand_flag_files(["--ag_model_flags", "@digits16_weak_model", "@digits16_model"])
+    assert tokens[:2] == ["--ag_model_flags", "@digits16_weak_model"] and "--image_size" in tokens[2:]
+
+
 def test_describe_names_both_conventions():
     spec = AGFlags().spec(_args(ag_scale=1.5, ag_model_path="weak.pt", ag_model_flags="--channel_mult 1,1,1"))
     text = AGFlags().describe(spec)
