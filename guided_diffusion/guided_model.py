@@ -1,11 +1,13 @@
 """
-The base of the guided models (PAGGuidedModel in pag.py, SAGGuidedModel in sag.py): a wrapper that takes the
-model's place in GaussianDiffusion's samplers, calls the model once more on a changed input or with changed
-attention, and pushes the output's eps away from that second prediction.
+The base of the guided models (PAGGuidedModel in pag.py, SAGGuidedModel in sag.py, AutoguidedModel in
+autoguidance.py): a wrapper that takes the model's place in GaussianDiffusion's samplers, calls the model once more
+on a changed input or with changed attention (or a weaker model), and pushes the output's eps away from that second
+prediction.
 
 What every method shares lives here: which rows of a batch a call guides and at which scale (scale, t_range and the
-schedule of schedules.py), the output-channel check, putting the guided eps back with the plain pass's variance channels, and plain_and_guided, which gives DPS
-(inverse.py) the unperturbed output beside the guided one with the second pass run without autograd.
+schedule of schedules.py), the output-channel check, putting the guided eps back with the plain pass's variance
+channels, and plain_and_guided, which gives DPS (inverse.py) the unperturbed output beside the guided one with the
+second pass run without autograd.
 """
 
 import math

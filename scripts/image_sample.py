@@ -1,7 +1,8 @@
 """
 Generate a large batch of image samples from a model and save them as a large numpy array, which can be used to
 compute FID and other metrics. ADM's flags and output, plus the guidance flags of guided_diffusion/guidance.py
-(Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval), reproducible per-sample seeding
+(Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval; SAG: --sag_scale; autoguidance:
+--ag_scale, --ag_model_path, --ag_model_flags; scale schedules: --pag_schedule, ...), reproducible per-sample seeding
 (--seed), resumable runs, a PNG grid (--grid), and with --compare a picture of the same seeds sampled without
 and with the guidance flags.
 
