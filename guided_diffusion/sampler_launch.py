@@ -13,7 +13,7 @@ from .assets import fetch_hint
 from .errors import REPO_ROOT
 from .table_rows import ReproduceError, how_to_get
 
-CHECKPOINT_FLAGS = ("model_path", "classifier_path")
+CHECKPOINT_FLAGS = ("model_path", "classifier_path", "ag_model_path")
 LAUNCHERS = ("mpiexec", "torchrun", "srun", "none")
 
 

@@ -50,7 +50,15 @@ def main():
     )
     parser.add_argument("--steps", type=int, default=None, help="override lr_anneal_steps (for a quick check)")
     parser.add_argument("--data", default=DATASET, help="training images (default: the shipped digits npz)")
+    parser.add_argument(
+        "--config",
+        default=TRAIN_CONFIG,
+        help="the training flags (default configs/digits16_train.cfg; configs/digits16_weak_train.cfg builds the "
+        "autoguidance guide models/digits16_weak.pt)",
+    )
     args = parser.parse_args()
+    if not os.path.isfile(args.config):
+        parser.error(f"--config {args.config!r}: no such file")
     if not os.path.isfile(args.data):
         parser.error(
             f"--data {args.data!r}: no such file; the digits dataset ships as {os.path.relpath(DATASET)} "
@@ -60,9 +68,10 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     data = args.data
 
-    flags = config_flags(TRAIN_CONFIG)
+    config = os.path.abspath(args.config)
+    flags = config_flags(config)
     steps = args.steps or int(flags["lr_anneal_steps"])
-    command = [sys.executable, os.path.join(REPO, "scripts", "image_train.py"), "@" + TRAIN_CONFIG,
+    command = [sys.executable, os.path.join(REPO, "scripts", "image_train.py"), "@" + config,
                "--data_dir", data, "--lr_anneal_steps", str(steps)]
     resume = latest_checkpoint(args.work_dir)
     if resume:
@@ -89,7 +98,7 @@ def main():
     # Wall time adds up over resumed runs.
     record.update(
         steps=steps,
-        train_config=os.path.relpath(TRAIN_CONFIG, REPO),
+        train_config=os.path.relpath(config, REPO),
         flags=flags,
         final_loss=final_loss(args.work_dir),
         wall_time_s=round(record.get("wall_time_s", 0) * bool(resume) + wall, 1),

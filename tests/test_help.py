@@ -91,6 +91,7 @@ def test_image_sample_help_reads_as_a_manual():
 def test_enumerations_are_choices_and_match_the_code():
     from guided_diffusion.inverse import GRADIENT_THROUGH, MASK_TYPES, OPERATORS
     from guided_diffusion.perturbations import PERTURBATIONS
+    from guided_diffusion.schedules import SCHEDULE_KINDS
 
     assert flag_help.TASKS == tuple(OPERATORS)
     assert flag_help.MASK_TYPES == MASK_TYPES
@@ -102,6 +103,8 @@ def test_enumerations_are_choices_and_match_the_code():
     assert choices["task"] == flag_help.TASKS
     assert choices["classifier_pool"] == flag_help.CLASSIFIER_POOLS
     assert choices["schedule_sampler"] == ("uniform", "loss-second-moment")
+    for prefix in ("pag", "sag", "ag"):
+        assert choices[f"{prefix}_schedule"] == SCHEDULE_KINDS
 
 
 def test_enumerated_values_the_code_accepts_are_all_choices():
