@@ -60,14 +60,19 @@ def read_flag_file(path):
     return tokens
 
 
+# Flags whose value may itself be an @FILE that the flag reads (autoguidance's guide flags): not spliced in here.
+FLAG_FILE_VALUES = ("--ag_model_flags",)
+
+
 def expand_flag_files(argv, _seen=()):
     """
-    Replace every `@FILE` in argv by the flags in FILE (recursively). Returns (tokens, origins), where
-    origins[i] names where tokens[i] came from ("command line" or the file path).
+    Replace every `@FILE` in argv by the flags in FILE (recursively), except the value of a flag of
+    FLAG_FILE_VALUES. Returns (tokens, origins), where origins[i] names where tokens[i] came from ("command line"
+    or the file path).
     """
     tokens, origins = [], []
-    for arg in argv:
-        if arg.startswith("@") and len(arg) > 1:
+    for i, arg in enumerate(argv):
+        if arg.startswith("@") and len(arg) > 1 and not (i and argv[i - 1] in FLAG_FILE_VALUES):
             path = resolve_config(arg[1:])
             if os.path.abspath(path) in _seen:
                 raise ValueError(f"flag file {path} includes itself")

@@ -20,6 +20,7 @@ DIFFUSION = "diffusion"
 SAMPLING = "sampling"
 PAG = "Perturbed-Attention Guidance (PAG; off unless --pag_scale is nonzero)"
 SAG = "Self-Attention Guidance (SAG; off unless --sag_scale is nonzero)"
+AG = "Autoguidance (a weaker model as the guide; off unless --ag_scale is nonzero)"
 CLASSIFIER = "classifier"
 OUTPUT = "output"
 INPUT = "input"
@@ -27,7 +28,7 @@ TASK = "inverse problem (DPS)"
 TRAINING = "training"
 
 # The order groups appear in --help.
-GROUP_ORDER = (INPUT, MODEL, DIFFUSION, SAMPLING, CLASSIFIER, PAG, SAG, TASK, TRAINING, OUTPUT)
+GROUP_ORDER = (INPUT, MODEL, DIFFUSION, SAMPLING, CLASSIFIER, PAG, SAG, AG, TASK, TRAINING, OUTPUT)
 
 # Enumerations, spelled here so this table needs no torch; tests/test_help.py holds them equal to the code's.
 NOISE_SCHEDULES = ("linear", "cosine")

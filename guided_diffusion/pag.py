@@ -25,7 +25,7 @@ import torch as th
 
 from .attention_hooks import hooked, perturbation_rows
 from .attention_layers import LAYER_ALIASES, attention_block_names, resolve_layers  # noqa: F401
-from .guided_model import GuidedModel, check_scale, check_t_range, guided_rows, take_rows  # noqa: F401
+from .guided_model import GuidedModel, broadcast_scale, check_scale, check_t_range, guided_rows, take_rows  # noqa: F401
 from .perturbations import make_perturbation
 from .random_streams import current_batch
 from .stage_flops import share_from_stage
@@ -122,6 +122,7 @@ class PAGGuidedModel(GuidedModel):
                  "seg" (SEG), "soft" (SoftPAG), "tpg" (TPG); `params` are its parameters (drop_rate, retain_diag,
                  blur_sigma, blur_kernel_size, noise_scale, seg_sigma, soft_alpha, soft_heads).
     :param validated: ignored (see GuidedModel).
+    :param schedule: how the scale varies over the steps (schedules.ScaleSchedule); None: constant.
     """
 
     name = "PAG"
@@ -136,9 +137,10 @@ class PAGGuidedModel(GuidedModel):
         share_prefix=True,
         kind="identity",
         validated=False,
+        schedule=None,
         **params,
     ):
-        super().__init__(model, scale, t_range, validated)
+        super().__init__(model, scale, t_range, validated, schedule)
         self.perturbation = make_perturbation(kind, **params)
         self.layers = resolve_layers(model, layers)
         self.batched = bool(batched)
@@ -152,13 +154,15 @@ class PAGGuidedModel(GuidedModel):
             ("batched", self.batched),
             ("share_prefix", self.share_prefix),
             ("perturbation", repr(self.perturbation.describe())),
+            ("schedule", repr(self.schedule.describe())),
         ]
 
     def describe(self):
         interval = "all" if self.t_range is None else f"{self.t_range[0]:g}..{self.t_range[1]:g}"
+        schedule = "" if self.schedule.constant else f", schedule {self.schedule.describe()}"
         return (
             f"PAG (scale {self.scale:g}, layers {','.join(self.layers)}, t {interval}, "
-            f"perturbation {self.perturbation.describe()})"
+            f"perturbation {self.perturbation.describe()}{schedule})"
         )
 
     def second_pass_cost(self):
@@ -177,7 +181,7 @@ class PAGGuidedModel(GuidedModel):
     def nonfinite_hint(self):
         return self.perturbation.nonfinite_hint()
 
-    def _guided_eps(self, x, t, model_kwargs, rows, autograd):
+    def _guided_eps(self, x, t, model_kwargs, rows, autograd, scale):
         if not autograd:
             # The perturbed pass goes first: run while the plain branch's autograd graph is held, it allocates
             # its activations beside that graph and costs about 1.4x as much at 256 px on a CPU
@@ -194,7 +198,7 @@ class PAGGuidedModel(GuidedModel):
             plain, perturbed = self._batched_pass(x, t, model_kwargs, rows)
         channels = self.check_channels(x, plain)
         eps = take_rows(plain[:, :channels], rows, x.shape[0])
-        return plain, eps + self.scale * (eps - perturbed[:, :channels])
+        return plain, eps + broadcast_scale(scale, eps) * (eps - perturbed[:, :channels])
 
     def _perturbation_for(self, rows, batch_size, device):
         """

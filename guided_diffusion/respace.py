@@ -78,6 +78,8 @@ class SpacedDiffusion(GaussianDiffusion):
         self.original_num_steps = len(kwargs["betas"])
 
         base_diffusion = GaussianDiffusion(**kwargs)
+        # The base process's alphabar at every original timestep (schedules.py reads sigma_t from it).
+        self.original_alphas_cumprod = base_diffusion.alphas_cumprod
         last_alpha_cumprod = 1.0
         new_betas = []
         for i, alpha_cumprod in enumerate(base_diffusion.alphas_cumprod):

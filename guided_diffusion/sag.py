@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from .attention_hooks import hooked
 from .attention_layers import resolve_layers
 from .gaussian_diffusion import ModelMeanType
-from .guided_model import GuidedModel, take_rows
+from .guided_model import GuidedModel, broadcast_scale, take_rows
 from .perturbations import gaussian_blur2d
-from .respace import SpacedDiffusion
+from .schedules import model_timesteps
 from .unet import QKVAttention, QKVAttentionLegacy
 
 # The official attention_masking's torchvision GaussianBlur(kernel_size=31, sigma=blur_sigma).
@@ -131,6 +131,7 @@ class SAGGuidedModel(GuidedModel):
     :param t_range: (lo, hi): guide only rows with lo <= t <= hi, t as the model receives it (as for PAG).
     :param clip_denoised: clip x0 to [-1, 1] before blurring, as the sampler's clip_denoised does.
     :param validated: ignored (every value is checked here, once; see GuidedModel).
+    :param schedule: how the scale varies over the steps (schedules.ScaleSchedule); None: constant.
     """
 
     name = "SAG"
@@ -146,8 +147,9 @@ class SAGGuidedModel(GuidedModel):
         t_range=None,
         clip_denoised=True,
         validated=False,
+        schedule=None,
     ):
-        super().__init__(model, scale, t_range, validated)
+        super().__init__(model, scale, t_range, validated, schedule)
         try:
             names = resolve_layers(model, layer)
         except ValueError as exc:
@@ -185,13 +187,15 @@ class SAGGuidedModel(GuidedModel):
             ("map_heads", self.map_heads),
             ("t_range", self.t_range),
             ("clip_denoised", self.clip_denoised),
+            ("schedule", repr(self.schedule.describe())),
         ]
 
     def describe(self):
         """
         One line for logs and messages.
         """
-        return f"SAG (scale {self.scale:g}, layer {self.layer}, blur sigma {self.blur_sigma:g})"
+        schedule = "" if self.schedule.constant else f", schedule {self.schedule.describe()}"
+        return f"SAG (scale {self.scale:g}, layer {self.layer}, blur sigma {self.blur_sigma:g}{schedule})"
 
     def diffusion_index(self, t):
         """
@@ -208,7 +212,7 @@ class SAGGuidedModel(GuidedModel):
             )
         return index
 
-    def _guided_eps(self, x, t, model_kwargs, rows, autograd):
+    def _guided_eps(self, x, t, model_kwargs, rows, autograd, scale):
         n = x.shape[0]
         with capture_qkv(self.block) as seen:
             plain = self.model(x, t, **model_kwargs)
@@ -224,7 +228,7 @@ class SAGGuidedModel(GuidedModel):
         with th.set_grad_enabled(autograd and th.is_grad_enabled()):
             degraded = self.degrade(x_g, t_g, eps, take_rows(qkv, rows, n), spatial)
             eps_bar = self.model(degraded, t_g, **kwargs)[:, :channels]
-        return plain, eps_bar + (1.0 + self.scale) * (eps - eps_bar)
+        return plain, eps_bar + (1.0 + broadcast_scale(scale, eps)) * (eps - eps_bar)
 
     def degrade(self, x, t, eps, qkv, spatial):
         """
@@ -243,15 +247,6 @@ class SAGGuidedModel(GuidedModel):
 
 def _model_timesteps(diffusion):
     """
-    The timestep the model receives at each of the diffusion's steps: the original timestep under respacing
-    (SpacedDiffusion's _WrappedModel), rescaled to [0, 1000) with rescale_timesteps.
+    The timestep the model receives at each of the diffusion's steps (schedules.model_timesteps).
     """
-    if isinstance(diffusion, SpacedDiffusion):
-        steps = th.tensor(diffusion.timestep_map, dtype=th.float64)
-        total = diffusion.original_num_steps
-    else:
-        steps = th.arange(diffusion.num_timesteps, dtype=th.float64)
-        total = diffusion.num_timesteps
-    if diffusion.rescale_timesteps:
-        steps = steps * (1000.0 / total)
-    return steps
+    return model_timesteps(diffusion)

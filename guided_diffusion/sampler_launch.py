@@ -14,7 +14,7 @@ from .errors import REPO_ROOT
 from .sampler_flags import SAMPLER_ARGPARSERS
 from .table_rows import ReproduceError, how_to_get
 
-CHECKPOINT_FLAGS = ("model_path", "classifier_path")
+CHECKPOINT_FLAGS = ("model_path", "classifier_path", "ag_model_path")
 LAUNCHERS = ("mpiexec", "torchrun", "srun", "none")
 
 

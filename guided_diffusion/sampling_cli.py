@@ -248,12 +248,18 @@ def start_run(args, checkpoints, kind="diffusion", check=None, output=None, inpu
              (the messages said before the log folder exists) and flags (the script's flag names, for messages).
     """
     check_sampling_args(args)
-    check_guidance_args(args)
+    specs = check_guidance_args(args)
     check_diffusion_args(args)
     check_attention_backend()
     checked = check(args) if check is not None else None
+    # The guidance's own checkpoints (autoguidance's guide) are found, and recorded, as the script's are.
+    checkpoints = dict(checkpoints)
+    for method, spec in specs:
+        checkpoints.update(method.checkpoints(spec))
     paths = {
-        flag: resolve_checkpoint(getattr(args, flag), f"--{flag}", what, kind if flag == "model_path" else "classifier")
+        flag: resolve_checkpoint(
+            getattr(args, flag), f"--{flag}", what, kind if flag in ("model_path", "ag_model_path") else "classifier"
+        )
         for flag, what in checkpoints.items()
     }
     resolve_output_folder(args.out_dir, "--out_dir")

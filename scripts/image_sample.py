@@ -1,7 +1,8 @@
 """
 Generate a large batch of image samples from a model and save them as a large numpy array, which can be used to
 compute FID and other metrics. ADM's flags and output, plus the guidance flags of guided_diffusion/guidance.py
-(Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval), reproducible per-sample seeding
+(Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval; SAG: --sag_scale; autoguidance:
+--ag_scale, --ag_model_path, --ag_model_flags; scale schedules: --pag_schedule, ...), reproducible per-sample seeding
 (--seed), resumable runs, a PNG grid (--grid), and with --compare a picture of the same seeds sampled without
 and with the guidance flags.
 
@@ -34,8 +35,7 @@ from guided_diffusion.checkpoints import load_for_sampling
 from guided_diffusion.errors import UsageError
 from guided_diffusion.flag_files import expand_flag_files
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
-from guided_diffusion.guidance import describe_guidance, guidance_defaults, guide_model
-from guided_diffusion.guided_model import guided_rows
+from guided_diffusion.guidance import check_guidance_args, describe_guidance, guidance_defaults, guide_model
 from guided_diffusion.image_output import first_samples, image_bytes, to_uint8_images
 from guided_diffusion.pag import perturb_attention
 from guided_diffusion.random_streams import batch_streams, draw_labels, sample_generator
@@ -92,7 +92,8 @@ def main(argv=None):
                 f"(rebuild it with `python scripts/train_embedded_model.py`), or pass --model_path"
             ))
         try:
-            guidance = describe_guidance(args)  # checks the guidance flags, as run_main would
+            check_guidance_args(args)  # as run_main would, before the banner
+            guidance = describe_guidance(args)
         except UsageError as exc:
             cli.exit_with_usage_error(parser, exc)
         where = unguided_embedded_run(args, given_flags(argv)) if guidance == "no guidance" else ""
@@ -227,7 +228,8 @@ def perturbed_predictions(args, indices=None, step=None):
     def recording(x, t, **kwargs):
         # Called once per sampling step, from the noisiest; t is on the model's (unrespaced) scale.
         current = len(taken.differences)
-        if guided_rows(guided.scale, guided.t_range, t, len(x)) is None or step not in (None, current):
+        # The guided model's own rows: a step its schedule leaves unguided is no PAG step of the picture.
+        if guided.guided_rows(t, len(x)) is None or step not in (None, current):
             taken.differences.append(None)
             return guided(x, t, **kwargs)
         plain = x0_from(x, t, model(x, t, **kwargs))

@@ -94,7 +94,15 @@ def main():
     )
     parser.add_argument("--steps", type=int, default=None, help="override lr_anneal_steps (for a quick check)")
     parser.add_argument("--data", default=DATASET, help="training images (default: the shipped digits npz)")
+    parser.add_argument(
+        "--config",
+        default=TRAIN_CONFIG,
+        help="the training flags (default configs/digits16_train.cfg; configs/digits16_weak_train.cfg builds the "
+        "autoguidance guide models/digits16_weak.pt)",
+    )
     args = parser.parse_args()
+    if not os.path.isfile(args.config):
+        parser.error(f"--config {args.config!r}: no such file")
     if not os.path.isfile(args.data):
         parser.error(
             f"--data {args.data!r}: no such file; the digits dataset ships as {os.path.relpath(DATASET)} "
@@ -104,7 +112,8 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     data = args.data
 
-    flags = config_flags(TRAIN_CONFIG)
+    config = os.path.abspath(args.config)
+    flags = config_flags(config)
     steps = args.steps or int(flags["lr_anneal_steps"])
     # The flags this run trains with, as the record states them: the config's, with the step count and the log
     # interval that --steps implies.
@@ -112,7 +121,7 @@ def main():
         lr_anneal_steps=str(steps),
         log_interval=str(log_interval_for(steps, int(flags["log_interval"]))),
     )
-    command = [sys.executable, os.path.join(REPO, "scripts", "image_train.py"), "@" + TRAIN_CONFIG,
+    command = [sys.executable, os.path.join(REPO, "scripts", "image_train.py"), "@" + config,
                "--data_dir", data, "--lr_anneal_steps", flags["lr_anneal_steps"],
                "--log_interval", flags["log_interval"]]
     resume = latest_checkpoint(args.work_dir)
@@ -146,7 +155,7 @@ def main():
     # Wall time adds up over resumed runs.
     record.update(
         steps=steps,
-        train_config=os.path.relpath(TRAIN_CONFIG, REPO),
+        train_config=os.path.relpath(config, REPO),
         flags=flags,
         final_loss=final_loss(args.work_dir),
         wall_time_s=round(record.get("wall_time_s", 0) * bool(resume) + wall, 1),

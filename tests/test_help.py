@@ -106,6 +106,7 @@ def test_training_help_says_where_checkpoints_go(name):
 def test_enumerations_are_choices_and_match_the_code():
     from guided_diffusion.inverse import GRADIENT_THROUGH, MASK_TYPES, OPERATORS
     from guided_diffusion.perturbations import PERTURBATIONS
+    from guided_diffusion.schedules import SCHEDULE_KINDS
 
     assert flag_help.TASKS == tuple(OPERATORS)
     assert flag_help.MASK_TYPES == MASK_TYPES
@@ -117,6 +118,8 @@ def test_enumerations_are_choices_and_match_the_code():
     assert choices["task"] == flag_help.TASKS
     assert choices["classifier_pool"] == flag_help.CLASSIFIER_POOLS
     assert choices["schedule_sampler"] == ("uniform", "loss-second-moment")
+    for prefix in ("pag", "sag", "ag"):
+        assert choices[f"{prefix}_schedule"] == SCHEDULE_KINDS
 
 
 def test_enumerated_values_the_code_accepts_are_all_choices():

@@ -1,6 +1,6 @@
 """
 The LSUN row configs (configs/lsun_*): ADM's README flags for its LSUN checkpoints, the released files they name,
-PAG's unconditional settings, and the autoguidance rows kept in configs/pending_autoguidance/.
+PAG's unconditional settings, and the autoguidance rows that guide horse with the no-dropout horse model.
 """
 
 import glob
@@ -29,7 +29,8 @@ def parse(name):
 def test_lsun_rows_are_adm_readme_settings():
     rows = select_configs(["lsun_*"])
     expected = {f"lsun_{d}_ddpm{n}_{kind}" for d in DATASETS for n in (1000, 250) for kind in ("baseline", "pag")}
-    assert {r.name for r in rows} == expected | {"lsun_horse_nodropout_ddpm1000_baseline"}
+    autoguided = {"lsun_horse_ddpm1000_ag", "lsun_horse_ddpm250_ag"}
+    assert {r.name for r in rows} == expected | autoguided | {"lsun_horse_nodropout_ddpm1000_baseline"}
     readme = assets.ARCHITECTURES["lsun"][1]  # the README's MODEL_FLAGS for the LSUN models
     for row in rows:
         args = parse(row.name)
@@ -49,8 +50,11 @@ def test_lsun_rows_are_adm_readme_settings():
             assert args.pag_scale == 3.0 == pag.scale_from_guide_scale(4.0)
             assert args.pag_layers == pag.OFFICIAL_IMAGENET256_LAYERS and "our experiment" in row.title
             assert row.published == {}  # the PAG paper has no LSUN figures
+        elif row.name.endswith("_ag"):
+            assert args.pag_scale == 0.0 and args.ag_scale == 1.0 and "our experiment" in row.title
+            assert row.published == {}
         else:
-            assert args.pag_scale == 0.0
+            assert args.pag_scale == 0.0 and args.ag_scale == 0.0
             assert bool(row.published) == (steps == 1000)  # ADM's Table 4 sampled LSUN with 1000 steps
 
 
@@ -62,8 +66,8 @@ def test_pag_layers_exist_in_the_lsun_architecture():
 
 
 def test_autoguidance_rows_guide_horse_with_the_worse_no_dropout_model():
-    # Kept out of configs/ until the sampler has the autoguidance flags; their figures must be ours, not a paper's.
-    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "pending_autoguidance", "*.cfg")))
+    # Their figures must be ours, not a paper's.
+    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "lsun_*_ag.cfg")))
     assert [os.path.basename(p) for p in paths] == ["lsun_horse_ddpm1000_ag.cfg", "lsun_horse_ddpm250_ag.cfg"]
     worse = select_configs(["lsun_horse_nodropout_ddpm1000_baseline"])[0].published["fid"]
     better = select_configs(["lsun_horse_ddpm1000_baseline"])[0].published["fid"]
@@ -74,6 +78,9 @@ def test_autoguidance_rows_guide_horse_with_the_worse_no_dropout_model():
         assert "published" not in meta and "our experiment" in meta["title"]
         assert flags["model_path"] == "models/lsun_horse.pt"
         assert flags["ag_model_path"] == "models/lsun_horse_nodropout.pt" and float(flags["ag_scale"]) > 0
+        # The sampler parses the row: the guide's flags are the main model's, no flag is left unknown.
+        args = parse(os.path.splitext(os.path.basename(path))[0])
+        assert args.ag_model_flags == "" and args.ag_model_path == flags["ag_model_path"]
         # fetch_assets.py fetches the guide with the row.
         fetch = load_script(os.path.join("scripts", "fetch_assets.py"))
         names = [name for name, _, _ in fetch.config_needs(path)]

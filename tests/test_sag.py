@@ -311,7 +311,7 @@ def test_sag_flag_checks():
     from guided_diffusion.errors import UsageError
     from guided_diffusion.guidance import GUIDANCE_METHODS, SAGFlags, check_guidance_args, guide_model
 
-    assert [m.name for m in GUIDANCE_METHODS] == ["PAG", "SAG"]
+    assert [m.name for m in GUIDANCE_METHODS] == ["PAG", "SAG", "autoguidance"]
     args = flag_args()
     assert (args.sag_scale, args.sag_layer, args.sag_blur_sigma, args.sag_heads) == (0.0, LAYER, 9.0, "num_heads")
     model = tiny_unet()

@@ -76,6 +76,53 @@ def test_intervals_and_other_paths_change_the_cost(digits_model):
     assert sag.call_cost(t).tolist() == [1.0, 1.0, 2.0, 2.0]
 
 
+def test_a_schedules_zero_scale_steps_cost_one_plain_call_and_autoguidance_costs_its_ratio(digits_model):
+    from guided_diffusion.autoguidance import AutoguidedModel, guide_cost_ratio
+    from guided_diffusion.schedules import ScaleSchedule, model_timesteps
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    model, _ = digits_model
+    diffusion = create_gaussian_diffusion(
+        steps=1000, noise_schedule="cosine", learn_sigma=True, timestep_respacing="10"
+    )
+    t = model_timesteps(diffusion).long()  # by step index: t[0] is the last step
+    share = PAGGuidedModel(model, 2.0, "middle").call_cost(t)[0].item() - 1
+
+    def expected(scales, guided_cost):
+        return [1.0 if s == 0 else guided_cost for s in scales.tolist()]
+
+    # linear and cosine end at scale 0 on the last step: that step is a plain call.
+    for kind in ("linear", "cosine"):
+        schedule = ScaleSchedule(kind, diffusion)
+        cost = PAGGuidedModel(model, 2.0, "middle", schedule=schedule).call_cost(t)
+        assert cost[0].item() == 1.0
+        assert cost.tolist() == pytest.approx(expected(schedule.step_scales(2.0), 1 + share), rel=1e-12)
+    # adaptive clamps the scale at 0 on the late steps; a sigma interval leaves the steps outside it unguided.
+    adaptive = ScaleSchedule("adaptive", diffusion, adaptive_a=0.004)
+    scales = adaptive.step_scales(2.0)
+    assert 0 < int((scales == 0).sum()) < len(scales)
+    cost = PAGGuidedModel(model, 2.0, "middle", schedule=adaptive).call_cost(t)
+    assert cost.tolist() == pytest.approx(expected(scales, 1 + share), rel=1e-12)
+    sigma = ScaleSchedule(diffusion=diffusion, sigma_interval=(0.5, 5.0))
+    scales = sigma.step_scales(1.0)
+    assert 0 < int((scales == 0).sum()) < len(scales)
+    sag = SAGGuidedModel(model, diffusion, 1.0, layer="middle", schedule=sigma)
+    assert sag.call_cost(t).tolist() == expected(scales, 2.0)
+
+    # Autoguidance: 1 + the guide's FLOP ratio where guided, 1.0 where the schedule or t_range leaves a step plain.
+    th.manual_seed(1)
+    guide, _ = create_model_and_diffusion(**{**model_and_diffusion_defaults(), **DIGITS, "channel_mult": "1,1,1"})
+    ratio = guide_cost_ratio(model, guide.eval())
+    assert 0 < ratio < 1
+    cosine = ScaleSchedule("cosine", diffusion)
+    autoguided = AutoguidedModel(model, guide, 1.0, schedule=cosine)
+    assert autoguided.call_cost(t).tolist() == pytest.approx(expected(cosine.step_scales(1.0), 1 + ratio), rel=1e-12)
+    late = AutoguidedModel(model, guide, 1.0, t_range=(0, 499), cost_ratio=ratio)
+    assert late.call_cost(t).tolist() == pytest.approx([1 + ratio if v <= 499 else 1.0 for v in t.tolist()])
+    assert late.call_cost(th.tensor(700)).item() == 1.0  # a scalar t: one row, as the base's
+    assert AutoguidedModel(model, guide, 0.0).call_cost(t).tolist() == [1.0] * len(t)
+
+
 def test_pag_at_the_official_layers_on_adm256_costs_175_plain_calls():
     # ADM's 256x256 class-conditional architecture, built on the meta device: nothing is allocated or computed.
     flags = dict(
