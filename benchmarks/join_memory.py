@@ -38,9 +38,9 @@ def build_parts(folder, total_bytes, image_size=256, batch_size=64, seed=0):
     total_bytes of images in folder/samples_NxHxWx3_parts, and the run's two shard files in folder/shards (as
     two --shard runs write them). :return: (num_samples, image_shape).
     """
-    from guided_diffusion.atomic_io import save_npz_atomic
-    from guided_diffusion.npz_stream import join_npz, npz_layout
-    from guided_diffusion.run_store import output_paths, part_name
+    from guided_diffusion.common.atomic_io import save_npz_atomic
+    from guided_diffusion.common.npz_stream import join_npz, npz_layout
+    from guided_diffusion.run.run_store import output_paths, part_name
 
     image_shape = (image_size, image_size, 3)
     num_samples = max(2, total_bytes // int(np.prod(image_shape)))
@@ -68,14 +68,14 @@ def build_parts(folder, total_bytes, image_size=256, batch_size=64, seed=0):
 def _child(kind, folder, num_samples, image_size):
     from types import SimpleNamespace
 
-    from guided_diffusion.run_store import SamplingPlan, merge_shards, output_paths
+    from guided_diffusion.run.run_store import SamplingPlan, merge_shards, output_paths
 
     image_shape = (image_size, image_size, 3)
     final, parts_dir = output_paths(folder, num_samples, image_shape)
     before = _status("VmRSS")
     if kind == "join":
         plan = SamplingPlan(folder, None, 0, num_samples, final, parts_dir, "", [], [], [])
-        from guided_diffusion.run_store import join_parts
+        from guided_diffusion.run.run_store import join_parts
 
         error = join_parts(plan, image_shape, SimpleNamespace(out_dir=folder))
         if error:
@@ -83,7 +83,7 @@ def _child(kind, folder, num_samples, image_size):
     elif kind == "merge":
         final = merge_shards(os.path.join(folder, "shards"))
     elif kind == "concatenate":
-        from guided_diffusion.run_store import finished_ranges, part_name
+        from guided_diffusion.run.run_store import finished_ranges, part_name
 
         columns = [[], []]
         for start, end in finished_ranges(parts_dir):

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion.assets import fetch_hint
-from guided_diffusion.file_digest import file_digest
+from guided_diffusion.common.assets import fetch_hint
+from guided_diffusion.common.file_digest import file_digest
 
 from .device import strict_float32
 from .feature_nets import FeatureNet, state_dict_digest, weights_candidate

@@ -14,8 +14,8 @@ import zlib
 
 import numpy as np
 
-from guided_diffusion.assets import fetch_hint
-from guided_diffusion.npz_stream import NpzWriter  # noqa: F401 (the evaluator's writer lives with the sampler's)
+from guided_diffusion.common.assets import fetch_hint
+from guided_diffusion.common.npz_stream import NpzWriter  # noqa: F401 (the evaluator's writer lives with the sampler's)
 
 IMAGE_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")

@@ -28,11 +28,12 @@ import os
 import sys
 import urllib.error
 
-from guided_diffusion import asset_checks, assets
-from guided_diffusion.download import DownloadError, discard_part, download_part, part_path, remote_size
-from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
-from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
-from guided_diffusion.table_rows import ReproduceError, is_row_metadata, read_metadata
+from guided_diffusion.fetch import asset_checks
+from guided_diffusion.common import assets
+from guided_diffusion.fetch.download import DownloadError, discard_part, download_part, part_path, remote_size
+from guided_diffusion.common.errors import REPO_ROOT, OneLineErrorParser
+from guided_diffusion.run.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
+from guided_diffusion.tables.table_rows import ReproduceError, is_row_metadata, read_metadata
 
 # --ag_model_path: autoguidance's guide checkpoint (rows that autoguide).
 CHECKPOINT_FLAGS = ("model_path", "classifier_path", "ag_model_path")

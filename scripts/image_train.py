@@ -13,10 +13,11 @@ import random
 import numpy as np
 import torch as th
 
-from guided_diffusion import dist_util, launch_env, logger
-from guided_diffusion.errors import check_training_data, exit_with_usage_error
-from guided_diffusion.flag_files import FlagFileArgumentParser
-from guided_diffusion.flag_help import flag_defaults
+from guided_diffusion import dist_util, logger
+from guided_diffusion.common import launch_env
+from guided_diffusion.common.errors import check_training_data, exit_with_usage_error
+from guided_diffusion.run.flag_files import FlagFileArgumentParser
+from guided_diffusion.common.flag_help import flag_defaults
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -87,7 +88,7 @@ def seed_everything(seed):
     th.manual_seed(seed)
 
 
-# This script's own flags (declared in guided_diffusion/flag_help.py).
+# This script's own flags (declared in guided_diffusion/common/flag_help.py).
 IMAGE_TRAIN_FLAGS = (
     "data_dir",
     "schedule_sampler",

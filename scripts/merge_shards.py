@@ -5,10 +5,10 @@ writes: same arrays, same order, bit for bit (with the same --seed and --batch_s
 bounded memory, with the run record (samples_NxHxWx3.json) one run would keep beside it.
 """
 
-from guided_diffusion.errors import OneLineErrorParser, UsageError
-from guided_diffusion.image_output import GRID_MAX_IMAGES, first_samples, save_grid
-from guided_diffusion.npz_stream import npz_heads
-from guided_diffusion.run_store import grid_path, merge_shards
+from guided_diffusion.common.errors import OneLineErrorParser, UsageError
+from guided_diffusion.run.image_output import GRID_MAX_IMAGES, first_samples, save_grid
+from guided_diffusion.common.npz_stream import npz_heads
+from guided_diffusion.run.run_store import grid_path, merge_shards
 
 
 def main(argv=None):
