@@ -5,7 +5,7 @@ resblock up/down, learned sigmas) with random weights, batch 1, Gaussian deblurr
 
 A DPS step is a forward pass with autograd, the measurement loss and a backward pass to x_t only (no weight
 gradients). PAG adds one perturbed forward pass without autograd and no backward work (the measurement gradient goes
-through the unperturbed x0; see guided_diffusion/inverse.py), so the ratio should be 1 + (perturbed pass / plain
+through the unperturbed x0; see guided_diffusion/methods/inverse.py), so the ratio should be 1 + (perturbed pass / plain
 step), printed as "from parts". That pass is a smaller share of a step at 256 px (about 0.3 on a CPU) than at 64 px
 (about 0.45), because the backward to x_t grows faster with the image than the forward pass does. --gradient_through guided
 backpropagates through both branches instead (expected about 2).
@@ -23,9 +23,9 @@ import statistics
 
 import torch as th
 
-from guided_diffusion.atomic_io import write_json_atomic
-from guided_diffusion.inverse import add_measurement_noise, create_operator, dps_sample
-from guided_diffusion.pag import PAGGuidedModel
+from guided_diffusion.common.atomic_io import write_json_atomic
+from guided_diffusion.methods.inverse import add_measurement_noise, create_operator, dps_sample
+from guided_diffusion.methods.pag import PAGGuidedModel
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 from pag_overhead import timed  # (this folder is on sys.path when a benchmark runs as a script)
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion.atomic_io import write_json_atomic
-from guided_diffusion.precision import apply_precision_policy
+from guided_diffusion.common.atomic_io import write_json_atomic
+from guided_diffusion.run.precision import apply_precision_policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.environ.get("ADM_REFERENCE_DIR", os.path.join(os.path.dirname(REPO), "shared", "adm_reference"))

@@ -25,8 +25,8 @@ import time
 import torch as th
 from torch.utils.flop_counter import FlopCounterMode
 
-from guided_diffusion.atomic_io import write_json_atomic
-from guided_diffusion.pag import OFFICIAL_IMAGENET256_LAYERS, PAGGuidedModel
+from guided_diffusion.common.atomic_io import write_json_atomic
+from guided_diffusion.methods.pag import OFFICIAL_IMAGENET256_LAYERS, PAGGuidedModel
 from guided_diffusion.script_util import create_model, model_and_diffusion_defaults
 
 DEFAULT_SPECS = os.path.join(

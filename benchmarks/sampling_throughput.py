@@ -31,11 +31,11 @@ import sys
 
 import torch as th
 
-from guided_diffusion import attention_backends
-from guided_diffusion.atomic_io import write_json_atomic
-from guided_diffusion.flag_files import config_flags, resolve_config
-from guided_diffusion.pag import PAGGuidedModel
-from guided_diffusion.precision import apply_precision_policy
+from guided_diffusion.common import attention_backends
+from guided_diffusion.common.atomic_io import write_json_atomic
+from guided_diffusion.run.flag_files import config_flags, resolve_config
+from guided_diffusion.methods.pag import PAGGuidedModel
+from guided_diffusion.run.precision import apply_precision_policy
 from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -252,7 +252,7 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     device = th.device(args.device)
-    # The samplers' precision policy (guided_diffusion/precision.py): TF32 off unless asked for.
+    # The samplers' precision policy (guided_diffusion/run/precision.py): TF32 off unless asked for.
     apply_precision_policy(allow_tf32=args.allow_tf32)
     flags, scale, layers, model, diffusion, noise, kwargs = build(args)
     variants = make_variants(args, model, scale, layers)

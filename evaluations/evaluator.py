@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from guided_diffusion.atomic_io import write_json_atomic
-from guided_diffusion.errors import OneLineErrorParser
+from guided_diffusion.common.atomic_io import write_json_atomic
+from guided_diffusion.common.errors import OneLineErrorParser
 from evaluations.device import resolve_device
 from evaluations.feature_nets import (
     embed_batch,
@@ -37,7 +37,7 @@ from evaluations.feature_nets import (
     net_is_fid_inception,
     net_logits,
 )
-from guided_diffusion.file_digest import file_digest
+from guided_diffusion.common.file_digest import file_digest
 from evaluations.frechet import FIDStatistics, compute_statistics, singular_covariance_warning
 from evaluations.inception_score import inception_score
 from evaluations.kid import KID_SUBSET_SIZE, KID_SUBSETS, kernel_inception_distance
@@ -82,7 +82,7 @@ class Activations:
 class ActivationCache:
     """
     Activations stored per (batch content, feature network). A batch file is identified by the
-    SHA-256 of its bytes (guided_diffusion.file_digest, remembered per path, size, mtime and ctime so a
+    SHA-256 of its bytes (guided_diffusion.common.file_digest, remembered per path, size, mtime and ctime so a
     batch is hashed once), so a file replaced by other images is embedded again whatever its
     size and modification time; the network by its name and weights digest, so a retrained
     network of the same name is too.

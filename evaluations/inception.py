@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion.assets import fetch_hint
+from guided_diffusion.common.assets import fetch_hint
 
 from .device import fast_gpu_precision, strict_float32
 from .feature_nets import FeatureNet, state_dict_digest

@@ -34,7 +34,7 @@ from evaluations.frechet import compute_statistics
 from evaluations.npz_io import IMAGE_KEY, BatchFormatError, NpzImageReader, NpzWriter
 from evaluations.output_paths import check_output_file
 # The same crop-and-resize recipe the training data loader uses, so a reference batch matches training data.
-from guided_diffusion.errors import OneLineErrorParser
+from guided_diffusion.common.errors import OneLineErrorParser
 from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files
 
 

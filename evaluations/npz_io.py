@@ -12,8 +12,8 @@ import zipfile
 
 import numpy as np
 
-from guided_diffusion.assets import fetch_hint
-from guided_diffusion.atomic_io import temporary_path
+from guided_diffusion.common.assets import fetch_hint
+from guided_diffusion.common.atomic_io import temporary_path
 
 IMAGE_KEY = "arr_0"
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")

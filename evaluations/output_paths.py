@@ -5,7 +5,7 @@ unwritable path at its end.
 
 import os
 
-from guided_diffusion.atomic_io import nearest_existing, probe_write
+from guided_diffusion.common.atomic_io import nearest_existing, probe_write
 
 
 class OutputPathError(ValueError):

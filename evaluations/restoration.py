@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion.assets import fetch_hint
+from guided_diffusion.common.assets import fetch_hint
 
 from .evaluator import Evaluator, _print_note
 from .frechet import compute_statistics, singular_covariance_warning

@@ -17,8 +17,8 @@ import blobfile as bf
 import torch as th
 import torch.distributed as dist
 
-from . import launch_env
-from .errors import UsageError
+from .common import launch_env
+from .common.errors import UsageError
 
 # Bytes per broadcast when sharing a checkpoint; pickled MPI messages above 2 GiB fail.
 _CHUNK_SIZE = 2**30

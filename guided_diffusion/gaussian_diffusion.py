@@ -18,7 +18,7 @@ import torch as th
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
-from .nonfinite import check_finite
+from .common.nonfinite import check_finite
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):

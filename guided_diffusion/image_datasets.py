@@ -9,7 +9,7 @@ import blobfile as bf
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from . import launch_env
+from .common import launch_env
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 

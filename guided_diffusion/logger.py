@@ -15,7 +15,7 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 
-from .launch_env import rank_from_env
+from .common.launch_env import rank_from_env
 
 DEBUG = 10
 INFO = 20

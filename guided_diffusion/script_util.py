@@ -6,7 +6,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
-from .flag_help import GROUP_ORDER, flag_help
+from .common.flag_help import GROUP_ORDER, flag_help
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import SuperResModel, UNetModel, EncoderUNetModel
 

@@ -14,7 +14,8 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_backends import resolved_attention_backend, sdpa
+from .common.attention_backends import resolved_attention_backend, sdpa
+from .common.state_dict_check import StateDictCheckMixin
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     checkpoint,
@@ -26,7 +27,6 @@ from .nn import (
     timestep_embedding,
     SiLU,
 )
-from .state_dict_check import StateDictCheckMixin
 
 
 class AttentionPool2d(nn.Module):

@@ -1,6 +1,6 @@
 """
 Like image_sample.py, but steer the model with a noisy-image classifier (classifier guidance, ADM's
---classifier_scale), optionally together with the guidance flags of guided_diffusion/guidance.py (e.g.
+--classifier_scale), optionally together with the guidance flags of guided_diffusion/run/guidance.py (e.g.
 Perturbed-Attention Guidance, --pag_scale). Every sample gets a class label from its own random stream; the labels
 are saved as arr_1 next to the images (arr_0).
 """
@@ -10,10 +10,10 @@ import math
 import torch as th
 import torch.nn.functional as F
 
-from guided_diffusion import sampling_cli as cli
-from guided_diffusion.errors import UsageError
-from guided_diffusion.random_streams import draw_labels
-from guided_diffusion.sampler_flags import classifier_sample_argparser
+from guided_diffusion.run import sampling_cli as cli
+from guided_diffusion.common.errors import UsageError
+from guided_diffusion.common.random_streams import draw_labels
+from guided_diffusion.run.sampler_flags import classifier_sample_argparser
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     classifier_defaults,

@@ -13,8 +13,8 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import check_training_data, exit_with_usage_error
-from guided_diffusion.flag_files import FlagFileArgumentParser
+from guided_diffusion.common.errors import check_training_data, exit_with_usage_error
+from guided_diffusion.run.flag_files import FlagFileArgumentParser
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -25,7 +25,7 @@ from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
 )
-from guided_diffusion.atomic_io import torch_save_atomic
+from guided_diffusion.common.atomic_io import torch_save_atomic
 from guided_diffusion.train_util import log_loss_dict, parse_resume_step_from_filename
 
 

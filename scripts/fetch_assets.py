@@ -28,10 +28,11 @@ import os
 import sys
 import urllib.error
 
-from guided_diffusion import asset_checks, assets
-from guided_diffusion.download import DownloadError, discard_part, download_part, part_path, remote_size
-from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
-from guided_diffusion.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
+from guided_diffusion.fetch import asset_checks
+from guided_diffusion.common import assets
+from guided_diffusion.fetch.download import DownloadError, discard_part, download_part, part_path, remote_size
+from guided_diffusion.common.errors import REPO_ROOT, OneLineErrorParser
+from guided_diffusion.run.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")
 
@@ -105,7 +106,7 @@ def config_needs(path):
     The files a flag file needs: [(file name, path as the config gives it, what for)]: its checkpoints, and for a
     table row also its reference batch and its feature network's weights, as reproduce.py looks them up.
     """
-    from guided_diffusion.table_rows import ReproduceError, is_row_metadata, read_metadata
+    from guided_diffusion.tables.table_rows import ReproduceError, is_row_metadata, read_metadata
 
     try:
         meta = read_metadata(path)

@@ -1,13 +1,13 @@
 """
 Generate a large batch of image samples from a model and save them as a large numpy array, which can be used to
-compute FID and other metrics. ADM's flags and output, plus the guidance flags of guided_diffusion/guidance.py
+compute FID and other metrics. ADM's flags and output, plus the guidance flags of guided_diffusion/run/guidance.py
 (Perturbed-Attention Guidance: --pag_scale, --pag_layers, --pag_interval), reproducible per-sample seeding
 (--seed), resumable runs, a PNG grid (--grid), and with --compare a picture of the same seeds sampled without
 and with the guidance flags.
 
 Runs on one process or as N ranks under `mpiexec -n N`, `torchrun --nproc_per_node N` or `srun` (docs/cluster.md;
 --shard i/n splits a run into independent jobs). Each sample's random draws (noise, label, random PAG perturbation)
-depend only on --seed and its index (see guided_diffusion/random_streams.py), so with the same --batch_size, the
+depend only on --seed and its index (see guided_diffusion/common/random_streams.py), so with the same --batch_size, the
 same torch thread count and the same CPU kernels any N gives bit-identical samples (mpiexec gives torch one thread
 per rank: compare with OMP_NUM_THREADS=1 python ...); another --batch_size or thread count can move a rare pixel by
 a level, as the model's kernels round differently (docs/determinism.md).
@@ -24,18 +24,18 @@ import numpy as np
 import torch as th
 
 from guided_diffusion import dist_util
-from guided_diffusion import sampling_cli as cli
-from guided_diffusion.atomic_io import atomic_write
-from guided_diffusion.checkpoints import load_for_sampling
-from guided_diffusion.errors import UsageError
-from guided_diffusion.flag_files import expand_flag_files
+from guided_diffusion.run import sampling_cli as cli
+from guided_diffusion.common.atomic_io import atomic_write
+from guided_diffusion.run.checkpoints import load_for_sampling
+from guided_diffusion.common.errors import UsageError
+from guided_diffusion.run.flag_files import expand_flag_files
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
-from guided_diffusion.guidance import describe_guidance, guidance_defaults, guide_model
-from guided_diffusion.image_output import comparison_grid, first_samples, image_bytes, to_uint8_images
-from guided_diffusion.pag import perturb_attention
-from guided_diffusion.random_streams import batch_streams, draw_labels, sample_generator
-from guided_diffusion.run_store import mpi_comm
-from guided_diffusion.sampler_flags import image_sample_argparser
+from guided_diffusion.run.guidance import describe_guidance, guidance_defaults, guide_model
+from guided_diffusion.run.image_output import comparison_grid, first_samples, image_bytes, to_uint8_images
+from guided_diffusion.methods.pag import perturb_attention
+from guided_diffusion.common.random_streams import batch_streams, draw_labels, sample_generator
+from guided_diffusion.run.run_store import mpi_comm
+from guided_diffusion.run.sampler_flags import image_sample_argparser
 from guided_diffusion.script_util import NUM_CLASSES, create_model_and_diffusion, model_and_diffusion_defaults
 
 

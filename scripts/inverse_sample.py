@@ -1,8 +1,8 @@
 """
 Solve noisy inverse problems y = A(x) + n on a set of images with Diffusion Posterior Sampling (DPS, Chung et al.
-2023), optionally with Perturbed-Attention Guidance or any other guidance flag of guided_diffusion/guidance.py.
+2023), optionally with Perturbed-Attention Guidance or any other guidance flag of guided_diffusion/run/guidance.py.
 The tasks, their parameters and the sampler follow the DPS reference code (see docs/inverse.md and
-guided_diffusion/inverse.py): --task gaussian_blur, motion_blur, super_resolution or inpainting, Gaussian
+guided_diffusion/methods/inverse.py): --task gaussian_blur, motion_blur, super_resolution or inpainting, Gaussian
 measurement noise --sigma, DPS's step size --dps_scale, DDPM over the diffusion's (respaced) steps.
 
 The images come from --data_dir: a folder of image files (sorted by path) or an .npz whose arr_0 holds uint8 NHWC
@@ -21,11 +21,11 @@ import os
 import numpy as np
 import torch as th
 
-from guided_diffusion import sampling_cli as cli
-from guided_diffusion.errors import UsageError, not_found
+from guided_diffusion.run import sampling_cli as cli
+from guided_diffusion.common.errors import UsageError, not_found
 from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, list_image_files
-from guided_diffusion.image_output import save_grid, to_uint8_images
-from guided_diffusion.inverse import (
+from guided_diffusion.run.image_output import save_grid, to_uint8_images
+from guided_diffusion.methods.inverse import (
     GRADIENT_THROUGH,
     MASK_TYPES,
     OPERATORS,
@@ -35,8 +35,8 @@ from guided_diffusion.inverse import (
     create_operator,
     dps_sample_loop,
 )
-from guided_diffusion.random_streams import PerSampleNoise
-from guided_diffusion.sampler_flags import inverse_sample_argparser
+from guided_diffusion.common.random_streams import PerSampleNoise
+from guided_diffusion.run.sampler_flags import inverse_sample_argparser
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 # DPS's intensity for each blur when --intensity is not given (its configs: gaussian 3.0, motion 0.5).

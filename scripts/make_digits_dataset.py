@@ -9,8 +9,8 @@ scikit-learn (`pip install scikit-learn`).
 import argparse
 import os
 
-from guided_diffusion.atomic_io import save_npz_atomic
-from guided_diffusion.digits_dataset import load_digits_images
+from guided_diffusion.common.atomic_io import save_npz_atomic
+from guided_diffusion.common.digits_dataset import load_digits_images
 
 
 def main():

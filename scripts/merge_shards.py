@@ -4,8 +4,8 @@ super_res_sample.py or inverse_sample.py) into the single samples_NxHxWx3.npz th
 writes: same arrays, same order, bit for bit (with the same --seed and --batch_size on every shard).
 """
 
-from guided_diffusion.errors import OneLineErrorParser, UsageError
-from guided_diffusion.run_store import merge_shards
+from guided_diffusion.common.errors import OneLineErrorParser, UsageError
+from guided_diffusion.run.run_store import merge_shards
 
 
 def main(argv=None):
@@ -22,8 +22,8 @@ def main(argv=None):
     if args.grid:
         import numpy as np
 
-        from guided_diffusion.image_output import first_samples, save_grid
-        from guided_diffusion.run_store import grid_path
+        from guided_diffusion.run.image_output import first_samples, save_grid
+        from guided_diffusion.run.run_store import grid_path
 
         with np.load(path) as data:
             arrays = [data[k] for k in data.files]

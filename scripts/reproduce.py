@@ -17,12 +17,12 @@ import os
 import signal
 import sys
 
-from guided_diffusion.errors import REPO_ROOT, OneLineErrorParser
-from guided_diffusion.flag_files import CONFIG_DIR
-from guided_diffusion.results_table import write_table
-from guided_diffusion.row_runner import log, output_problem, run_rows
-from guided_diffusion.sampler_launch import LAUNCHERS, launch_settings, sampler_env
-from guided_diffusion.table_rows import ReproduceError, select_configs
+from guided_diffusion.common.errors import REPO_ROOT, OneLineErrorParser
+from guided_diffusion.run.flag_files import CONFIG_DIR
+from guided_diffusion.tables.results_table import write_table
+from guided_diffusion.tables.row_runner import log, output_problem, run_rows
+from guided_diffusion.tables.sampler_launch import LAUNCHERS, launch_settings, sampler_env
+from guided_diffusion.tables.table_rows import ReproduceError, select_configs
 
 
 def create_argparser():

@@ -1,7 +1,7 @@
 """
 Upsample low-resolution samples (an .npz from image_sample.py, given with --base_samples) with a super-resolution
 model and save the results as a large numpy array, as ADM's super_res_sample.py does; plus the guidance flags of
-guided_diffusion/guidance.py (e.g. Perturbed-Attention Guidance, --pag_scale), per-sample seeding (--seed),
+guided_diffusion/run/guidance.py (e.g. Perturbed-Attention Guidance, --pag_scale), per-sample seeding (--seed),
 resumable runs and a PNG grid (--grid).
 
 Output sample i upsamples base image i modulo the number of base images (the order ADM's script uses on one
@@ -13,8 +13,8 @@ import os
 import numpy as np
 import torch as th
 
-from guided_diffusion import sampling_cli as cli
-from guided_diffusion.errors import UsageError, not_found
+from guided_diffusion.run import sampling_cli as cli
+from guided_diffusion.common.errors import UsageError, not_found
 from guided_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 
 

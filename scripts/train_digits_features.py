@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from evaluations.digits_net import DEFAULT_WEIGHTS, DigitsNet
-from guided_diffusion.atomic_io import torch_save_atomic
-from guided_diffusion.digits_dataset import load_digits_images
+from guided_diffusion.common.atomic_io import torch_save_atomic
+from guided_diffusion.common.digits_dataset import load_digits_images
 
 
 def load_dataset(path):

@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 
-from guided_diffusion.atomic_io import atomic_write, write_json_atomic
-from guided_diffusion.errors import REPO_ROOT as REPO
-from guided_diffusion.flag_files import config_flags
+from guided_diffusion.common.atomic_io import atomic_write, write_json_atomic
+from guided_diffusion.common.errors import REPO_ROOT as REPO
+from guided_diffusion.run.flag_files import config_flags
 
 TRAIN_CONFIG = os.path.join(REPO, "configs", "digits16_train.cfg")
 DATASET = os.path.join(REPO, "datasets", "digits16.npz")

@@ -65,7 +65,7 @@ def flag_args(**values):
     A namespace of every guidance flag at its default (guidance_defaults) and the model flags guidance.py reads,
     with `values` overriding.
     """
-    from guided_diffusion.guidance import guidance_defaults
+    from guided_diffusion.run.guidance import guidance_defaults
 
     args = dict(guidance_defaults(), diffusion_steps=1000, rescale_timesteps=False, num_heads=4, seed=0)
     args.update(values)

@@ -10,7 +10,8 @@ import sys
 
 import torch as th
 import torch.distributed as dist
-from guided_diffusion import dist_util, launch_env, logger
+from guided_diffusion import dist_util, logger
+from guided_diffusion.common import launch_env
 
 
 def main():

@@ -11,8 +11,9 @@ import pytest
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion import attention_backends, unet
-from guided_diffusion.pag import PAGGuidedModel
+from guided_diffusion.common import attention_backends
+from guided_diffusion import unet
+from guided_diffusion.methods.pag import PAGGuidedModel
 
 from conftest import REPO_ROOT, TINY_ADM_FLAGS, randomize, reference_file
 from error_bounds import FLOAT16_U, FLOAT32_U, attention_error_bound, split_heads_float64

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from guided_diffusion.image_output import enlarge_small, image_grid
+from guided_diffusion.run.image_output import enlarge_small, image_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

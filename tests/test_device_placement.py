@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from guided_diffusion.inverse import create_operator, dps_sample
-from guided_diffusion.pag import PAGGuidedModel
-from guided_diffusion.random_streams import PerSampleNoise, sample_generator
-from guided_diffusion.sag import SAGGuidedModel
+from guided_diffusion.methods.inverse import create_operator, dps_sample
+from guided_diffusion.methods.pag import PAGGuidedModel
+from guided_diffusion.common.random_streams import PerSampleNoise, sample_generator
+from guided_diffusion.methods.sag import SAGGuidedModel
 from guided_diffusion.script_util import (
     classifier_defaults,
     create_classifier,

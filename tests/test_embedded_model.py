@@ -14,7 +14,7 @@ import torch
 from conftest import REPO_ROOT, load_script
 
 from guided_diffusion import script_util as su
-from guided_diffusion.flag_files import config_flags, resolve_config
+from guided_diffusion.run.flag_files import config_flags, resolve_config
 
 MODEL = os.path.join(REPO_ROOT, "models", "digits16.pt")
 DATASET = os.path.join(REPO_ROOT, "datasets", "digits16.npz")
@@ -97,7 +97,7 @@ def test_shipped_dataset_is_the_sklearn_digits():
     assert images.shape == (1797, 16, 16, 3) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     pytest.importorskip("sklearn")
-    from guided_diffusion.digits_dataset import load_digits_images
+    from guided_diffusion.common.digits_dataset import load_digits_images
 
     rebuilt, rebuilt_labels = load_digits_images(16)
     np.testing.assert_array_equal(rebuilt, images)

@@ -1,5 +1,5 @@
 """
-scripts/fetch_assets.py and guided_diffusion/assets.py, offline: an HTTP server on 127.0.0.1, started here, serves
+scripts/fetch_assets.py and guided_diffusion/common/assets.py, offline: an HTTP server on 127.0.0.1, started here, serves
 files made here (a tiny checkpoint, truncated copies, a connection dropped half-way), reached through the URL
 override.
 """
@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import asset_checks, assets
+from guided_diffusion.fetch import asset_checks
+from guided_diffusion.common import assets
 from guided_diffusion import script_util as su
-from guided_diffusion.download import part_path
+from guided_diffusion.fetch.download import part_path
 
 from conftest import REPO_ROOT, TINY_ADM_FLAGS, load_script, reference_file
 
@@ -391,8 +392,8 @@ def test_fetch_hint_names_the_command(monkeypatch):
 
 
 def test_missing_file_messages_name_the_fetch_command(tmp_path, monkeypatch):
-    from guided_diffusion.checkpoints import resolve_checkpoint
-    from guided_diffusion.errors import UsageError
+    from guided_diffusion.run.checkpoints import resolve_checkpoint
+    from guided_diffusion.common.errors import UsageError
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError) as err:
@@ -446,7 +447,7 @@ def test_architectures_are_the_released_specs():
 ])
 def test_architectures_are_those_the_configs_build(config, architecture):
     # A checkpoint that passes the fetch check then also loads in the rows that use it.
-    from guided_diffusion.flag_files import config_flags
+    from guided_diffusion.run.flag_files import config_flags
 
     given = config_flags(os.path.join(REPO_ROOT, "configs", config + ".cfg"))
     defaults = su.model_and_diffusion_defaults()

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load_script
 
-from guided_diffusion.flag_files import (
+from guided_diffusion.run.flag_files import (
     FlagFileArgumentParser,
     available_configs,
     config_flags,

@@ -8,8 +8,9 @@ import pytest
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion import attention_backends, unet
-from guided_diffusion.pag import PAGGuidedModel
+from guided_diffusion.common import attention_backends
+from guided_diffusion import unet
+from guided_diffusion.methods.pag import PAGGuidedModel
 
 from error_bounds import (
     FLOAT16_U,

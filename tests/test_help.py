@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT, load_script
 
-from guided_diffusion import flag_help
+from guided_diffusion.common import flag_help
 from guided_diffusion.script_util import (
     classifier_defaults,
     diffusion_defaults,
@@ -61,7 +61,7 @@ def test_every_flag_has_help(name):
 def test_adm_flags_come_from_the_table_and_are_grouped(name):
     parser = _parser(name)
     for action in _flags(parser):
-        assert action.dest in flag_help.FLAG_HELP, f"{action.dest} is not in guided_diffusion/flag_help.py"
+        assert action.dest in flag_help.FLAG_HELP, f"{action.dest} is not in guided_diffusion/common/flag_help.py"
     titles = [group.title for group in parser._action_groups]
     known = [t for t in titles if t in flag_help.GROUP_ORDER]
     assert known == sorted(known, key=flag_help.GROUP_ORDER.index)  # groups in one order in every script
@@ -84,8 +84,8 @@ def test_image_sample_help_reads_as_a_manual():
 
 
 def test_enumerations_are_choices_and_match_the_code():
-    from guided_diffusion.inverse import GRADIENT_THROUGH, MASK_TYPES, OPERATORS
-    from guided_diffusion.perturbations import KINDS
+    from guided_diffusion.methods.inverse import GRADIENT_THROUGH, MASK_TYPES, OPERATORS
+    from guided_diffusion.methods.perturbations import KINDS
 
     assert flag_help.PAG_PERTURBATIONS == tuple(KINDS)
     assert flag_help.TASKS == tuple(OPERATORS)

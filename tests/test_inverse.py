@@ -1,5 +1,5 @@
 """
-Inverse problems (guided_diffusion/inverse.py): the operators against independent re-implementations of the DPS
+Inverse problems (guided_diffusion/methods/inverse.py): the operators against independent re-implementations of the DPS
 reference code's operators, dps_sample_loop against an independent re-implementation of DPS's sampling loop
 (draw for draw), batches against their images one by one, PAG + DPS against its rule, the DPS FFHQ checkpoint
 layout against our create_model, and the error messages.
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import inverse
+from guided_diffusion.methods import inverse
 from guided_diffusion.gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
-from guided_diffusion.inverse import create_operator, dps_sample_loop
-from guided_diffusion.pag import PAGGuidedModel, perturb_attention
-from guided_diffusion.random_streams import PerSampleNoise, sample_generator
+from guided_diffusion.methods.inverse import create_operator, dps_sample_loop
+from guided_diffusion.methods.pag import PAGGuidedModel, perturb_attention
+from guided_diffusion.common.random_streams import PerSampleNoise, sample_generator
 from guided_diffusion.respace import SpacedDiffusion
-from guided_diffusion.sag import SAGGuidedModel
+from guided_diffusion.methods.sag import SAGGuidedModel
 from guided_diffusion.script_util import create_model
-from guided_diffusion.two_pass import pag_two_pass
+from guided_diffusion.methods.two_pass import pag_two_pass
 from guided_diffusion.unet import UNetModel
 
 from conftest import flags, load_script, randomize, randomize_zero_params
@@ -675,7 +675,7 @@ def _script_flags(**values):
 
 
 def test_inverse_sample_outputs_draw_order_and_batch_independence(inverse_script, tmp_path):
-    from guided_diffusion.image_output import to_uint8_images
+    from guided_diffusion.run.image_output import to_uint8_images
 
     common = dict(
         model_path=inverse_script.model, data_dir=inverse_script.data, num_samples=3, task="inpainting",
@@ -780,7 +780,7 @@ def test_inverse_sample_reads_a_folder_in_the_training_loaders_order(inverse_scr
 
 def test_a_configs_relative_path_run_elsewhere_says_where_it_is(inverse_script, tmp_path, monkeypatch, capsys):
     # The digits16_inverse_* configs name datasets/digits16.npz relative to the repository root.
-    from guided_diffusion.errors import REPO_ROOT
+    from guided_diffusion.common.errors import REPO_ROOT
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):

@@ -16,8 +16,9 @@ import torch as th
 
 from conftest import REPO_ROOT, load_script
 
-from guided_diffusion import dist_util, launch_env
-from guided_diffusion.errors import UsageError
+from guided_diffusion import dist_util
+from guided_diffusion.common import launch_env
+from guided_diffusion.common.errors import UsageError
 
 IMAGE_SAMPLE = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
 HELPER = os.path.join(REPO_ROOT, "tests", "mpi_dist_helper.py")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion.inverse import create_operator, dps_sample_loop
-from guided_diffusion.nonfinite import NonFiniteSampleError
-from guided_diffusion.random_streams import batch_streams
+from guided_diffusion.methods.inverse import create_operator, dps_sample_loop
+from guided_diffusion.common.nonfinite import NonFiniteSampleError
+from guided_diffusion.common.random_streams import batch_streams
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 from conftest import tiny_flags

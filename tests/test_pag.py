@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from guided_diffusion.attention_hooks import AttentionHook, perturbation_rows
-from guided_diffusion.perturbations import make_perturbation
-from guided_diffusion.pag import (
+from guided_diffusion.methods.attention_hooks import AttentionHook, perturbation_rows
+from guided_diffusion.methods.perturbations import make_perturbation
+from guided_diffusion.methods.pag import (
     OFFICIAL_IMAGENET256_LAYERS,
     PAGGuidedModel,
     attention_block_names,
@@ -20,7 +20,7 @@ from guided_diffusion.pag import (
     resolve_layers,
     scale_from_guide_scale,
 )
-from guided_diffusion.two_pass import pag_two_pass
+from guided_diffusion.methods.two_pass import pag_two_pass
 from guided_diffusion.unet import AttentionBlock, SuperResModel, UNetModel
 
 from conftest import GUIDED_PATHS, randomize, reference_file

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import perturbations
-from guided_diffusion.pag import PAGGuidedModel
-from guided_diffusion.random_streams import batch_streams, perturbation_generator, sample_generator
+from guided_diffusion.methods import perturbations
+from guided_diffusion.methods.pag import PAGGuidedModel
+from guided_diffusion.common.random_streams import batch_streams, perturbation_generator, sample_generator
 
 from conftest import REPO_ROOT, tiny_flags
 from test_perturbations import batch, tiny_unet

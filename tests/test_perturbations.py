@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.pag import PAGGuidedModel, perturb_attention, resolve_layers
-from guided_diffusion.perturbations import KINDS, gaussian_blur2d, make_perturbation
+from guided_diffusion.methods.pag import PAGGuidedModel, perturb_attention, resolve_layers
+from guided_diffusion.methods.perturbations import KINDS, gaussian_blur2d, make_perturbation
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.unet import AttentionBlock, UNetModel
 
@@ -395,7 +395,7 @@ def test_kinds_table_and_descriptions():
     ],
 )
 def test_pag_perturbation_flags(values, kind, params):
-    from guided_diffusion.guidance import PAGFlags, check_guidance_args
+    from guided_diffusion.run.guidance import PAGFlags, check_guidance_args
 
     args = flag_args(pag_scale=-0.5, **values)  # any finite scale, negative too
     check_guidance_args(args)
@@ -409,7 +409,7 @@ def test_pag_perturbation_flags(values, kind, params):
 def test_a_pag_spec_is_built_once_and_used_as_it_is():
     import dataclasses
 
-    from guided_diffusion.guidance import PAGFlags
+    from guided_diffusion.run.guidance import PAGFlags
 
     args = flag_args(pag_scale=1.0, pag_perturbation="mask", pag_drop_rate="0.5", pag_interval="0,499")
     spec = PAGFlags().spec(args)
@@ -437,8 +437,8 @@ def test_a_pag_spec_is_built_once_and_used_as_it_is():
     ],
 )
 def test_pag_perturbation_flag_errors(values, message):
-    from guided_diffusion.errors import UsageError
-    from guided_diffusion.guidance import check_guidance_args
+    from guided_diffusion.common.errors import UsageError
+    from guided_diffusion.run.guidance import check_guidance_args
 
     with pytest.raises(UsageError) as info:
         check_guidance_args(flag_args(**values))
@@ -452,8 +452,8 @@ def parse_row(name):
     """
     (row, args) of a shipped row config, parsed with its script's parser.
     """
-    from guided_diffusion.flag_files import expand_flag_files, resolve_config
-    from guided_diffusion.table_rows import select_configs
+    from guided_diffusion.run.flag_files import expand_flag_files, resolve_config
+    from guided_diffusion.tables.table_rows import select_configs
 
     from conftest import load_script
 
@@ -469,7 +469,7 @@ def row_names(pattern):
     """
     The row configs a reproduce.py glob selects (shared bases are not rows).
     """
-    from guided_diffusion.table_rows import select_configs
+    from guided_diffusion.tables.table_rows import select_configs
 
     return sorted(row.name for row in select_configs([pattern]))
 
@@ -484,7 +484,7 @@ def adm256_uncond_blocks():
 
 
 def test_adm256_perturbation_rows():
-    from guided_diffusion.guidance import PAGFlags, check_guidance_args
+    from guided_diffusion.run.guidance import PAGFlags, check_guidance_args
 
     expected = {
         "adm256_kind_identity": ("identity", {}, 32.34),
@@ -509,7 +509,7 @@ def test_adm256_perturbation_rows():
 
 
 def test_adm256_layer_and_scale_rows():
-    from guided_diffusion.pag import OFFICIAL_IMAGENET256_LAYERS, attention_block_names
+    from guided_diffusion.methods.pag import OFFICIAL_IMAGENET256_LAYERS, attention_block_names
 
     model = adm256_uncond_blocks()
     layers = []
@@ -528,7 +528,7 @@ def test_adm256_layer_and_scale_rows():
 
 
 def test_digits_kind_and_layer_rows():
-    from guided_diffusion.guidance import PAGFlags
+    from guided_diffusion.run.guidance import PAGFlags
 
     kinds = set()
     for name in row_names("digits16_kind_*"):
@@ -538,7 +538,7 @@ def test_digits_kind_and_layer_rows():
         kind, params = spec.kind, spec.params
         kinds.add(kind + ("_offdiag" if params.get("retain_diag") else ""))
     assert kinds == set(KINDS) | {"mask_offdiag"}
-    from guided_diffusion.pag import attention_block_names
+    from guided_diffusion.methods.pag import attention_block_names
     from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 
     _, args = parse_row("digits16_layer_middle")
@@ -549,7 +549,7 @@ def test_digits_kind_and_layer_rows():
 
 
 def test_digits_interval_and_ddim_rows():
-    from guided_diffusion.guidance import parse_interval
+    from guided_diffusion.run.guidance import parse_interval
 
     early = parse_row("digits16_interval_early")[1]
     late = parse_row("digits16_interval_late")[1]

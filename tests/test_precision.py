@@ -1,5 +1,5 @@
 """
-The sampling precision policy (guided_diffusion/precision.py): TF32 off unless --allow_tf32, deterministic kernels
+The sampling precision policy (guided_diffusion/run/precision.py): TF32 off unless --allow_tf32, deterministic kernels
 with --deterministic, and the one line where PyTorch has no deterministic CUDA kernel.
 """
 
@@ -11,7 +11,7 @@ import torch as th
 
 from conftest import REPO_ROOT, load_script
 
-from guided_diffusion import precision, sampling_cli
+from guided_diffusion.run import precision, sampling_cli
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_not_deterministic_note():
 
 def test_dps_names_its_reflection_padding(capsys):
     inverse = load_script("inverse_sample")
-    from guided_diffusion.inverse import create_operator
+    from guided_diffusion.methods.inverse import create_operator
 
     args = SimpleNamespace(task="gaussian_blur", sag_scale=0.0, pag_scale=0.0, pag_perturbation="identity",
                            deterministic=True)

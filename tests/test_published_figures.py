@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from guided_diffusion.table_rows import is_row, load_row
+from guided_diffusion.tables.table_rows import is_row, load_row
 
 from conftest import REPO_ROOT
 

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import pag, row_runner, run_store, sampler_launch
-from guided_diffusion.flag_files import available_configs, expand_flag_files, resolve_config
-from guided_diffusion.results_table import render_table
-from guided_diffusion.sampler_flags import image_sample_argparser
-from guided_diffusion.sampler_launch import launch_settings, run_streaming, sampler_command, sampler_env
+from guided_diffusion.methods import pag
+from guided_diffusion.tables import row_runner, sampler_launch
+from guided_diffusion.run import run_store
+from guided_diffusion.run.flag_files import available_configs, expand_flag_files, resolve_config
+from guided_diffusion.tables.results_table import render_table
+from guided_diffusion.run.sampler_flags import image_sample_argparser
+from guided_diffusion.tables.sampler_launch import launch_settings, run_streaming, sampler_command, sampler_env
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.table_rows import (
+from guided_diffusion.tables.table_rows import (
     ReproduceError,
     load_row,
     parse_published,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from guided_diffusion.gaussian_diffusion import ModelMeanType
-from guided_diffusion.sag import SAGGuidedModel, sag_layer_name
+from guided_diffusion.methods.sag import SAGGuidedModel, sag_layer_name
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.unet import AttentionBlock
 
@@ -308,8 +308,8 @@ def test_images_smaller_than_the_blur_kernel_are_reported():
 
 
 def test_sag_flag_checks():
-    from guided_diffusion.errors import UsageError
-    from guided_diffusion.guidance import GUIDANCE_METHODS, SAGFlags, check_guidance_args, guide_model
+    from guided_diffusion.common.errors import UsageError
+    from guided_diffusion.run.guidance import GUIDANCE_METHODS, SAGFlags, check_guidance_args, guide_model
 
     assert [m.name for m in GUIDANCE_METHODS] == ["PAG", "SAG"]
     args = flag_args()
@@ -400,8 +400,8 @@ def test_scripts_sample_with_sag_and_perturbations(tiny_checkpoints, tmp_path):
 
 
 def test_sag_rows_carry_the_readme_settings():
-    from guided_diffusion.guidance import SAGFlags, check_guidance_args
-    from guided_diffusion.pag import resolve_layers
+    from guided_diffusion.run.guidance import SAGFlags, check_guidance_args
+    from guided_diffusion.methods.pag import resolve_layers
     from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 
     from test_perturbations import parse_row, row_names

@@ -22,14 +22,14 @@ import torch as th
 
 from conftest import REPO_ROOT, TINY_SAMPLING_FLAGS, flags, load_script, randomize_zero_params, tiny_flags
 
-from guided_diffusion import run_store
-from guided_diffusion.errors import UsageError
-from guided_diffusion.guidance import PAGFlags, parse_interval
-from guided_diffusion.image_output import image_bytes, image_grid, to_uint8_images
-from guided_diffusion.random_streams import PerSampleNoise, sample_generator
+from guided_diffusion.run import run_store
+from guided_diffusion.common.errors import UsageError
+from guided_diffusion.run.guidance import PAGFlags, parse_interval
+from guided_diffusion.run.image_output import image_bytes, image_grid, to_uint8_images
+from guided_diffusion.common.random_streams import PerSampleNoise, sample_generator
 from guided_diffusion.respace import space_timesteps
-from guided_diffusion.run_store import missing_batches
-from guided_diffusion.sampling_cli import sample_images
+from guided_diffusion.run.run_store import missing_batches
+from guided_diffusion.run.sampling_cli import sample_images
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     classifier_defaults,
@@ -58,7 +58,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def digest_cache(tmp_path, monkeypatch):
-    # Checkpoint digests are cached per file identity (guided_diffusion/file_digest.py); each test gets its own
+    # Checkpoint digests are cached per file identity (guided_diffusion/common/file_digest.py); each test gets its own
     # cache folder.
     monkeypatch.setenv("PAG_ADM_DIGEST_DIR", str(tmp_path / "digests"))
 
@@ -227,7 +227,7 @@ def test_parse_pag_interval():
 
 
 def test_pag_interval_follows_rescaled_timesteps():
-    pytest.importorskip("guided_diffusion.pag")
+    pytest.importorskip("guided_diffusion.methods.pag")
     args = model_and_diffusion_defaults()
     args.update(TINY_SAMPLING_FLAGS, timestep_respacing="")
     model, diffusion = create_model_and_diffusion(**args)
@@ -415,7 +415,7 @@ def test_resume_after_the_checkpoint_was_swapped_is_refused(image_sample, tmp_pa
 
 
 def test_file_digest_is_cached_per_identity_and_sees_a_swap(tmp_path, monkeypatch):
-    from guided_diffusion import file_digest
+    from guided_diffusion.common import file_digest
 
     path = tmp_path / "weights.bin"
     path.write_bytes(b"a" * 1000)
@@ -499,7 +499,7 @@ def test_a_grid_that_fails_after_sampling_keeps_the_samples(image_sample, ckpt, 
 def test_unwritable_reason_tries_a_probe_file(tmp_path, monkeypatch):
     import tempfile
 
-    from guided_diffusion.atomic_io import unwritable_reason
+    from guided_diffusion.common.atomic_io import unwritable_reason
 
     assert unwritable_reason(str(tmp_path / "new" / "deeper")) is None
     assert not (tmp_path / "new").exists() and os.listdir(tmp_path) == []
@@ -514,7 +514,7 @@ def test_unwritable_reason_tries_a_probe_file(tmp_path, monkeypatch):
 
 _HOLD_LOCK = """
 import sys, time
-from guided_diffusion.run_store import RunLock
+from guided_diffusion.run.run_store import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)
@@ -712,7 +712,7 @@ def test_flags_of_a_method_that_is_off_are_reported(image_sample, ckpt, tmp_path
 
 
 def test_a_bad_attention_backend_is_refused_before_anything_runs(image_sample, ckpt, tmp_path, capsys, monkeypatch):
-    from guided_diffusion import attention_backends
+    from guided_diffusion.common import attention_backends
 
     monkeypatch.setattr(attention_backends, "_attention_backend", "flash")
     monkeypatch.setattr(attention_backends, "_attention_backend_source", attention_backends.ATTENTION_BACKEND_ENV)
@@ -791,7 +791,7 @@ def test_grid_format_follows_its_name_and_bare_names_go_in_the_run_folder(image_
 def test_ctrl_c_says_how_to_resume(image_sample, ckpt, tmp_path, capsys, monkeypatch):
     import tempfile
 
-    from guided_diffusion import sampling_cli
+    from guided_diffusion.run import sampling_cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -942,7 +942,7 @@ def test_super_res_sample_rejects_bad_base_samples(super_res_sample, sr_files, t
 
 
 def test_small_images_are_enlarged_for_the_grid():
-    from guided_diffusion.image_output import enlarge_small
+    from guided_diffusion.run.image_output import enlarge_small
 
     images = np.arange(2 * 16 * 16 * 3, dtype=np.uint8).reshape(2, 16, 16, 3)
     big = enlarge_small(images)

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import load_script
 
-from guided_diffusion import run_store
-from guided_diffusion.errors import UsageError
+from guided_diffusion.run import run_store
+from guided_diffusion.common.errors import UsageError
 
 # The embedded digits model, five steps; seven samples in batches of two make four batches.
 TINY_RUN = ["--timestep_respacing", "5", "--num_samples", "7", "--batch_size", "2", "--seed", "5", "--grid", ""]

@@ -16,7 +16,7 @@ pytest.importorskip("guided_diffusion.gaussian_diffusion")
 pytest.importorskip("guided_diffusion.resample")
 
 from guided_diffusion import logger, train_util  # noqa: E402
-from guided_diffusion.atomic_io import torch_save_atomic  # noqa: E402
+from guided_diffusion.common.atomic_io import torch_save_atomic  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,

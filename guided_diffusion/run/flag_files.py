@@ -13,9 +13,9 @@ import re
 import shlex
 import sys
 
-from .errors import OneLineErrorParser
+from ..common.errors import OneLineErrorParser, REPO_ROOT
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 CONFIG_SUFFIX = ".cfg"
 
 

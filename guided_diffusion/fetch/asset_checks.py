@@ -13,8 +13,8 @@ import torch
 
 from evaluations.restoration import LPIPS_BACKBONES
 
-from . import script_util as su
-from .file_digest import sha256_of
+from .. import script_util as su
+from ..common.file_digest import sha256_of
 
 
 class VerificationError(Exception):

@@ -22,17 +22,17 @@ from typing import Any, List, Optional
 import numpy as np
 
 from evaluations.device import default_device
-from evaluations.evaluator import CACHE_ENV, SCORING_VERSION, Evaluator, default_cache_dir
+from evaluations.evaluator import CACHE_ENV, Evaluator, SCORING_VERSION, default_cache_dir
 from evaluations.feature_nets import load_feature_net
 from evaluations.npz_io import BatchFormatError
 from evaluations.restoration import restoration_metrics
 
-from .assets import fetch_command, fetch_hint
-from .atomic_io import unwritable_reason, write_json_atomic
-from .errors import REPO_ROOT
-from .file_digest import file_record
-from .run_info import environment
-from .run_store import (
+from ..common.assets import fetch_command, fetch_hint
+from ..common.atomic_io import unwritable_reason, write_json_atomic
+from ..common.errors import REPO_ROOT
+from ..common.file_digest import file_record
+from ..run.run_info import environment
+from ..run.run_store import (
     FLAGS_FREE_ON_RESUME,
     STOP_AFTER_ENV,
     STOP_EXIT_CODE,

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import torch as th
 
-from .atomic_io import atomic_write
-from .errors import UsageError
+from ..common.atomic_io import atomic_write
+from ..common.errors import UsageError
 
 # The grid written by --grid shows at most this many of the first samples.
 GRID_MAX_IMAGES = 64

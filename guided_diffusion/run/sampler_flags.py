@@ -4,8 +4,8 @@ inverse_sample.py): each script's own defaults on top of the flags every sampler
 row runner (row_runner.py, which checks a row's flags before it starts the script) parse with the same parser.
 """
 
+from ..script_util import classifier_defaults, model_and_diffusion_defaults
 from .sampling_cli import create_sampling_argparser
-from .script_util import classifier_defaults, model_and_diffusion_defaults
 
 
 def image_sample_argparser(description=""):

@@ -4,11 +4,11 @@ Finding and loading the checkpoints the sampling scripts are given.
 
 import os
 
-from . import dist_util
-from .assets import fetch_hint
-from .atomic_io import unwritable_reason
-from .errors import UsageError, not_found
-from .state_dict_check import describe_mismatch
+from .. import dist_util
+from ..common.assets import fetch_hint
+from ..common.atomic_io import unwritable_reason
+from ..common.errors import UsageError, not_found
+from ..common.state_dict_check import describe_mismatch
 
 
 def resolve_checkpoint(path, flag, what, kind):

@@ -25,20 +25,20 @@ import sys
 import tempfile
 from types import SimpleNamespace
 
-from . import dist_util, logger
-from .attention_backends import get_attention_backend
+from .. import dist_util, logger
+from ..common.attention_backends import get_attention_backend
 from .checkpoints import load_for_sampling, resolve_checkpoint, resolve_output_folder
-from .errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
+from ..common.errors import UsageError, exit_with_usage_error  # noqa: F401 (re-exported for the scripts)
 from .flag_files import FlagFileArgumentParser
 from .guidance import check_guidance_args, guidance_defaults, guide_model, ignored_flags_warnings
-from .nonfinite import NonFiniteSampleError
+from ..common.nonfinite import NonFiniteSampleError
 from .image_output import grid_format, to_uint8_images
 from .precision import apply_precision_policy, not_deterministic_note
-from .random_streams import PerSampleNoise
+from ..common.random_streams import PerSampleNoise
 from . import run_store
-from .respace import space_timesteps
+from ..respace import space_timesteps
 from .run_store import RunComplete, mpi_comm, parse_shard, run_record, run_sampling, shard_range
-from .script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
+from ..script_util import add_dict_to_argparser, args_to_dict, check_channel_flags
 
 
 def sampling_defaults():

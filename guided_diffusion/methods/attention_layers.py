@@ -3,7 +3,7 @@ The names guidance methods select ADM's attention blocks by: a block's module na
 "input_blocks.14.1") or an alias for a part of the U-Net ("middle", "input"/"encoder", "output"/"decoder", "all").
 """
 
-from .unet import AttentionBlock
+from ..unet import AttentionBlock
 
 # Layer aliases: alias -> prefix of the module names it selects.
 LAYER_ALIASES = {

@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-from .attention_layers import resolve_layers
-from .errors import UsageError
-from .pag import PAGGuidedModel
-from .perturbations import KINDS, make_perturbation
-from .sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER, SAGGuidedModel
+from ..common.errors import UsageError
+from ..methods.attention_layers import resolve_layers
+from ..methods.pag import PAGGuidedModel
+from ..methods.perturbations import KINDS, make_perturbation
+from ..methods.sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER, SAGGuidedModel
 
 
 def parse_interval(text, diffusion_steps, flag):

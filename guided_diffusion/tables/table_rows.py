@@ -22,8 +22,8 @@ import json
 import math
 import os
 
-from .flag_files import CONFIG_DIR, available_configs, resolve_config, suggest_names
-from .guidance import describe_guidance
+from ..run.flag_files import CONFIG_DIR, available_configs, resolve_config, suggest_names
+from ..run.guidance import describe_guidance
 
 METADATA_KEYS = (
     "script",

@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 
-from .assets import fetch_hint
-from .errors import REPO_ROOT
-from .sampler_flags import SAMPLER_ARGPARSERS
+from ..common.assets import fetch_hint
+from ..common.errors import REPO_ROOT
+from ..run.sampler_flags import SAMPLER_ARGPARSERS
 from .table_rows import ReproduceError, how_to_get
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")

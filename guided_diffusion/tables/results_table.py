@@ -9,7 +9,7 @@ import math
 import os
 from types import SimpleNamespace
 
-from .atomic_io import write_json_atomic, write_text_atomic
+from ..common.atomic_io import write_json_atomic, write_text_atomic
 from .table_rows import (
     INVERSE_SCRIPT,
     METRICS,

@@ -36,13 +36,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 # dist_util registers the torch.distributed set-up that launch_env.comm() needs under torchrun and srun.
-from . import dist_util, logger  # noqa: F401
-from .atomic_io import atomic_write, remove_temporary_files, save_npz_atomic, unwritable_reason, write_json_atomic
-from .errors import UsageError
-from .file_digest import file_record
+from .. import dist_util, logger  # noqa: F401
+from ..common.atomic_io import (
+    atomic_write,
+    remove_temporary_files,
+    save_npz_atomic,
+    unwritable_reason,
+    write_json_atomic,
+)
+from ..common.errors import UsageError
+from ..common.file_digest import file_record
 from .image_output import first_samples, save_grid
-from .launch_env import comm
-from .random_streams import batch_streams, sample_generator
+from ..common.launch_env import comm
+from ..common.random_streams import batch_streams, sample_generator
 from .run_info import environment
 
 # Set to a positive integer k, a run stops (exit status 3) after each rank has finished k batches: an interrupted
