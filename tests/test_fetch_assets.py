@@ -447,9 +447,9 @@ def test_architectures_are_the_released_specs():
 ])
 def test_architectures_are_those_the_configs_build(config, architecture):
     # A checkpoint that passes the fetch check then also loads in the rows that use it.
-    from guided_diffusion.run.flag_files import config_flags
+    from guided_diffusion.run.flag_files import config_flags, config_path
 
-    given = config_flags(os.path.join(REPO_ROOT, "configs", config + ".cfg"))
+    given = config_flags(config_path(config))
     defaults = su.model_and_diffusion_defaults()
     for key, value in assets.ARCHITECTURES[architecture][1].items():
         assert given.get(key, str(defaults[key])) == str(value), key

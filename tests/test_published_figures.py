@@ -29,7 +29,7 @@ SAG_README = {
 
 
 def _rows():
-    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.cfg")))
+    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.cfg")))
     return [load_row(p) for p in paths if is_row(p)]
 
 
