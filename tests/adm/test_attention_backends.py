@@ -236,7 +236,7 @@ def _run_with_env(value, code):
 def test_environment_variable_selects_the_backend():
     code = (
         "import torch as th\n"
-        "from guided_diffusion import attention_backends\n"
+        "from guided_diffusion.common import attention_backends\n"
         "print(attention_backends.get_attention_backend(), attention_backends.resolved_attention_backend())\n"
         "attention_backends.set_attention_backend('auto')\n"
         "print(attention_backends.set_attention_backend(None))\n"
