@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 import torch as th
+from tqdm.auto import tqdm
 
 from guided_diffusion.common import attention_backends
 from guided_diffusion.common.atomic_io import write_json_atomic
@@ -248,8 +249,6 @@ def main(argv=None):
         th.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args)
-
-    from tqdm.auto import tqdm
 
     device = th.device(args.device)
     # The samplers' precision policy (guided_diffusion/run/precision.py): TF32 off unless asked for.

@@ -28,11 +28,14 @@ import os
 import sys
 import urllib.error
 
+from tqdm import tqdm
+
 from guided_diffusion.fetch import asset_checks
 from guided_diffusion.common import assets
 from guided_diffusion.fetch.download import DownloadError, discard_part, download_part, part_path, remote_size
 from guided_diffusion.common.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.run.flag_files import CONFIG_DIR, available_configs, config_flags, config_path, resolve_config
+from guided_diffusion.tables.table_rows import ReproduceError, is_row_metadata, read_metadata
 
 CHECKPOINT_FLAGS = ("model_path", "classifier_path")
 
@@ -106,8 +109,6 @@ def config_needs(path):
     The files a flag file needs: [(file name, path as the config gives it, what for)]: its checkpoints, and for a
     table row also its reference batch and its feature network's weights, as reproduce.py looks them up.
     """
-    from guided_diffusion.tables.table_rows import ReproduceError, is_row_metadata, read_metadata
-
     try:
         meta = read_metadata(path)
         flags = config_flags(path)
@@ -180,8 +181,6 @@ def resolve_names(names, config_dir=CONFIG_DIR):
 
 
 def _progress(name):
-    from tqdm import tqdm
-
     def bar(total, initial):
         return tqdm(
             total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,

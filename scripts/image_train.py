@@ -8,6 +8,7 @@ import numpy as np
 import torch as th
 
 from guided_diffusion import dist_util, logger
+from guided_diffusion.common import launch_env
 from guided_diffusion.common.errors import check_training_data, exit_with_usage_error
 from guided_diffusion.run.flag_files import FlagFileArgumentParser
 from guided_diffusion.image_datasets import load_data
@@ -74,7 +75,6 @@ def main():
 
 def seed_everything(seed):
     # Each rank gets its own stream; the schedule sampler draws from numpy, flips from `random`.
-    from guided_diffusion.common import launch_env
 
     seed = seed + launch_env.rank()
     random.seed(seed)

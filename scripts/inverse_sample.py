@@ -76,7 +76,7 @@ def load_images(args):
             raise UsageError(f"--data_dir {path!r}: arr_0 must hold uint8 images shaped (N, H, W, 3), got {images.dtype} {images.shape}")
         names = [f"{path}[{i}]" for i in range(len(images))]
     elif os.path.isdir(path):
-        from PIL import Image
+        from PIL import Image  # Pillow only for a folder of images (an npz needs none)
 
         images, names = [], []
         for f in list_image_files(path):
@@ -109,7 +109,7 @@ def load_array_file(path, flag):
         raise UsageError(f"{flag} {path!r}: {not_found(path)}")
     if path.endswith(".npy"):
         return np.load(path)
-    from PIL import Image
+    from PIL import Image  # Pillow only for an image file (a .npy needs none)
 
     with Image.open(path) as im:
         return np.asarray(im.convert("L"), dtype=np.float64) / 255.0

@@ -4,8 +4,11 @@ super_res_sample.py or inverse_sample.py) into the single samples_NxHxWx3.npz th
 writes: same arrays, same order, bit for bit (with the same --seed and --batch_size on every shard).
 """
 
+import numpy as np
+
 from guided_diffusion.common.errors import OneLineErrorParser, UsageError
-from guided_diffusion.run.run_store import merge_shards
+from guided_diffusion.run.image_output import first_samples, save_grid
+from guided_diffusion.run.run_store import grid_path, merge_shards
 
 
 def main(argv=None):
@@ -20,11 +23,6 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     print(f"merged into {path}")
     if args.grid:
-        import numpy as np
-
-        from guided_diffusion.run.image_output import first_samples, save_grid
-        from guided_diffusion.run.run_store import grid_path
-
         with np.load(path) as data:
             arrays = [data[k] for k in data.files]
         grid = grid_path(args.grid, args.folder)

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from evaluations.device import resolve_device
 from guided_diffusion.common.errors import REPO_ROOT, OneLineErrorParser
 from guided_diffusion.run.flag_files import CONFIG_DIR
 from guided_diffusion.tables.results_table import write_table
@@ -74,7 +75,6 @@ def main(argv=None):
     if problem:
         sys.stderr.write(f"{parser.prog}: error: {problem}\n")
         return 2
-    from evaluations.device import resolve_device
 
     try:
         # The evaluator's check (a device this machine has), then the sampler's placement.
