@@ -1,10 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="guided-diffusion-pag",
     version="0.1.0",
     description="ADM (guided-diffusion) with Perturbed-Attention Guidance",
-    packages=["guided_diffusion", "evaluations"],
+    packages=find_packages(include=["guided_diffusion", "guided_diffusion.*", "evaluations", "evaluations.*"]),
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "scipy", "blobfile", "mpi4py", "tqdm", "Pillow"],
     extras_require={

@@ -31,8 +31,8 @@ python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" |
 
 # 1. The CUDA tests, and the suites whose CPU/GPU split changed with CUDA present (process groups, GPU mapping).
 step pytest 150 python -m pytest -q -rs \
-    tests/test_attention_backends.py tests/test_fp16.py tests/test_dist_logger.py tests/test_launch.py \
-    tests/test_device_placement.py tests/test_precision.py tests/test_reference_numerics.py
+    tests/adm/test_attention_backends.py tests/adm/test_fp16.py tests/adm/test_dist_logger.py tests/common/test_launch.py \
+    tests/run/test_device_placement.py tests/run/test_precision.py tests/adm/test_reference_numerics.py
 cp "$OUT_DIR/pytest.log" "$OUT_DIR/pytest.txt" 2>/dev/null
 
 # 2. Goldens in float32 / float16, TF32 drift of sampled uint8 values, 1 vs 2 ranks with --deterministic.

@@ -24,6 +24,7 @@ import time
 
 import torch as th
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from guided_diffusion.common.atomic_io import write_json_atomic
 from guided_diffusion.methods.pag import OFFICIAL_IMAGENET256_LAYERS, PAGGuidedModel
@@ -96,8 +97,6 @@ def main():
         parser.error("--batch_size and --repeats must be positive, --warmup non-negative")
     if args.threads:
         th.set_num_threads(args.threads)
-
-    from tqdm.auto import tqdm
 
     device = th.device(args.device)
     th.manual_seed(0)

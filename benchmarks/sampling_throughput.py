@@ -9,7 +9,7 @@ Variants (timed in one run, interleaved so background load hits every variant al
   ours: batched+prefix, sdpa  PAGGuidedModel(): one pass on the doubled batch after a shared prefix, sdpa
 Optional extra rows (--extra): "channels_last" and "compile" (torch.compile of the torso), both on top of ours.
 
-The model, the PAG scale and layers come from a flag file (default configs/adm256_cond_ddim25_pag.cfg, i.e. the
+The model, the PAG scale and layers come from a flag file (default configs/adm256/adm256_cond_ddim25_pag.cfg, i.e. the
 official layers input_blocks.14.1,16.1,17.1 and middle_block.1 at s = 3). Defaults depend on --device:
   cpu:   a reduced size that finishes in a few minutes: 64x64 inputs, 64 base channels, DDIM 2 steps, batch 2
   cuda:  the paper's setting: 256x256, 256 channels (554M parameters), DDIM 25 steps, batch 16
@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 import torch as th
+from tqdm.auto import tqdm
 
 from guided_diffusion.common import attention_backends
 from guided_diffusion.common.atomic_io import write_json_atomic
@@ -248,8 +249,6 @@ def main(argv=None):
         th.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args)
-
-    from tqdm.auto import tqdm
 
     device = th.device(args.device)
     # The samplers' precision policy (guided_diffusion/run/precision.py): TF32 off unless asked for.

@@ -1,6 +1,6 @@
 """
 A faster arrangement of the FID Inception-v3 (inception.FIDInceptionV3), computing the same
-function up to float32 rounding (features within 1e-5 relative; tests/test_eval_inception_fast.py).
+function up to float32 rounding (features within 1e-5 relative; tests/evaluations/test_eval_inception_fast.py).
 
 Built from a loaded FIDInceptionV3 at load time; the reference network stays the definition.
 What changes, each measured to pay on the CPU (benchmarks/evaluator_throughput.py):

@@ -17,7 +17,7 @@ config (configs/NAME.cfg, a path, or a quoted glob over config names): the check
 Each file streams into NAME.part beside its destination with a progress bar; an interrupted download resumes from
 there (HTTP Range) when the same command runs again. It is renamed into place only once complete (the size the
 server announced) and verified: ADM's checkpoints load with strict=True into the architecture of ADM's README
-flags (DPS's into that of configs/ffhq256_model.cfg), reference batches are npz files of uint8 images, the
+flags (DPS's into that of configs/ffhq256/ffhq256_model.cfg), reference batches are npz files of uint8 images, the
 Inception and torchvision weights match the sha256 prefix in their names, DINOv2's have exactly the keys and
 shapes of ViT-L/14, LPIPS's linear layers have LPIPS v0.1's shapes. A file already in place and verified is skipped. See docs/reproduce.md.
 """
@@ -32,7 +32,7 @@ from guided_diffusion.fetch import asset_checks
 from guided_diffusion.common import assets
 from guided_diffusion.fetch.download import DownloadError, discard_part, download_part, part_path, remote_size
 from guided_diffusion.common.errors import REPO_ROOT, OneLineErrorParser
-from guided_diffusion.run.flag_files import CONFIG_DIR, available_configs, config_flags, resolve_config
+from guided_diffusion.run.flag_files import CONFIG_DIR, available_configs, config_flags, config_path, resolve_config
 from guided_diffusion.tables.table_rows import ReproduceError, is_row_metadata, read_metadata
 
 # --ag_model_path: autoguidance's guide checkpoint (rows that autoguide).
@@ -165,7 +165,7 @@ def resolve_names(names, config_dir=CONFIG_DIR):
             if not matched:
                 raise FetchUsageError(f"no config matches {name!r} (configs are in {config_dir})")
             for config in matched:
-                add_config(os.path.join(config_dir, config + ".cfg"))
+                add_config(config_path(config, config_dir))
         else:
             path = _config_path(name, config_dir)
             if path is None:

@@ -7,7 +7,7 @@ compute FID and other metrics. ADM's flags and output, plus the guidance flags o
 and with the guidance flags.
 
 With no --model_path and no model flags it samples the embedded 16x16 digits model (models/digits16.pt) with the
-flags of configs/digits16_sample.cfg: 64 samples, DDIM over 10 steps, PAG s = 3 on the middle block, the same
+flags of configs/digits16/digits16_sample.cfg: 64 samples, DDIM over 10 steps, PAG s = 3 on the middle block, the same
 seeds without guidance beside them (--compare), into samples/digits16; flags given override the config's.
 
 Runs on one process or as N ranks under `mpiexec -n N`, `torchrun --nproc_per_node N` or `srun` (docs/cluster.md;

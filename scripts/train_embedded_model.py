@@ -3,7 +3,7 @@ Reproduce the embedded default model (models/digits16.pt) from scratch.
 
 Trains on the shipped digits dataset (datasets/digits16.npz, built from scikit-learn's digits by
 scripts/make_digits_dataset.py; scikit-learn is not needed here) with scripts/image_train.py and
-configs/digits16_train.cfg (fixed seed), then copies the final EMA weights to --out and writes a JSON record of the
+configs/digits16/digits16_train.cfg (fixed seed), then copies the final EMA weights to --out and writes a JSON record of the
 run beside them (the flags it really ran with, the final logged loss). A progress bar follows the training log;
 ADM's loss tables go to --work_dir's log.txt and progress.csv.
 Rerunning the same command resumes from the last checkpoint in --work_dir.
@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from guided_diffusion.common.atomic_io import atomic_write, write_json_atomic
 from guided_diffusion.common.errors import REPO_ROOT as REPO
-from guided_diffusion.run.flag_files import config_flags
+from guided_diffusion.run.flag_files import config_flags, config_path
 
-TRAIN_CONFIG = os.path.join(REPO, "configs", "digits16_train.cfg")
+TRAIN_CONFIG = config_path("digits16_train")
 DATASET = os.path.join(REPO, "datasets", "digits16.npz")
 
 
@@ -97,7 +97,7 @@ def main():
     parser.add_argument(
         "--config",
         default=TRAIN_CONFIG,
-        help="the training flags (default configs/digits16_train.cfg; configs/digits16_weak_train.cfg builds the "
+        help="the training flags (default configs/digits16/digits16_train.cfg; configs/digits16/digits16_weak_train.cfg builds the "
         "autoguidance guide models/digits16_weak.pt)",
     )
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +11,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADM_REFERENCE = os.environ.get(
     "ADM_REFERENCE_DIR", os.path.join(os.path.dirname(REPO_ROOT), "shared", "adm_reference")
 )
+
+# tests/ mirrors the package (adm/, common/, methods/, run/, tables/, fetch/, evaluations/); test modules share
+# fixtures and helpers across those folders by module name (from test_sampling_scripts import ckpt), as they did
+# in one flat folder, so every folder is importable. Test file names are unique across the folders.
+for _folder in sorted(os.listdir(os.path.dirname(os.path.abspath(__file__)))):
+    _path = os.path.join(os.path.dirname(os.path.abspath(__file__)), _folder)
+    if os.path.isdir(_path) and not _folder.startswith((".", "_")) and _path not in sys.path:
+        sys.path.append(_path)
 
 # Two cores are shared by everything that runs here; more threads only add contention.
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -1,6 +1,6 @@
 """
 Run with two ranks under any launcher: `mpiexec -n 2`, `torchrun --nproc_per_node 2`, or two srun-like processes
-(python tests/mpi_dist_helper.py TMPDIR LAUNCHER); tests/test_dist_logger.py and tests/test_launch.py drive it.
+(python tests/mpi_dist_helper.py TMPDIR LAUNCHER); tests/adm/test_dist_logger.py and tests/common/test_launch.py drive it.
 
 Each check raises on failure; rank 0 prints "ALL OK" at the end.
 """

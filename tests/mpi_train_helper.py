@@ -1,6 +1,6 @@
 """
-Run with two ranks, `mpiexec -n 2 python tests/mpi_train_helper.py TMPDIR` or under torchrun; tests/test_training.py
-and tests/test_launch.py drive it.
+Run with two ranks, `mpiexec -n 2 python tests/mpi_train_helper.py TMPDIR` or under torchrun; tests/adm/test_training.py
+and tests/common/test_launch.py drive it.
 
 Each rank starts from different weights and sees different data; after TrainLoop steps the replicas must
 still be identical (rank 0's weights broadcast, gradients averaged by DDP). Rank 0 prints "ALL OK".

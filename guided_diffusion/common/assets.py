@@ -95,7 +95,7 @@ ARCHITECTURES = {
         resblock_updown=True, use_scale_shift_norm=True)),
     # The LSUN models use the unconditional 256x256 architecture (dropout changes no weights).
     "lsun": ("model", dict(_ADM256, class_cond=False, dropout=0.1)),
-    # DPS's configs/model_config.yaml, as configs/ffhq256_model.cfg gives it.
+    # DPS's configs/model_config.yaml, as configs/ffhq256/ffhq256_model.cfg gives it.
     "ffhq_10m": ("model", dict(
         image_size=256, num_channels=128, num_res_blocks=1, attention_resolutions="16", num_heads=4,
         num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True, class_cond=False,

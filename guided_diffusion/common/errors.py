@@ -8,7 +8,7 @@ import os
 from .launch_env import rank
 
 # The checkout holding this package; the configs' relative paths (models/, datasets/) are relative to it.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class UsageError(ValueError):

@@ -30,7 +30,7 @@ TRAINING = "training"
 # The order groups appear in --help.
 GROUP_ORDER = (INPUT, MODEL, DIFFUSION, SAMPLING, CLASSIFIER, PAG, SAG, AG, TASK, TRAINING, OUTPUT)
 
-# Enumerations, spelled here so this table needs no torch; tests/test_help.py holds them equal to the code's.
+# Enumerations, spelled here so this table needs no torch; tests/run/test_help.py holds them equal to the code's.
 NOISE_SCHEDULES = ("linear", "cosine")
 CLASSIFIER_POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
 SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")

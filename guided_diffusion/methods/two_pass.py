@@ -7,7 +7,7 @@ prediction away from the perturbed one,
 on the eps channels, the learned-variance channels (learn_sigma models) taken from the plain pass. Every row is
 guided and each pass sees the whole batch. PAGGuidedModel (pag.py) computes the same thing faster: both branches
 in one batched pass, the stages before the first perturbed block run once (shared prefix), only the rows inside
-t_range perturbed; tests/test_pag.py holds each of its paths equal to this statement.
+t_range perturbed; tests/methods/test_pag.py holds each of its paths equal to this statement.
 """
 
 import torch as th

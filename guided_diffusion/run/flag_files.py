@@ -13,25 +13,43 @@ import re
 import shlex
 import sys
 
-from ..common.errors import OneLineErrorParser
+from ..common.errors import REPO_ROOT, OneLineErrorParser
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 CONFIG_SUFFIX = ".cfg"
 
 
+def config_paths(config_dir=CONFIG_DIR):
+    """
+    {NAME: path} of the flag files NAME.cfg in config_dir and its subfolders (configs/ keeps one folder per model:
+    adm256/, adm128/, ffhq256/, lsun/, digits16/); names are unique across the folders, so a name alone finds its
+    file.
+    """
+    found = {}
+    for root, dirs, files in os.walk(config_dir):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith(CONFIG_SUFFIX):
+                found.setdefault(f[: -len(CONFIG_SUFFIX)], os.path.join(root, f))
+    return found
+
+
 def available_configs(config_dir=CONFIG_DIR):
-    if not os.path.isdir(config_dir):
-        return []
-    return sorted(f[: -len(CONFIG_SUFFIX)] for f in os.listdir(config_dir) if f.endswith(CONFIG_SUFFIX))
+    return sorted(config_paths(config_dir))
+
+
+def config_path(name, config_dir=CONFIG_DIR):
+    """The path of the flag file NAME.cfg under config_dir (in whichever subfolder), or None."""
+    return config_paths(config_dir).get(name)
 
 
 def resolve_config(name, config_dir=CONFIG_DIR):
     """
     Path of a flag file given as a path or as a config name; a clear error when neither exists.
     """
-    candidates = [name, os.path.join(config_dir, name), os.path.join(config_dir, name + CONFIG_SUFFIX)]
+    candidates = [name, os.path.join(config_dir, name), config_path(name, config_dir)]
     for path in candidates:
-        if os.path.isfile(path):
+        if path and os.path.isfile(path):
             return path
     hint = suggest_names(name, available_configs(config_dir), "configs", config_dir)
     raise ValueError(f"unknown config {name!r}: no file {name} or {config_dir}/{name}{CONFIG_SUFFIX}; {hint}")

@@ -3,7 +3,6 @@ What a result was made with, for the records kept beside it: the code's git comm
 device and the number of ranks.
 """
 
-import os
 import platform
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import time
 import numpy as np
 import torch as th
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ..common.errors import REPO_ROOT
 
 
 def _git(*args):

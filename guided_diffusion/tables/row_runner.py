@@ -22,7 +22,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from evaluations.device import default_device
-from evaluations.evaluator import CACHE_ENV, SCORING_VERSION, Evaluator, default_cache_dir
+from evaluations.evaluator import CACHE_ENV, Evaluator, SCORING_VERSION, default_cache_dir
 from evaluations.feature_nets import load_feature_net
 from evaluations.npz_io import BatchFormatError
 from evaluations.restoration import restoration_metrics

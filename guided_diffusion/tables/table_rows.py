@@ -22,7 +22,7 @@ import json
 import math
 import os
 
-from ..run.flag_files import CONFIG_DIR, available_configs, resolve_config, suggest_names
+from ..run.flag_files import CONFIG_DIR, available_configs, config_path, config_paths, resolve_config, suggest_names
 from ..run.guidance import describe_guidance
 
 METADATA_KEYS = (
@@ -181,7 +181,7 @@ def select_configs(patterns, config_dir=CONFIG_DIR):
     for pattern in patterns:
         if any(ch in pattern for ch in "*?[") and not os.path.isfile(pattern):
             names = fnmatch.filter(available_configs(config_dir), pattern)
-            paths = [os.path.join(config_dir, n + ".cfg") for n in names]
+            paths = [config_path(n, config_dir) for n in names]
             found = [load_row(p) for p in paths if is_row(p)]
             if not found:
                 raise ReproduceError(
@@ -204,7 +204,8 @@ def select_configs(patterns, config_dir=CONFIG_DIR):
 
 
 def row_names(config_dir=CONFIG_DIR):
-    return [n for n in available_configs(config_dir) if is_row(os.path.join(config_dir, n + ".cfg"))]
+    paths = config_paths(config_dir)
+    return [n for n in sorted(paths) if is_row(paths[n])]
 
 
 def how_to_get(row, key):

@@ -21,6 +21,7 @@ from guided_diffusion.fetch import asset_checks
 from guided_diffusion.common import assets
 from guided_diffusion import script_util as su
 from guided_diffusion.fetch.download import part_path
+from guided_diffusion.run.flag_files import config_path
 
 from conftest import REPO_ROOT, TINY_ADM_FLAGS, load_script, reference_file
 
@@ -449,7 +450,7 @@ def test_architectures_are_those_the_configs_build(config, architecture):
     # A checkpoint that passes the fetch check then also loads in the rows that use it.
     from guided_diffusion.run.flag_files import config_flags
 
-    given = config_flags(os.path.join(REPO_ROOT, "configs", config + ".cfg"))
+    given = config_flags(config_path(config))
     defaults = su.model_and_diffusion_defaults()
     for key, value in assets.ARCHITECTURES[architecture][1].items():
         assert given.get(key, str(defaults[key])) == str(value), key

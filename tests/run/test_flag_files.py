@@ -9,6 +9,7 @@ import pytest
 from conftest import load_script
 
 from guided_diffusion.run.flag_files import (
+    CONFIG_DIR,
     FlagFileArgumentParser,
     available_configs,
     config_flags,
@@ -91,7 +92,7 @@ def test_values_that_start_with_a_dash_parse(tmp_path):
 
 def test_config_names_resolve_to_the_configs_folder():
     path = resolve_config("digits16_model")
-    assert path.endswith(os.path.join("configs", "digits16_model.cfg"))
+    assert path.endswith(os.path.join("configs", "digits16", "digits16_model.cfg"))
     assert "digits16_model" in available_configs()
 
 
@@ -117,3 +118,16 @@ def test_every_shipped_config_parses_with_its_script():
 def test_config_flags_reads_values():
     flags = config_flags(resolve_config("digits16_model"))
     assert flags["image_size"] == "16" and flags["learn_sigma"] == "True"
+
+
+def test_configs_sit_in_one_folder_per_model_and_their_names_are_unique():
+    # `@NAME` finds configs/MODEL/NAME.cfg by name alone, which needs each name once across the folders.
+    folders = {}
+    for root, _, files in os.walk(CONFIG_DIR):
+        for name in files:
+            if name.endswith(".cfg"):
+                folders.setdefault(name, []).append(os.path.relpath(root, CONFIG_DIR))
+    assert folders and all(len(where) == 1 for where in folders.values()), folders
+    for name, (where,) in folders.items():
+        assert where != "." and name.startswith(where), f"configs/{where}/{name}"
+    assert resolve_config("adm256_model") == os.path.join(CONFIG_DIR, "adm256", "adm256_model.cfg")

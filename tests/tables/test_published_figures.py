@@ -38,7 +38,7 @@ ADM_TABLE4 = {
 
 
 def _rows():
-    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*.cfg")))
+    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.cfg")))
     return [load_row(p) for p in paths if is_row(p)]
 
 

@@ -1,6 +1,6 @@
 """
 scripts/reproduce.py end to end on a tiny random-weight U-Net and a tiny feature network given as file.py:factory,
-and the shipped table-row configs (configs/adm256_*, configs/digits16_*).
+and the shipped table-row configs (configs/adm256/adm256_*, configs/digits16/digits16_*).
 
 The sampler runs as a subprocess (as reproduce.py always runs it); reproduce.py itself runs in this process.
 """
@@ -710,8 +710,6 @@ def test_run_streaming_sets_the_extra_environment(monkeypatch, capsys):
 
 
 def test_feature_nets_load_once_per_spec_and_retry_a_failed_load(monkeypatch):
-    import evaluations.feature_nets
-
     loads = []
 
     def loading(spec, device=None, inception_path=None):
@@ -720,7 +718,7 @@ def test_feature_nets_load_once_per_spec_and_retry_a_failed_load(monkeypatch):
             raise FileNotFoundError("no such weights")
         return object()
 
-    monkeypatch.setattr(evaluations.feature_nets, "load_feature_net", loading)
+    monkeypatch.setattr(row_runner, "load_feature_net", loading)
     nets = row_runner.FeatureNets("cpu", "w.pth")
     assert nets.get("a") is nets.get("a") and nets.get("b") is not nets.get("a")
     for _ in range(2):
