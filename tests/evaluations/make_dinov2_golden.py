@@ -1,11 +1,11 @@
 """
-Write tests/dinov2_golden.pt: the features facebookresearch/dinov2's own model computes behind EDM2's own DINOv2
+Write tests/evaluations/dinov2_golden.pt: the features facebookresearch/dinov2's own model computes behind EDM2's own DINOv2
 detector, for a small ViT of the ViT-L/14 family with random weights in the published format. test_dinov2.py
 checks evaluations/dinov2.py against it.
 
 Neither project's code is part of this repository; this script imports both from local checkouts:
 
-    python tests/make_dinov2_golden.py --dinov2 DINOV2_CHECKOUT --edm2 EDM2_CHECKOUT [--out tests/dinov2_golden.pt]
+    python tests/evaluations/make_dinov2_golden.py --dinov2 DINOV2_CHECKOUT --edm2 EDM2_CHECKOUT [--out tests/evaluations/dinov2_golden.pt]
 
 It builds dinov2's DinoVisionTransformer as its hub's dinov2_vitl14 does (518-pixel positional grid, 14-pixel
 patches, LayerScale, MemEffAttention blocks, no block chunks, interpolate_offset 0.1, no antialias) at a small size,
@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO_ROOT)
 
 from evaluations.dinov2 import ViTShape, random_dinov2_state_dict  # noqa: E402
@@ -63,7 +63,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--dinov2", required=True, help="a checkout of facebookresearch/dinov2")
     parser.add_argument("--edm2", required=True, help="a checkout of NVlabs/edm2")
-    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "tests", "dinov2_golden.pt"))
+    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "tests", "evaluations", "dinov2_golden.pt"))
     parser.add_argument("--dinov2_commit", default="", help="recorded in the golden (default: the checkout's HEAD)")
     parser.add_argument("--edm2_commit", default="", help="recorded in the golden (default: the checkout's HEAD)")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """
 FD_DINOv2's feature network (evaluations/dinov2.py): its features against facebookresearch/dinov2's own model behind
-EDM2's own DINOv2 detector (tests/dinov2_golden.pt, written by tests/make_dinov2_golden.py), the published
+EDM2's own DINOv2 detector (tests/evaluations/dinov2_golden.pt, written by tests/evaluations/make_dinov2_golden.py), the published
 checkpoint's layout, and the network as the evaluator, make_reference_batch.py and fetch_assets.py use it.
 """
 
@@ -22,7 +22,7 @@ from conftest import REPO_ROOT
 from error_bounds import FLOAT32_U, probabilistic_bound
 from make_dinov2_golden import SMALL, images, state_sha256
 
-GOLDEN = torch.load(f"{REPO_ROOT}/tests/dinov2_golden.pt", weights_only=True)
+GOLDEN = torch.load(f"{REPO_ROOT}/tests/evaluations/dinov2_golden.pt", weights_only=True)
 # The issue's tolerance. It lies above float32 rounding of this network: its longest chain of roundings is the
 # 588-tap patch projection, then per block the width-64 products of qkv, proj and fc1, the 257-token attention sum
 # and fc2's 256-wide product (about 2,100 roundings; their probabilistic bound from tests/error_bounds.py is checked
