@@ -34,7 +34,7 @@ from guided_diffusion.run import sampling_cli as cli
 from guided_diffusion.common.atomic_io import atomic_write
 from guided_diffusion.run.checkpoints import load_for_sampling
 from guided_diffusion.common.errors import UsageError
-from guided_diffusion.run.flag_files import expand_flag_files
+from guided_diffusion.run.flag_files import config_path, expand_flag_files
 from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
 from guided_diffusion.run.guidance import check_guidance_args, describe_guidance, guidance_defaults, guide_model
 from guided_diffusion.run.image_output import first_samples, image_bytes, to_uint8_images
@@ -101,7 +101,7 @@ def main(argv=None):
         if mpi_comm().rank == 0:
             print(
                 f"No --model_path or model flags given: sampling from the embedded 16x16 digits model "
-                f"({os.path.relpath(EMBEDDED_MODEL)}, flags in configs/{EMBEDDED_CONFIG}.cfg) with "
+                f"({os.path.relpath(EMBEDDED_MODEL)}, flags in {os.path.relpath(config_path(EMBEDDED_CONFIG))}) with "
                 f"{guidance}{where}. Pass --model_path and ADM's model flags to sample from another model."
             )
     note = ""

@@ -92,7 +92,7 @@ def test_damaged_stored_statistics_are_one_line(tmp_path, capsys):
     ref.write_bytes(bytes(data))
     evaluator = load_script("evaluations/evaluator.py")
     with pytest.raises(SystemExit) as stopped:
-        evaluator.main([str(ref), str(sample), "--no_cache", "--feature_net", "tests/test_eval_memory.py:_digits"])
+        evaluator.main([str(ref), str(sample), "--no_cache", "--feature_net", "tests/evaluations/test_eval_memory.py:_digits"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert f"evaluator.py: error: {ref}: 'sigma' is damaged (Bad CRC-32 for file 'sigma.npy')" in err

@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO_ROOT, load_script
 
 from guided_diffusion.common import flag_help
+from guided_diffusion.run.flag_files import config_path
 from guided_diffusion.script_util import (
     classifier_defaults,
     diffusion_defaults,
@@ -93,7 +94,7 @@ def test_image_sample_help_names_the_embedded_default():
     script = load_script(SCRIPTS["image_sample"])
     assert "With no --model_path and no model flags it samples the embedded 16x16 digits model" in text
     assert os.path.relpath(script.EMBEDDED_MODEL, REPO_ROOT) in text
-    assert f"configs/{script.EMBEDDED_CONFIG}.cfg" in text
+    assert os.path.relpath(config_path(script.EMBEDDED_CONFIG), REPO_ROOT) in text
 
 
 @pytest.mark.parametrize("name", ["image_train", "classifier_train"])

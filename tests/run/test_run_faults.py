@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import load_script
+from conftest import REPO_ROOT, load_script
 
 from guided_diffusion.common import npz_stream
 from guided_diffusion.run import run_store
@@ -354,7 +354,7 @@ def test_kill_9_during_the_final_write(image_sample, whole_run, tmp_path, capsys
     import sys
 
     argv = TINY_RUN + ["--out_dir", str(tmp_path)]
-    code = SLOW_FINAL_WRITE.format(tests=os.path.dirname(os.path.abspath(__file__)), argv=argv)
+    code = SLOW_FINAL_WRITE.format(tests=os.path.join(REPO_ROOT, "tests"), argv=argv)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

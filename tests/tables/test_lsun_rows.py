@@ -68,7 +68,7 @@ def test_pag_layers_exist_in_the_lsun_architecture():
 
 def test_autoguidance_rows_guide_horse_with_the_worse_no_dropout_model():
     # Their figures must be ours, not a paper's.
-    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "lsun_*_ag.cfg")))
+    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "lsun", "lsun_*_ag.cfg")))
     assert [os.path.basename(p) for p in paths] == ["lsun_horse_ddpm1000_ag.cfg", "lsun_horse_ddpm250_ag.cfg"]
     worse = select_configs(["lsun_horse_nodropout_ddpm1000_baseline"])[0].published["fid"]
     better = select_configs(["lsun_horse_ddpm1000_baseline"])[0].published["fid"]
