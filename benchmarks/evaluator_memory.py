@@ -19,21 +19,12 @@ Example (about ten minutes on two cores):
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+# The sibling benchmark's child-process runner and /proc reader (this folder is sys.path[0] when run as a script).
+from join_memory import proc_status, run_child
 
 
 def _batch(path, count, seed):
@@ -57,23 +48,18 @@ def _child(kind, folder, count):
     torch.manual_seed(0)
     evaluator = Evaluator(DigitsNet().eval(), batch_size=250, progress=False)
     ref, sample = os.path.join(folder, f"ref{count}.npz"), os.path.join(folder, f"sample{count}.npz")
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     with torch.no_grad():
         if kind.startswith("embed"):
             acts = evaluator.read_activations(ref)
             assert len(acts) == count
         else:
             evaluator.evaluate(ref, sample, use_cache=False)
-    print(json.dumps({"before": before, "peak": _status("VmHWM")}))
+    print(json.dumps({"before": before, "peak": proc_status("VmHWM")}))
 
 
 def measure(kind, folder, count):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", kind, folder, str(count)],
-        check=True, capture_output=True, text=True, env=env,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_child(__file__, kind, folder, count)
 
 
 def main():

@@ -24,7 +24,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _status(field):
+def proc_status(field):
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: the peak so far), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -72,7 +73,7 @@ def _child(kind, folder, num_samples, image_size):
 
     image_shape = (image_size, image_size, 3)
     final, parts_dir = output_paths(folder, num_samples, image_shape)
-    before = _status("VmRSS")
+    before = proc_status("VmRSS")
     if kind == "join":
         plan = SamplingPlan(folder, None, 0, num_samples, final, parts_dir, "", [], [], [])
         from guided_diffusion.run.run_store import join_parts
@@ -92,19 +93,27 @@ def _child(kind, folder, num_samples, image_size):
                 columns[1].append(data["arr_1"])
         final = final[: -len(".npz")] + "_concatenated.npz"
         np.savez(final, *[np.concatenate(c) for c in columns])
-    print(json.dumps({"before": before, "peak": _status("VmHWM"), "result": os.path.getsize(final), "path": final}))
+    print(json.dumps({"before": before, "peak": proc_status("VmHWM"), "result": os.path.getsize(final), "path": final}))
+
+
+def run_child(script, *args):
+    """
+    Run `script --child ARGS...` in a fresh process (so that its peak memory is its own) and return the JSON object
+    it prints last.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--child", *map(str, args)],
+        check=True, capture_output=True, text=True, env=env,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def measure(kind, folder, num_samples, image_size):
     """
     Run one operation in a child process. :return: {"before", "peak", "result" (bytes), "path"}.
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", kind, folder, str(num_samples), str(image_size)],
-        check=True, capture_output=True, text=True, env=env,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_child(__file__, kind, folder, num_samples, image_size)
 
 
 def run(total_bytes, folder, kinds=("join", "merge", "concatenate"), image_size=256, batch_size=64):
