@@ -63,6 +63,11 @@ def _title(what, entries, model):
     return f"{what}\n{model}, {', '.join(steps)}, {'/'.join(str(c) for c in counts)} samples per point, {seed_text}"
 
 
+# matplotlib's default ten ("tab10").
+TEN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
+
+
 def _save(figure, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -75,8 +80,13 @@ def _save(figure, path):
 def _figure():
     from matplotlib.figure import Figure
 
+    from cycler import cycler  # matplotlib's own dependency
+
     figure = Figure(figsize=(7.5, 5.0))
-    return figure, figure.add_subplot(1, 1, 1)
+    ax = figure.add_subplot(1, 1, 1)
+    # Ten colours, then the same ten with another marker: a sweep of many rows keeps every line distinct.
+    ax.set_prop_cycle(cycler(marker=["o", "s", "^"]) * cycler(color=TEN_COLOURS))
+    return figure, ax
 
 
 def _finish(ax, title, xlabel, ylabel):
@@ -84,7 +94,8 @@ def _finish(ax, title, xlabel, ylabel):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    # Beside the axes, where it covers no point.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _draw_line(ax, points, label, annotate=None):
@@ -97,7 +108,7 @@ def _draw_line(ax, points, label, annotate=None):
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     yerr = [p[2] or 0.0 for p in points] if any(p[2] for p in points) else None
     xerr = [p[3] or 0.0 for p in points] if any(p[3] for p in points) else None
-    ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, marker="o", capsize=3, label=label)
+    ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, capsize=3, label=label)
     for x, y, _, _, text in points:
         if annotate and text:
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
