@@ -63,7 +63,10 @@ def perturb_attention(model, layers, kind="identity", rows=True, batch_size=None
     perturbation = make_perturbation(kind, **params)
     rows = perturbation_rows(rows, batch_size)
     modules = dict(model.named_modules())
-    blocks = [modules[name] for name in resolve_layers(model, layers)]
+    names = resolve_layers(model, layers)
+    for name in names:
+        perturbation.check_block(name, modules[name])
+    blocks = [modules[name] for name in names]
     with hooked(blocks, perturbation=perturbation, rows=rows) as blocks:
         yield blocks
 
@@ -143,6 +146,9 @@ class PAGGuidedModel(GuidedModel):
         super().__init__(model, scale, t_range, validated, schedule)
         self.perturbation = make_perturbation(kind, **params)
         self.layers = resolve_layers(model, layers)
+        modules = dict(model.named_modules())
+        for name in self.layers:
+            self.perturbation.check_block(name, modules[name])
         self.batched = bool(batched)
         self.share_prefix = bool(share_prefix)
 

@@ -224,6 +224,12 @@ class AttentionPerturbation:
         """
         return cls.acts_on("queries") or cls.acts_on("logits") or cls.acts_on("weights")
 
+    def check_block(self, name, block):
+        """
+        Raise ValueError when the perturbation cannot act on the attention block `block` (named `name`), so that a
+        setting the model does not fit fails before any sampling, not in the middle of it.
+        """
+
     def with_generators(self, generators):
         """
         A copy whose random draws come from one CPU generator per batch row (None: the global generator).
@@ -497,13 +503,19 @@ class SoftPerturbation(AttentionPerturbation):
         ),
     )
 
-    def attend(self, attention, qkv, spatial):
+    def check_block(self, name, block):
+        self._check_heads(block.attention.n_heads, f" ({name})")
+
+    def _check_heads(self, n_heads, where=""):
         heads = self.params["soft_heads"]
-        if heads is not None and heads[-1] >= attention.n_heads:
+        if heads is not None and heads[-1] >= n_heads:
             raise ValueError(
-                f"perturbation 'soft': soft_heads {','.join(map(str, heads))} names a head the block lacks (it has "
-                f"{attention.n_heads}: 0..{attention.n_heads - 1})"
+                f"perturbation 'soft': soft_heads {','.join(map(str, heads))} names a head the block{where} lacks (it "
+                f"has {n_heads}: 0..{n_heads - 1})"
             )
+
+    def attend(self, attention, qkv, spatial):
+        self._check_heads(attention.n_heads)
 
         def soften(weight):
             return self._soften(weight, attention.n_heads)

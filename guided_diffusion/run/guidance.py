@@ -459,9 +459,16 @@ class PAGFlags(GuidanceFlags):
 
     def check_model(self, spec, model, diffusion):
         try:
-            resolve_layers(model, spec.layers)
+            names = resolve_layers(model, spec.layers)
         except ValueError as exc:
             raise UsageError(f"--pag_layers {spec.layers!r}: {exc}") from None
+        if spec.enabled:
+            modules = dict(model.named_modules())
+            try:
+                for name in names:
+                    spec.perturbation.check_block(name, modules[name])
+            except ValueError as exc:
+                raise UsageError(f"--pag_perturbation {spec.kind}: {exc}") from None
         if spec.enabled:
             spec.interval.check_sampled(diffusion)
             spec.schedule.check_guides(spec.scale, spec.interval, diffusion, spec.t_range)

@@ -177,9 +177,12 @@ def test_soft_pag_end_points_and_heads(layout):
     with torch.no_grad(), perturb_attention(model, "middle", kind="soft", soft_alpha=0.3, soft_heads="1"):
         ours = block(xb)
     torch.testing.assert_close(ours, naive_block(block, xb, weights=by_hand), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match=r"soft_heads 2 names a head the block lacks \(it has 2: 0..1\)"):
-        with torch.no_grad(), perturb_attention(model, "middle", kind="soft", soft_alpha=0.3, soft_heads=[2]):
-            block(xb)
+    # A head the block lacks is refused when the blocks are chosen, before anything runs.
+    with pytest.raises(ValueError, match=r"soft_heads 2 names a head the block \(middle_block.1\) lacks \(it has 2: 0..1\)"):
+        with perturb_attention(model, "middle", kind="soft", soft_alpha=0.3, soft_heads=[2]):
+            pytest.fail("the body ran")
+    with pytest.raises(ValueError, match=r"soft_heads 2 names a head the block \(middle_block.1\) lacks"):
+        PAGGuidedModel(model, 1.0, "middle", kind="soft", soft_alpha=0.3, soft_heads=[2])
 
 
 def test_tpg_is_a_permutation_of_the_branch_plus_the_unpermuted_skip():
@@ -294,8 +297,8 @@ def test_tpg_samples_do_not_depend_on_their_batch_or_the_pag_mode(monkeypatch):
         (dict(pag_perturbation="tpg"), "tpg", {}, "tpg"),
         (dict(pag_perturbation="soft", pag_soft_alpha="0.5"), "soft", dict(soft_alpha=0.5),
          "soft (soft_alpha=0.5, soft_heads=None)"),
-        (dict(pag_perturbation="soft", pag_soft_alpha="1", pag_soft_heads="3,1"), "soft",
-         dict(soft_alpha=1.0, soft_heads="3,1"), "soft (soft_alpha=1, soft_heads=1,3)"),
+        (dict(pag_perturbation="soft", pag_soft_alpha="1", pag_soft_heads="1,0"), "soft",
+         dict(soft_alpha=1.0, soft_heads="1,0"), "soft (soft_alpha=1, soft_heads=0,1)"),
     ],
 )
 def test_successor_flags(values, kind, params, text):
@@ -325,6 +328,12 @@ def test_successor_flags(values, kind, params, text):
 def test_successor_flag_errors(values, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         PAGFlags().spec(flag_args(pag_scale=2.0, **values))
+
+
+def test_a_soft_head_the_model_lacks_is_a_flag_error_before_sampling():
+    args = flag_args(pag_scale=2.0, pag_perturbation="soft", pag_soft_alpha="0.5", pag_soft_heads="0,9")
+    with pytest.raises(UsageError, match=r"--pag_perturbation soft: .*soft_heads 0,9 names a head the block \(\S+\) lacks"):
+        guide_model(tiny_unet(), create_gaussian_diffusion(steps=1000), args)
 
 
 def test_ignored_successor_flags_are_named():
