@@ -80,12 +80,10 @@ def _save(figure, path):
 def _figure():
     from matplotlib.figure import Figure
 
-    from cycler import cycler  # matplotlib's own dependency
-
     figure = Figure(figsize=(7.5, 5.0))
     ax = figure.add_subplot(1, 1, 1)
     # Ten colours, then the same ten with another marker: a sweep of many rows keeps every line distinct.
-    ax.set_prop_cycle(cycler(marker=["o", "s", "^"]) * cycler(color=TEN_COLOURS))
+    ax.set_prop_cycle(color=TEN_COLOURS * 3, marker=[m for m in "os^" for _ in TEN_COLOURS])
     return figure, ax
 
 
