@@ -15,7 +15,7 @@ import math
 import torch as th
 
 from .perturbations import real_number
-from .schedules import ScaleSchedule
+from .schedules import ScaleSchedule, number_pair
 
 
 def check_scale(scale, method):
@@ -31,11 +31,7 @@ def check_t_range(t_range):
     """
     if t_range is None:
         return None
-    try:
-        lo, hi = t_range
-        lo, hi = float(lo), float(hi)
-    except (TypeError, ValueError):
-        raise ValueError(f"t_range must be a pair (lo, hi) of numbers, got {t_range!r}") from None
+    lo, hi = number_pair(t_range, "t_range")
     if math.isnan(lo) or math.isnan(hi):
         raise ValueError(f"t_range must not contain NaN, got {t_range!r}")
     if lo > hi:

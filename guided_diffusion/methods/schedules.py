@@ -90,17 +90,22 @@ def step_indices(table, t, what="guidance"):
     return index
 
 
+def number_pair(value, name):
+    """(lo, hi) as floats from a pair of numbers; a ValueError naming `name` for anything else."""
+    try:
+        lo, hi = value
+        return float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (lo, hi) of numbers, got {value!r}") from None
+
+
 def check_sigma_interval(sigma_interval):
     """
     None, or a pair (lo, hi) of floats with 0 <= lo < hi (hi may be inf).
     """
     if sigma_interval is None:
         return None
-    try:
-        lo, hi = sigma_interval
-        lo, hi = float(lo), float(hi)
-    except (TypeError, ValueError):
-        raise ValueError(f"sigma_interval must be a pair (lo, hi) of numbers, got {sigma_interval!r}") from None
+    lo, hi = number_pair(sigma_interval, "sigma_interval")
     if math.isnan(lo) or math.isnan(hi) or not 0 <= lo < hi:
         raise ValueError(f"sigma_interval must satisfy 0 <= lo < hi, got {sigma_interval!r}")
     return lo, hi

@@ -15,7 +15,8 @@ from conftest import TINY_ADM_FLAGS, flag_args, randomize
 from guided_diffusion.common.errors import UsageError
 from guided_diffusion.run.guidance import guide_model
 from guided_diffusion.methods.pag import PAGGuidedModel, perturb_attention
-from guided_diffusion.methods.schedules import ScaleSchedule, model_timesteps, step_sigmas
+from guided_diffusion.methods.guided_model import check_t_range
+from guided_diffusion.methods.schedules import ScaleSchedule, check_sigma_interval, model_timesteps, step_sigmas
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model, model_and_diffusion_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,3 +163,11 @@ def test_schedules_reach_every_method_through_the_flags(tiny):
 
     lines = ignored_flags_warnings(flag_args(**args, ag_schedule="linear"))
     assert lines and "--ag_schedule linear" in lines[0]
+
+
+@pytest.mark.parametrize("value", ["ab", (1,), (1, "x"), 5])
+def test_a_range_that_is_not_two_numbers_is_named(value):
+    with pytest.raises(ValueError, match=r"t_range must be a pair \(lo, hi\) of numbers"):
+        check_t_range(value)
+    with pytest.raises(ValueError, match=r"sigma_interval must be a pair \(lo, hi\) of numbers"):
+        check_sigma_interval(value)
