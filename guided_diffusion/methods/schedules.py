@@ -90,6 +90,14 @@ def step_indices(table, t, what="guidance"):
     return index
 
 
+def schedule_text(kind, sigma_interval, adaptive_a):
+    """How a schedule reads in the log: its kind (with adaptive's a) and its sigma interval, or 'constant'."""
+    parts = [f"adaptive a={adaptive_a:g}"] if kind == "adaptive" else [] if kind == "constant" else [kind]
+    if sigma_interval is not None:
+        parts.append(f"sigma in ({sigma_interval[0]:g}, {sigma_interval[1]:g}]")
+    return ", ".join(parts) or "constant"
+
+
 def number_pair(value, name):
     """(lo, hi) as floats from a pair of numbers; a ValueError naming `name` for anything else."""
     try:
@@ -158,12 +166,7 @@ class ScaleSchedule:
         self._sigmas = th.from_numpy(step_sigmas(diffusion))
 
     def describe(self):
-        parts = [] if self.kind == "constant" else [self.kind]
-        if self.kind == "adaptive":
-            parts = [f"adaptive a={self.adaptive_a:g}"]
-        if self.sigma_interval is not None:
-            parts.append(f"sigma in ({self.sigma_interval[0]:g}, {self.sigma_interval[1]:g}]")
-        return ", ".join(parts) or "constant"
+        return schedule_text(self.kind, self.sigma_interval, self.adaptive_a)
 
     def factors(self, index):
         """

@@ -33,7 +33,14 @@ from ..methods.guided_model import check_scale
 from ..methods.pag import PAGGuidedModel
 from ..methods.perturbations import PERTURBATIONS, make_perturbation
 from ..methods.sag import OFFICIAL_SAG_BLUR_SIGMA, OFFICIAL_SAG_LAYER, SAGGuidedModel, SAGLayerError, check_blur_sigma
-from ..methods.schedules import SCHEDULE_KINDS, ScaleSchedule, check_adaptive_a, check_sigma_interval, model_timesteps
+from ..methods.schedules import (
+    SCHEDULE_KINDS,
+    ScaleSchedule,
+    check_adaptive_a,
+    check_sigma_interval,
+    model_timesteps,
+    schedule_text,
+)
 from ..script_util import (
     add_dict_to_argparser,
     check_channel_flags,
@@ -231,12 +238,7 @@ class ScheduleSpec:
         return ScaleSchedule(self.kind, diffusion, self.sigma_interval, self.adaptive_a)
 
     def describe(self):
-        parts = [] if self.kind == "constant" else [self.kind]
-        if self.kind == "adaptive":
-            parts = [f"adaptive a={self.adaptive_a:g}"]
-        if self.sigma_interval is not None:
-            parts.append(f"sigma in ({self.sigma_interval[0]:g}, {self.sigma_interval[1]:g}]")
-        return ", ".join(parts) or "constant"
+        return schedule_text(self.kind, self.sigma_interval, self.adaptive_a)
 
     def check_guides(self, scale, interval, diffusion, t_range):
         """
